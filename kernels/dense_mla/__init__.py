@@ -1,0 +1,30 @@
+import torch
+import torch.nn.functional as F
+
+from ..indexer_scores.reference import default_positions, visibility
+from .reference import dense_mla_attention_reference
+
+
+def dense_mla_attention(q, kv, sm_scale: float, d_v: int, q_pos=None, k_pos=None, return_probs=False):
+    """Dense attention in MQA (absorbed) form over every visible key; see reference.py."""
+    return dense_mla_attention_reference(q, kv, sm_scale, d_v, q_pos, k_pos, return_probs)
+
+
+def dense_mha_attention(q, k, v, sm_scale: float, q_pos=None, k_pos=None):
+    """Plain multi-head attention (MLA's MHA form, used for dense training and prefill).
+
+    q [B, T, H, Dqk], k [B, S, H, Dqk], v [B, S, H, Dv] -> [B, T, H, Dv]. Causal by positions.
+    """
+    B, T, H, _ = q.shape
+    S = k.shape[1]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, *, D]
+    if q_pos is None and k_pos is None and T == S:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=sm_scale)
+    else:
+        dq, dk = default_positions(B, T, S, q.device)
+        mask = visibility(dq if q_pos is None else q_pos, dk if k_pos is None else k_pos)  # [B, T, S]
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=sm_scale)
+    return out.transpose(1, 2)  # [B, T, H, Dv]
+
+
+__all__ = ["dense_mla_attention", "dense_mha_attention", "dense_mla_attention_reference"]
