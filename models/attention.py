@@ -1,0 +1,103 @@
+"""Multi-head Latent Attention with DSA top-k selection (DESIGN.md section 2).
+
+    c_q = RMSNorm(W_dq x);  q = W_uq c_q -> [q_nope ; q_pe]  per head, q_pe with interleaved RoPE
+    c_kv = RMSNorm(W_dkv x); k_pe = RoPE(W_kr x), shared by all heads
+    k_nope = W_uk c_kv, v = W_uv c_kv per head
+Dense prefill/training runs the MHA form (keys and values up-projected per head). Sparse attention and
+cached decoding run the absorbed MQA form: q_lat = q_nope W_uk attends to the latent rows
+[c_kv ; k_pe] directly, one row shared by every head, and the latent output is mapped by W_uv.
+The core maths lives in dsarl.kernels; this module owns parameters and shapes only.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from dsarl import kernels
+
+from .config import DSAConfig
+from .indexer import LightningIndexer
+from .layers import RMSNorm
+from .rope import apply_rope_interleaved
+
+# Cached decoding of at most this many new tokens uses the absorbed form even in dense mode.
+ABSORBED_DECODE_MAX_T = 16
+
+
+@dataclass
+class IndexerAux:
+    """What the indexer losses of the warm-up and sparse stages need from one layer's forward."""
+
+    x: torch.Tensor  # [B, T, hidden] attention input (normed)
+    c_q: torch.Tensor  # [B, T, q_lora_rank]
+    positions: torch.Tensor  # [B, T]
+    indices: torch.Tensor | None  # [B, T, K] selected keys (sparse)
+    attn_probs: torch.Tensor | None  # [B, T, K] head-summed attention on the selected keys (sparse)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: DSAConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, nope, rope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.n_heads, self.nope, self.rope, self.v_dim, self.kv_rank = H, nope, rope, v, cfg.kv_lora_rank
+        self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (nope + rope), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (nope + v), bias=False)
+        self.o_proj = nn.Linear(H * v, cfg.hidden_size, bias=False)
+        self.indexer = LightningIndexer(cfg)
+
+    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        return w[:, : self.nope], w[:, self.nope :]  # [H, nope, C], [H, v, C]
+
+    def forward(self, x, cos, sin, positions, layer_idx: int, cache=None, attention: str = "dense",
+                indices: torch.Tensor | None = None, collect_aux: bool = False):
+        """x [B, T, hidden] -> (out [B, T, hidden], indices [B, T, K] | None, aux | None).
+
+        `indices`: precomputed top-k selection (e.g. the sampler's) used instead of the indexer's.
+        """
+        B, T, _ = x.shape
+        c_q = self.q_a_layernorm(self.q_a_proj(x))  # [B, T, q_rank]
+        q = self.q_b_proj(c_q).view(B, T, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [B, T, H, nope], [B, T, H, rope]
+        q_pe = apply_rope_interleaved(q_pe, cos, sin)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        kv_new = torch.cat([self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_pe, cos, sin)], dim=-1)  # [B, T, C+R]
+        k_idx_new = self.indexer.keys(x, cos, sin)  # [B, T, d_I]
+        if cache is None:
+            kv, k_idx, k_pos = kv_new, k_idx_new, positions
+        else:
+            kv, k_idx, k_pos = cache.update(layer_idx, kv_new, k_idx_new, positions)
+
+        if attention == "sparse" and indices is None:
+            q_i, w_i = self.indexer.queries(c_q, x, cos, sin)
+            indices = kernels.indexer_topk(q_i, w_i, k_idx, self.cfg.index_topk, positions, k_pos,
+                                           chunk=self.cfg.index_chunk)  # [B, T, K] int32
+        probs = None
+        scale = self.cfg.softmax_scale
+        if attention == "sparse" or (cache is not None and T <= ABSORBED_DECODE_MAX_T):
+            w_uk, w_uv = self._w_uk_uv()
+            q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # absorb W_uk: [B, T, H, C]
+            q_abs = torch.cat([q_lat, q_pe], dim=-1)  # [B, T, H, C+R]
+            if attention == "sparse":
+                o_lat, _, *rest = kernels.sparse_mla_attention(q_abs, kv, indices, scale, self.kv_rank,
+                                                               return_probs=collect_aux)
+                probs = rest[0] if rest else None
+            else:
+                o_lat, _ = kernels.dense_mla_attention(q_abs, kv, scale, self.kv_rank, positions, k_pos)
+            out = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B, T, H, v]
+        else:
+            c_all, pe_all = kv.split([self.kv_rank, self.rope], dim=-1)
+            S = kv.shape[1]
+            kvb = self.kv_b_proj(c_all).view(B, S, self.n_heads, self.nope + self.v_dim)
+            k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)  # [B, S, H, nope], [B, S, H, v]
+            k = torch.cat([k_nope, pe_all[:, :, None, :].expand(B, S, self.n_heads, self.rope)], dim=-1)
+            qf = torch.cat([q_nope, q_pe], dim=-1)  # [B, T, H, nope+rope]
+            same = cache is None and T == S
+            out = kernels.dense_mha_attention(qf, k, v, scale, None if same else positions, None if same else k_pos)
+        aux = IndexerAux(x, c_q, positions, indices, probs) if collect_aux else None
+        return self.o_proj(out.reshape(B, T, -1)), indices, aux

@@ -1,0 +1,98 @@
+"""KV caches for the DSA decoder: per token and layer only the latent row [c_kv ; k_pe] and the
+indexer key — nothing per head (kv_lora_rank + qk_rope_head_dim + index_head_dim numbers a token).
+
+Two kinds share one method, `update(layer, kv_new, k_idx_new, positions)`, which stores the new
+tokens and returns every key the new queries may see, with the keys' positions:
+- `StaticKVCache`: preallocated buffers written in place, for generation. Each batch row holds its
+  own sequence from position 0; `lengths[b]` tokens are valid. Rows may be a contiguous slice, so a
+  finished slot can be refilled (prefilled) without touching the others.
+- `PrefixKV`: differentiable concatenation, for the learner: a group's prompt is run once, its KV
+  is repeated for the G completions, and their gradients flow back into the one prefix.
+"""
+import torch
+
+from .config import DSAConfig
+
+
+class StaticKVCache:
+    def __init__(self, cfg: DSAConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        L, D = cfg.num_hidden_layers, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.kv = torch.zeros(L, batch_size, max_len, D, device=device, dtype=dtype)  # [L, B, S, D]
+        self.k_idx = torch.zeros(L, batch_size, max_len, cfg.index_head_dim, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # valid tokens per row
+        self.max_len = max_len
+        self.rows = slice(0, batch_size)  # rows the next forward addresses
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[1]
+
+    def select_rows(self, rows: slice) -> "StaticKVCache":
+        """A view of a contiguous range of rows (sharing storage), e.g. to prefill one slot."""
+        view = StaticKVCache.__new__(StaticKVCache)
+        view.kv, view.k_idx = self.kv[:, rows], self.k_idx[:, rows]
+        view.lengths, view.max_len, view.rows = self.lengths[rows], self.max_len, slice(0, rows.stop - rows.start)
+        return view
+
+    def next_positions(self, T: int) -> torch.Tensor:
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # [B, T]
+
+    def update(self, layer: int, kv_new: torch.Tensor, k_idx_new: torch.Tensor, positions: torch.Tensor):
+        """kv_new [B, T, D], k_idx_new [B, T, d_I], positions [B, T] -> (kv [B, S, D], k_idx [B, S, d_I],
+        k_pos [B, S]) with S = the largest position written + 1."""
+        B = kv_new.shape[0]
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"KV cache overflow: position {int(positions.max())} >= max_len {self.max_len}")
+        rows = torch.arange(B, device=positions.device)[:, None]  # [B, 1]
+        self.kv[layer][rows, positions] = kv_new.to(self.kv.dtype)
+        self.k_idx[layer][rows, positions] = k_idx_new.to(self.k_idx.dtype)
+        S = int(positions.max()) + 1
+        k_pos = torch.arange(S, device=positions.device).expand(B, S)
+        return self.kv[layer, :, :S], self.k_idx[layer, :, :S], k_pos
+
+    def advance(self, positions: torch.Tensor) -> None:
+        """After a forward: each row now holds tokens up to its last written position."""
+        self.lengths.copy_(positions[:, -1] + 1)
+
+
+class PrefixKV:
+    """Records each layer's KV on a first (prefix) forward; later forwards attend to it (with grad)."""
+
+    def __init__(self, num_layers: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.lengths: torch.Tensor | None = None
+
+    def next_positions(self, T: int) -> torch.Tensor:
+        if self.lengths is None:
+            return torch.arange(T)[None, :]
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def update(self, layer: int, kv_new, k_idx_new, positions):
+        past = self.layers[layer]
+        if past is None:
+            kv, k_idx, k_pos = kv_new, k_idx_new, positions
+        else:
+            pkv, pidx, ppos = past
+            kv = torch.cat([pkv, kv_new], dim=1)  # [B, S_past + T, D]
+            k_idx = torch.cat([pidx, k_idx_new], dim=1)
+            k_pos = torch.cat([ppos, positions], dim=1)
+        self.layers[layer] = (kv, k_idx, k_pos)
+        return kv, k_idx, k_pos
+
+    def advance(self, positions: torch.Tensor) -> None:
+        self.lengths = positions[:, -1] + 1
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """After a right-padded prefix forward: only the first lengths[b] tokens of row b are real;
+        padded keys get position -1 so no later query sees them."""
+        self.lengths = lengths
+        for i, (kv, k_idx, k_pos) in enumerate(self.layers):
+            self.layers[i] = (kv, k_idx, k_pos.masked_fill(k_pos >= lengths[:, None], -1))
+
+    def repeat_rows(self, repeats: int) -> "PrefixKV":
+        """Each row repeated `repeats` times (row-major: b0, b0, ..., b1, ...): one prompt, G completions.
+        A differentiable copy: gradients of all G rows sum into the shared prefix."""
+        out = PrefixKV(len(self.layers))
+        out.layers = [tuple(t.repeat_interleave(repeats, dim=0) for t in layer) for layer in self.layers]
+        out.lengths = self.lengths.repeat_interleave(repeats, dim=0)
+        return out

@@ -1,0 +1,116 @@
+"""The DSA decoder: embeddings, N x (RMSNorm -> MLA+indexer -> RMSNorm -> SwiGLU), RMSNorm, LM head.
+
+Module names match Hugging Face's DeepSeek-V3.2 layout (model.layers.{i}.self_attn.q_a_proj, ...,
+self_attn.indexer.wq_b, ...), so our state_dict *is* that checkpoint's weight naming.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .attention import MLA, IndexerAux
+from .config import DSAConfig
+from .layers import RMSNorm, SwiGLU
+from .rope import rope_angles
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor  # [B, T, V] (fp32 if the model is fp32)
+    indices: list[torch.Tensor] | None  # per layer [B, T, K] top-k selections (sparse)
+    aux: list[IndexerAux] | None  # per layer, when collect_aux
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DSAConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, positions, cache, attention, indices, collect_aux):
+        h, indices, aux = self.self_attn(self.input_layernorm(x), cos, sin, positions, self.layer_idx, cache,
+                                         attention, indices, collect_aux)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), indices, aux
+
+
+class DSAModel(nn.Module):
+    def __init__(self, cfg: DSAConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DSAForCausalLM(nn.Module):
+    def __init__(self, cfg: DSAConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DSAModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def indexer_parameters(self):
+        return [p for n, p in self.named_parameters() if ".indexer." in n]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        positions: torch.Tensor | None = None,  # [B, T]; default: after the cache's tokens, else 0..T-1
+        cache=None,  # StaticKVCache | PrefixKV | None
+        attention: str | None = None,  # "dense" | "sparse"; default: config.attention
+        indices: list[torch.Tensor] | None = None,  # per layer precomputed top-k (e.g. the sampler's)
+        return_indices: bool = False,
+        collect_aux: bool = False,
+        logits_slice: slice | None = None,  # compute logits only for these positions (saves the V matmul)
+    ) -> DecoderOutput:
+        B, T = input_ids.shape
+        attention = attention or self.config.attention
+        if attention not in ("dense", "sparse"):
+            raise ValueError(f"attention must be 'dense' or 'sparse', got {attention!r}")
+        if positions is None:
+            positions = (cache.next_positions(T) if cache is not None else torch.arange(T)[None]).to(input_ids.device)
+            positions = positions.expand(B, T)
+        cos, sin = rope_angles(positions, self.config.qk_rope_head_dim, self.config.rope_theta)
+        x = self.model.embed_tokens(input_ids)
+        all_indices, all_aux = [], []
+        for i, layer in enumerate(self.model.layers):
+            x, idx, aux = layer(x, cos, sin, positions, cache, attention, None if indices is None else indices[i],
+                                collect_aux)
+            all_indices.append(idx)
+            all_aux.append(aux)
+        if cache is not None:
+            cache.advance(positions)
+        x = self.model.norm(x)
+        if logits_slice is not None:
+            x = x[:, logits_slice]
+        logits = self.lm_head(x)
+        return DecoderOutput(
+            logits=logits,
+            indices=all_indices if (return_indices and attention == "sparse") else None,
+            aux=all_aux if collect_aux else None,
+        )
+
+
+def build_model(cfg: DSAConfig, device=None, seed: int | None = None) -> DSAForCausalLM:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return DSAForCausalLM(cfg).to(device=device, dtype=DTYPES[cfg.torch_dtype])
