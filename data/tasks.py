@@ -1,0 +1,73 @@
+"""Synthetic tasks with verifiable answers, for pretraining, RL and long-context evaluation.
+
+Every generator takes a `random.Random` (seeded by the caller from (seed, split, index), so a
+dataset is reproducible and splits never overlap) and returns a row: a dict with at least
+`prompt`, `answer` and `task`, plus whatever metadata reward functions may want.
+"""
+import random
+import string
+
+TASKS = {}
+
+
+def register_task(name: str):
+    def wrap(fn):
+        TASKS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_task("arithmetic")
+def arithmetic(rng: random.Random, min_digits: int = 1, max_digits: int = 3, ops: str = "+-") -> dict:
+    """`347+86=` -> `433`: multi-digit addition/subtraction (results may be negative)."""
+    a = rng.randint(0, 10 ** rng.randint(min_digits, max_digits) - 1)
+    b = rng.randint(0, 10 ** rng.randint(min_digits, max_digits) - 1)
+    op = rng.choice(ops)
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return {"prompt": f"{a}{op}{b}=", "answer": str(value), "task": "arithmetic", "language": "en"}
+
+
+def _random_token(rng: random.Random, length: int, alphabet: str) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(length))
+
+
+@register_task("kv_retrieval")
+def kv_retrieval(rng: random.Random, context_len: int = 512, key_len: int = 4, value_len: int = 4,
+                 needle_depth: float | None = None) -> dict:
+    """A long list of `key:value` pairs (about `context_len` bytes), then `?key:` -> its value.
+
+    Every key is unique and stated once, at a random depth (or `needle_depth` in [0, 1]), so the
+    answer must be retrieved from far back: what sparse attention has to keep finding.
+    """
+    pair_len = key_len + value_len + 2  # "kkkk:vvvv "
+    n_pairs = max(2, context_len // pair_len)
+    keys: set[str] = set()
+    while len(keys) < n_pairs:
+        keys.add(_random_token(rng, key_len, string.ascii_lowercase))
+    keys_list = sorted(keys)
+    rng.shuffle(keys_list)
+    values = [_random_token(rng, value_len, string.digits) for _ in keys_list]
+    target = rng.randrange(n_pairs) if needle_depth is None else min(n_pairs - 1, int(needle_depth * n_pairs))
+    context = " ".join(f"{k}:{v}" for k, v in zip(keys_list, values))
+    return {
+        "prompt": f"{context}\n?{keys_list[target]}:",
+        "answer": values[target],
+        "task": "kv_retrieval",
+        "language": "en",
+        "context_len": context_len,
+        "needle_depth": target / n_pairs,
+    }
+
+
+def make_rows(task: str, n: int, seed: int, split: str = "train", **kwargs) -> list[dict]:
+    """n rows of a task; row i of a split is the same for a given seed whatever n is."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; registered: {sorted(TASKS)}")
+    rows = []
+    for i in range(n):
+        rng = random.Random(f"{seed}/{split}/{task}/{i}")
+        row = TASKS[task](rng, **kwargs)
+        row["id"] = f"{task}-{split}-{i}"
+        rows.append(row)
+    return rows

@@ -1,0 +1,68 @@
+"""Loading typed configs: OmegaConf YAML merged onto dataclass schemas (structured configs).
+
+Unknown keys, wrong types and invalid choices fail at load with the key and the file named;
+dotlist overrides (`optim.lr=3e-4`) apply on top, and are named as coming from the command line.
+"""
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dsarl.models.config import ConfigError
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_path(path: str | None, base_file: str | Path | None = None) -> str | None:
+    """A path from a config: as given (absolute or relative to the working directory), else relative
+    to the config file's folder, else inside dsarl's bundled configs/."""
+    if path is None:
+        return None
+    p = Path(path)
+    candidates = [p]
+    if base_file is not None:
+        candidates.append(Path(base_file).resolve().parent / p)
+    if p.parts and p.parts[0] == "configs":
+        candidates.append(PACKAGE_CONFIGS.joinpath(*p.parts[1:]))
+    for c in candidates:
+        if c.exists():
+            return str(c)
+    return str(p)
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"key '{key}': {msg}" if key else msg
+
+
+def load_config(schema, path: str | Path | None, overrides: list[str] | tuple = ()):
+    """-> an instance of the dataclass `schema` from YAML `path` (None: defaults) and overrides."""
+    base = OmegaConf.structured(schema)
+    if path is not None:
+        path = Path(resolve_path(str(path)))
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+            base = OmegaConf.merge(base, loaded)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: {_describe(e)}") from None
+    if overrides:
+        try:
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"command-line override: {_describe(e)}") from None
+    try:
+        cfg = OmegaConf.to_object(base)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path or 'config'}: {_describe(e)}") from None
+    except (ValueError, ConfigError) as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+    if hasattr(cfg, "config_path"):
+        cfg.config_path = str(path) if path is not None else None
+    return cfg
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
