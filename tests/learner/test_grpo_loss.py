@@ -317,6 +317,8 @@ def test_keep_mask_logprobs_renormalise_over_kept_set_and_leave_input_alone():
     out = token_logprobs(logits, tokens, temperature=1.3, keep_mask=keep)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(logits, before)
+    token_logprobs(logits, tokens, temperature=1.0, keep_mask=keep)  # no copy of its own to mask in place
+    assert torch.equal(logits, before)
     # probabilities over the kept set sum to 1: logsumexp of all kept tokens' logprobs is 0
     all_tok = torch.arange(9).expand(2, 4, 9)
     per_v = torch.stack([token_logprobs(logits, all_tok[..., v], 1.3, keep) for v in range(9)], -1)
