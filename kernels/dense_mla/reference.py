@@ -5,7 +5,7 @@ Same maths as sparse_mla with S_t = all visible keys.
 """
 import torch
 
-from ..indexer_scores.reference import default_positions, visibility
+from ..indexer_scores.reference import default_positions, upcast, visibility
 
 
 def dense_mla_attention_reference(
@@ -23,11 +23,11 @@ def dense_mla_attention_reference(
         dq, dk = default_positions(B, T, S, q.device)
         q_pos = dq if q_pos is None else q_pos
         k_pos = dk if k_pos is None else k_pos
-    scores = torch.einsum("bthd,bsd->bths", q.float(), kv.float()) * sm_scale  # [B, T, H, S]
+    scores = torch.einsum("bthd,bsd->bths", upcast(q), upcast(kv)) * sm_scale  # [B, T, H, S]
     scores = scores.masked_fill(~visibility(q_pos, k_pos)[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, T, H]
     p = torch.exp(scores - lse[..., None].clamp(min=-1e30))
-    out = torch.einsum("bths,bsd->bthd", p, kv[..., :d_v].float()).to(q.dtype)
+    out = torch.einsum("bths,bsd->bthd", p, upcast(kv[..., :d_v])).to(q.dtype)
     if return_probs:
         return out, lse, p.sum(dim=2)  # [B, T, S]
     return out, lse

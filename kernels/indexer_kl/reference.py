@@ -7,6 +7,8 @@ The gradient flows into the scores only; the target is treated as a constant.
 """
 import torch
 
+from ..indexer_scores.reference import upcast
+
 
 def indexer_kl_loss_reference(
     target: torch.Tensor,  # [B, T, K] non-negative attention mass on each candidate key
@@ -15,9 +17,9 @@ def indexer_kl_loss_reference(
 ) -> torch.Tensor:
     if valid is None:
         valid = torch.isfinite(scores)
-    p = target.detach().float().masked_fill(~valid, 0.0)
+    p = upcast(target.detach()).masked_fill(~valid, 0.0)
     p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)  # L1-normalise over S_t
-    logq = torch.log_softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
+    logq = torch.log_softmax(upcast(scores).masked_fill(~valid, float("-inf")), dim=-1)
     plogp = torch.where(p > 0, p * torch.log(p.clamp(min=1e-30)), torch.zeros_like(p))
     plogq = torch.where(p > 0, p * logq.masked_fill(~valid, 0.0), torch.zeros_like(p))
     kl = (plogp - plogq).sum(-1)  # [B, T]

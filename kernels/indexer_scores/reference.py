@@ -6,6 +6,11 @@
 import torch
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for the maths (bf16/fp8 inputs), but fp64 stays fp64 so gradcheck can run on the references."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def default_positions(B: int, T: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries are the last T of S tokens (training: T == S; decode: T == 1)."""
     q_pos = torch.arange(S - T, S, device=device).expand(B, T)
@@ -32,8 +37,8 @@ def indexer_scores_reference(
         dq, dk = default_positions(B, T, S, q.device)
         q_pos = dq if q_pos is None else q_pos
         k_pos = dk if k_pos is None else k_pos
-    logits = torch.einsum("bthd,bsd->btsh", q.float(), k.float())  # [B, T, S, H], fp32 accumulation
-    scores = (logits.relu() * w.float()[:, :, None, :]).sum(-1)  # [B, T, S]
+    logits = torch.einsum("bthd,bsd->btsh", upcast(q), upcast(k))  # [B, T, S, H], fp32 accumulation
+    scores = (logits.relu() * upcast(w)[:, :, None, :]).sum(-1)  # [B, T, S]
     if k_scale is not None:
-        scores = scores * k_scale.float()[:, None, :]
+        scores = scores * upcast(k_scale)[:, None, :]
     return scores.masked_fill(~visibility(q_pos, k_pos), float("-inf"))

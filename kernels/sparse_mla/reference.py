@@ -9,6 +9,8 @@ A query with no selected key gets out = 0.
 """
 import torch
 
+from ..indexer_scores.reference import upcast
+
 
 def gather_rows(kv: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """kv [B, S, D], indices [B, T, K] (-1 allowed) -> [B, T, K, D] (row 0 where index is -1)."""
@@ -28,11 +30,11 @@ def sparse_mla_attention_reference(
 ):
     valid = indices >= 0  # [B, T, K]
     kv_sel = gather_rows(kv, indices)  # [B, T, K, Dqk]
-    scores = torch.einsum("bthd,btkd->bthk", q.float(), kv_sel.float()) * sm_scale  # [B, T, H, K]
+    scores = torch.einsum("bthd,btkd->bthk", upcast(q), upcast(kv_sel)) * sm_scale  # [B, T, H, K]
     scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, T, H]
     p = torch.exp(scores - lse[..., None].clamp(min=-1e30))  # empty rows: exp(-inf) = 0
-    out = torch.einsum("bthk,btkd->bthd", p, kv_sel[..., :d_v].float()).to(q.dtype)  # [B, T, H, d_v]
+    out = torch.einsum("bthk,btkd->bthd", p, upcast(kv_sel[..., :d_v])).to(q.dtype)  # [B, T, H, d_v]
     if return_probs:
         return out, lse, p.sum(dim=2)  # [B, T, K]
     return out, lse
