@@ -47,6 +47,7 @@ def _indexer_kl_fwd_kernel(
     b_sum = tl.sum(b_l * tl.exp(b_m - b_mxs), axis=0)
     b_lse = tl.where(b_sum > 0, b_mxs + tl.log(tl.where(b_sum > 0, b_sum, 1.0)), float("-inf"))
     b_P = tl.maximum(tl.sum(b_mass, axis=0), 1e-30)
+    b_lss = tl.where(b_lse == float("-inf"), 0.0, b_lse)  # empty row: keep inf * 0 out of the masked lanes
 
     b_kl = tl.zeros([BK], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -56,7 +57,7 @@ def _indexer_kl_fwd_kernel(
         b_s = tl.load(scores + i_n * K + o_k, mask=m_v, other=0.0)
         b_p = tl.load(target + i_n * K + o_k, mask=m_v, other=0.0) / b_P
         m_p = m_v & (b_p > 0)
-        b_kl += tl.where(m_p, b_p * (tl.log(tl.where(m_p, b_p, 1.0)) - (b_s - b_lse)), 0.0)
+        b_kl += tl.where(m_p, b_p * (tl.log(tl.where(m_p, b_p, 1.0)) - (b_s - b_lss)), 0.0)
     b_has = tl.sum(b_cnt, axis=0) > 0
     tl.store(kl + i_n, tl.where(b_has, tl.sum(b_kl, axis=0), 0.0))
     tl.store(lse + i_n, b_lse)

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from dsarl.kernels import sparse_mla_attention
+from dsarl.kernels.sparse_mla.chunked import sparse_mla_attention_chunked
+from dsarl.kernels.sparse_mla.reference import sparse_mla_attention_reference
+from dsarl.kernels.sparse_mla.triton import sparse_mla_attention_triton, sparse_mla_fwd
+from kernel_utils import DEVICE, needs_cuda, rel_err, rel_fro
+
+
+def _inputs(gen, B, T, S, H, Dqk, K, dtype=torch.float32):
+    """Awkward selections: k > visible prefix (-1 tails), a duplicate index, one query with no key."""
+    q = torch.randn(B, T, H, Dqk, generator=gen)
+    kv = torch.randn(B, S, Dqk, generator=gen)
+    t = torch.arange(T)[None, :, None] + (S - T)  # causal prefix of each query
+    idx = (torch.rand(B, T, K, generator=gen) * (t + 1)).long()  # [B, T, K] in [0, t]
+    idx = idx.masked_fill(torch.arange(K)[None, None, :] > t, -1)  # fewer visible keys than K
+    idx[:, :, -1] = -1
+    if T > 2 and K > 2:
+        idx[0, 2, 1] = idx[0, 2, 0]  # the same row twice in one selection
+        idx[-1, 1] = -1  # an empty selection: out 0, lse -inf, zero gradients
+    return (q.to(DEVICE, dtype).requires_grad_(), kv.to(DEVICE, dtype).requires_grad_(),
+            idx.to(DEVICE, torch.int32))
+
+
+def _run(fn, q, kv, idx, scale, d_v, do, dlse):
+    out, lse, probs = fn(q, kv, idx, scale, d_v, True)
+    dq, dkv = torch.autograd.grad((out * do).sum() + (lse.nan_to_num(neginf=0.0) * dlse).sum(), (q, kv))
+    return out, lse, probs, dq, dkv
+
+
+SHAPES = [  # B, T, S, H, Dqk, d_v, K
+    (1, 1, 1, 1, 16, 16, 1),
+    (2, 7, 23, 5, 40, 24, 9),
+    (1, 19, 19, 3, 33, 16, 37),  # K > S, Dqk - d_v = 17 (tail padded to 32)
+]
+
+
+@pytest.mark.parametrize("B,T,S,H,Dqk,d_v,K", SHAPES)
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_matches_reference(gen, impl, B, T, S, H, Dqk, d_v, K):
+    q, kv, idx = _inputs(gen, B, T, S, H, Dqk, K)
+    do = torch.randn(B, T, H, d_v, generator=gen).to(DEVICE)
+    dlse = torch.randn(B, T, H, generator=gen).to(DEVICE)
+    fn = sparse_mla_attention_triton if impl == "triton" else (
+        lambda *a: sparse_mla_attention_chunked(*a, chunk=3))
+    got = _run(fn, q, kv, idx, 0.17, d_v, do, dlse)
+    ref = _run(sparse_mla_attention_reference, q, kv, idx, 0.17, d_v, do, dlse)
+    for name, a, b, tol in zip(("out", "lse", "probs", "dq", "dkv"), got, ref, (1e-5, 1e-5, 1e-5, 1e-4, 1e-4)):
+        assert rel_err(a, b) <= tol, name
+
+
+def test_head_blocks_and_small_key_blocks(gen):
+    """More heads than one head block (probs summed across blocks) and several key blocks."""
+    q, kv, idx = _inputs(gen, 1, 5, 40, 37, 24, 35)
+    got = sparse_mla_fwd(q.detach(), kv.detach(), idx, 0.3, 16, True, block_h=16, block_k=16)
+    ref = sparse_mla_attention_reference(q.detach(), kv.detach(), idx, 0.3, 16, True)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_public_op_backends(gen, monkeypatch):
+    """STYLE rule 21: default (chunked on CPU / Triton on CUDA), reference and triton agree."""
+    q, kv, idx = _inputs(gen, 1, 6, 11, 3, 20, 5)
+    outs = {}
+    for backend in ("", "reference", "triton"):
+        monkeypatch.setenv("DSARL_KERNELS", backend)
+        outs[backend] = sparse_mla_attention(q, kv, idx, 0.2, 12)[0]
+    assert rel_err(outs[""], outs["reference"]) <= 1e-5
+    assert rel_err(outs["triton"], outs["reference"]) <= 1e-5
+
+
+def test_gradcheck_reference_and_chunked(gen):
+    B, T, S, H, Dqk, d_v, K = 1, 3, 4, 2, 5, 3, 3
+    q = torch.randn(B, T, H, Dqk, generator=gen, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(B, S, Dqk, generator=gen, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[[0, -1, 1], [2, 0, -1], [3, 3, 1]]], dtype=torch.int32)
+    for fn in (sparse_mla_attention_reference, lambda *a: sparse_mla_attention_chunked(*a, chunk=2)):
+        f = lambda q, kv: fn(q, kv, idx, 0.4, d_v)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (q, kv))
+
+
+@needs_cuda
+def test_bf16_production_dims(gen):
+    """Dqk 576 / d_v 512 with 128 heads in bf16 against the fp32 reference (rel. Frobenius <= 1e-2)."""
+    B, T, S, H, Dqk, d_v, K = 1, 64, 512, 128, 576, 512, 256
+    q, kv, idx = _inputs(gen, B, T, S, H, Dqk, K)
+    do = torch.randn(B, T, H, d_v, generator=gen).to(DEVICE)
+    dlse = torch.zeros(B, T, H, device=DEVICE)
+    qb, kvb = (x.detach().bfloat16().requires_grad_() for x in (q, kv))
+    got = _run(sparse_mla_attention_triton, qb, kvb, idx, 576 ** -0.5, d_v, do.bfloat16(), dlse)
+    ref = _run(sparse_mla_attention_reference, q, kv, idx, 576 ** -0.5, d_v, do, dlse)
+    fin = torch.isfinite(ref[1])
+    assert rel_fro(got[1][fin], ref[1][fin]) <= 1e-2
+    for i in (0, 2, 3, 4):
+        assert rel_fro(got[i], ref[i]) <= 1e-2
