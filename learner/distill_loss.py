@@ -25,7 +25,9 @@ from __future__ import annotations
 import torch
 
 
-def reverse_kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def reverse_kl_per_token(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Exact KL(pi_s || pi_t) at each position over the full vocabulary.
 
     Args:
@@ -61,7 +63,9 @@ def sampled_reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -
         [B, T] fp32. Unbiased in value for x ~ pi_s; detach it before using it as a reward.
     """
     if student_logp.shape != teacher_logp.shape:
-        raise ValueError(f"teacher_logp shape {tuple(teacher_logp.shape)} != student_logp shape {tuple(student_logp.shape)}")
+        raise ValueError(
+            f"teacher_logp shape {tuple(teacher_logp.shape)} != student_logp shape {tuple(student_logp.shape)}"
+        )
     return student_logp.float() - teacher_logp.float()
 
 
