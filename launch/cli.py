@@ -1,58 +1,59 @@
-"""The `dsarl` command: `dsarl <stage> CONFIG [key=value ...]`.
+"""The `dsarl` command. Each subcommand lives in its own module of dsarl.launch, imported only when
+run, which defines `configure(parser)` (its arguments) and `run(args) -> int` (exit status).
 
-Each stage loads its typed config (unknown keys and bad values fail with the key and the file named),
-writes the resolved config into its run directory, and runs. `--resume` continues from the newest
-complete checkpoint in the run directory.
+    dsarl <stage> CONFIG [key=value ...] [--resume]     pretrain | warmup | sparse | grpo | run | distill
+    dsarl eval CONFIG ...                                 long-context retrieval accuracy by context length
+    dsarl submit --address http://HOST:8265 STAGE CONFIG  a stage as a Ray job; jobs | logs ID | stop ID
+    dsarl report RUN_DIR [RUN_DIR ...]                    plots and a Markdown summary of runs
 """
 import argparse
+import importlib
 import sys
-from pathlib import Path
 
 from dsarl.models.config import ConfigError
 
-from .config import load_config, resolve_path, to_yaml
-
-
-def _resolver(config_path):
-    return lambda p: resolve_path(p, config_path)
-
-
-def _write_resolved(cfg, run_dir) -> None:
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "config.yaml").write_text(to_yaml(cfg))
-
-
-def cmd_pretrain(args) -> int:
-    from dsarl.learner.pretrain import PretrainConfig, pretrain
-
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    _write_resolved(cfg, cfg.run_dir)
-    final = pretrain(cfg, resume=args.resume, resolve=_resolver(cfg.config_path))
-    print(f"pretrain: final checkpoint at {final}")
-    return 0
-
-
-STAGES = {
-    "pretrain": (cmd_pretrain, "LM pretraining of a dense DSA decoder on synthetic task text"),
+# name -> (module, one-line help)
+COMMANDS = {
+    "pretrain": ("dsarl.launch.stage_pretrain", "LM pretraining of a dense DSA decoder on synthetic task text"),
+    "warmup": ("dsarl.launch.stage_conversion", "dense warm-up of the lightning indexer (main model frozen)"),
+    "sparse": ("dsarl.launch.stage_conversion", "sparse training: top-k on, indexer trained by its KL alone"),
+    "eval": ("dsarl.launch.stage_conversion", "retrieval accuracy by context length, dense and sparse"),
+    "grpo": ("dsarl.launch.stage_grpo", "GRPO: Ray rollout and reward workers, the learner, weight sync"),
+    "run": ("dsarl.launch.quickstart", "a whole pipeline (configs/quickstart.yaml): pretrain, GRPO, report"),
+    "distill": ("dsarl.launch.stage_distill", "train domain specialists with GRPO and distill them into one"),
+    "submit": ("dsarl.launch.jobs", "submit a stage as a Ray job to a cluster"),
+    "jobs": ("dsarl.launch.jobs", "list Ray jobs"),
+    "logs": ("dsarl.launch.jobs", "print a Ray job's logs"),
+    "stop": ("dsarl.launch.jobs", "stop a Ray job"),
+    "report": ("dsarl.launch.report", "plots and a Markdown summary of one or more run directories"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every training stage takes."""
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. optim.lr=3e-4")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsarl", description="GRPO post-training for DeepSeek Sparse Attention models")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (fn, help_text) in STAGES.items():
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("config", help="YAML config file")
-        p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. optim.lr=3e-4")
-        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
-        p.set_defaults(fn=fn)
+        if name == wanted:  # import only the command being run: the others may pull in heavy deps
+            module = importlib.import_module(module_name)
+            module.configure(p, name)
+            p.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
-        return args.fn(args)
+        return args.run(args)
     except ConfigError as e:
         print(f"dsarl: config error: {e}", file=sys.stderr)
         return 2
