@@ -1,0 +1,183 @@
+"""Kernel benchmarks: one JSON line per (op, implementation, shape).
+
+    python bench/kernels.py            # CUDA: DeepSeek-V3.2 shapes, L = 8k..64k; CPU: small shapes
+    python bench/kernels.py --quick    # a fast CPU run (seconds)
+
+On CUDA: TFLOP/s counting only the selected keys (sparse fwd 2*T*K*H*(Dqk+d_v); bwd per token
+2*H*K*(2*d_v + 3*Dqk), DSA.md 6.3; indexer 2*visible_pairs*H_I*D_I), and GB/s from the bytes each
+kernel must move at least (gathered kv rows, q, out, scores). Baselines: torch SDPA dense causal
+attention at the same L in MLA's MHA form (128 heads, qk 192, v 128), torch.topk per chunk, and the
+torch reference where its memory allows. On CPU: the reference against the query-chunked path.
+"""
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dsarl.kernels.indexer_kl.reference import indexer_kl_loss_reference
+from dsarl.kernels.indexer_scores.reference import indexer_scores_reference
+from dsarl.kernels.sparse_mla.chunked import sparse_mla_attention_chunked
+from dsarl.kernels.sparse_mla.reference import sparse_mla_attention_reference
+from dsarl.kernels.topk.reference import topk_indices_reference
+
+
+def timeit(fn, reps: int) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def emit(**row):
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+
+
+def causal_indices(B, T, S, K, device):
+    """Random causal selections: K distinct-ish keys among each query's prefix, -1 beyond it."""
+    t = torch.arange(S - T, S, device=device)[None, :, None]  # [1, T, 1]
+    idx = (torch.rand(B, T, K, device=device) * (t + 1)).long()  # [B, T, K]
+    return idx.masked_fill(torch.arange(K, device=device)[None, None, :] > t, -1).to(torch.int32)
+
+
+def sparse_flops(T, K, H, Dqk, d_v):
+    return 2 * T * K * H * (Dqk + d_v), 2 * T * H * K * (2 * d_v + 3 * Dqk)
+
+
+def bench_sparse(impls, B, T, S, H, Dqk, d_v, K, dtype, device, reps):
+    q = torch.randn(B, T, H, Dqk, device=device, dtype=dtype, requires_grad=True)
+    kv = torch.randn(B, S, Dqk, device=device, dtype=dtype, requires_grad=True)
+    idx = causal_indices(B, T, S, K, device)
+    do = torch.randn(B, T, H, d_v, device=device, dtype=dtype)
+    f_fwd, f_bwd = sparse_flops(B * T, K, H, Dqk, d_v)
+    esize = torch.finfo(dtype).bits // 8
+    fwd_bytes = esize * B * T * (K * Dqk + H * Dqk + H * d_v)  # gathered rows + q + out
+    for name, fn in impls.items():
+        def fwd():
+            with torch.no_grad():
+                fn(q, kv, idx, Dqk ** -0.5, d_v)
+
+        def fwd_bwd():
+            out, _ = fn(q, kv, idx, Dqk ** -0.5, d_v)
+            torch.autograd.grad(out, (q, kv), do)
+
+        t_f = timeit(fwd, reps)
+        t_fb = timeit(fwd_bwd, reps)
+        t_b = max(t_fb - t_f, 1e-9)
+        emit(op="sparse_mla", impl=name, B=B, T=T, S=S, H=H, Dqk=Dqk, d_v=d_v, K=K, dtype=str(dtype)[6:],
+             fwd_ms=1e3 * t_f, bwd_ms=1e3 * t_b, fwd_tflops=f_fwd / t_f / 1e12, bwd_tflops=f_bwd / t_b / 1e12,
+             fwd_gbps=fwd_bytes / t_f / 1e9)
+
+
+def bench_dense_sdpa(B, L, H, device, dtype, reps):
+    """The dense predecessor at the same L: MLA's MHA form (qk 192, v 128), causal, fwd and fwd+bwd."""
+    q = torch.randn(B, H, L, 192, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, H, L, 192, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, H, L, 128, device=device, dtype=dtype, requires_grad=True)
+    flops = 2 * B * H * (192 + 128) * L * (L + 1) / 2  # causal pairs
+
+    def fwd():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def fwd_bwd():
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o.sum().backward()
+
+    t_f = timeit(fwd, reps)
+    t_b = max(timeit(fwd_bwd, reps) - t_f, 1e-9)
+    emit(op="dense_sdpa", impl="torch", B=B, L=L, H=H, fwd_ms=1e3 * t_f, bwd_ms=1e3 * t_b,
+         fwd_tflops=flops / t_f / 1e12, bwd_tflops=2.5 * flops / t_b / 1e12)
+
+
+def bench_indexer(impls, B, T, S, H, D, device, dtype, reps):
+    q = torch.randn(B, T, H, D, device=device).to(dtype)
+    w = torch.randn(B, T, H, device=device)
+    k = torch.randn(B, S, D, device=device).to(dtype)
+    pairs = B * sum(min(S, S - T + t + 1) for t in range(T))  # visible (query, key) pairs
+    nbytes = B * (T * H * D + S * D) * q.element_size() + 4 * B * T * S
+    for name, fn in impls.items():
+        t = timeit(lambda: fn(q, w, k), reps)
+        emit(op="indexer_scores", impl=name, B=B, T=T, S=S, H=H, D=D, dtype=str(dtype)[6:], ms=1e3 * t,
+             tflops=2 * pairs * H * D / t / 1e12, gbps=nbytes / t / 1e9)
+
+
+def bench_topk(impls, B, T, S, K, device, reps):
+    scores = torch.randn(B, T, S, device=device)
+    scores.masked_fill_(torch.arange(S, device=device)[None, None, :] >
+                        torch.arange(S - T, S, device=device)[None, :, None], float("-inf"))
+    for name, fn in impls.items():
+        t = timeit(lambda: fn(scores, K), reps)
+        emit(op="topk", impl=name, B=B, T=T, S=S, K=K, ms=1e3 * t, gbps=4 * B * T * S / t / 1e9)
+
+
+def bench_kl(impls, B, T, K, device, reps):
+    scores = torch.randn(B, T, K, device=device, requires_grad=True)
+    target = torch.rand(B, T, K, device=device)
+    for name, fn in impls.items():
+        t = timeit(lambda: torch.autograd.grad(fn(target, scores), scores), reps)
+        emit(op="indexer_kl", impl=name, B=B, T=T, K=K, fwd_bwd_ms=1e3 * t, gbps=12 * B * T * K / t / 1e9)
+
+
+def run_cpu(quick: bool):
+    reps = 2 if quick else 3
+    shapes = [(1, 256, 256, 8, 96, 64, 64)] if quick else [(1, 512, 512, 16, 576, 512, 256),
+                                                          (1, 2048, 2048, 16, 576, 512, 256)]
+    impls = {"reference": sparse_mla_attention_reference, "chunked": sparse_mla_attention_chunked}
+    for B, T, S, H, Dqk, d_v, K in shapes:
+        bench_sparse(impls, B, T, S, H, Dqk, d_v, K, torch.float32, "cpu", reps)
+    L = 256 if quick else 1024
+    bench_indexer({"reference": indexer_scores_reference}, 1, L, L, 8 if quick else 16, 64, "cpu",
+                  torch.float32, reps)
+    from dsarl.kernels.topk.triton import topk_indices_chunked
+    bench_topk({"reference": topk_indices_reference, "chunked": topk_indices_chunked}, 1, L, L, 64, "cpu", reps)
+    bench_kl({"reference": indexer_kl_loss_reference}, 1, L, 256, "cpu", reps)
+
+
+def run_cuda(quick: bool):
+    from dsarl.kernels.indexer_kl.triton import indexer_kl_loss_triton
+    from dsarl.kernels.indexer_scores.triton import indexer_scores_triton
+    from dsarl.kernels.sparse_mla.triton import sparse_mla_attention_triton
+    from dsarl.kernels.topk.triton import topk_indices_chunked
+
+    reps = 3 if quick else 10
+    H, Dqk, d_v, K, H_I, D_I = 128, 576, 512, 2048, 64, 128
+    lengths = [8192] if quick else [8192, 16384, 32768, 65536]
+    for L in lengths:
+        T = min(L, 4096)  # the last T queries of an L-token sequence: every query sees >= L - T keys
+        if L == lengths[0]:  # the torch paths gather [T, K, Dqk]: a small T only
+            bench_sparse({"reference": sparse_mla_attention_reference, "chunked": sparse_mla_attention_chunked},
+                         1, 256, L, H, Dqk, d_v, K, torch.bfloat16, "cuda", 2)
+        bench_sparse({"triton": sparse_mla_attention_triton}, 1, T, L, H, Dqk, d_v, K, torch.bfloat16, "cuda", reps)
+        bench_dense_sdpa(1, L, H, "cuda", torch.bfloat16, reps)
+        T_I = min(L, 2048)  # indexer on a chunk of queries against all L keys (memory O(chunk * L))
+        bench_indexer({"triton": indexer_scores_triton}, 1, T_I, L, H_I, D_I, "cuda", torch.bfloat16, reps)
+        bench_indexer({"triton_fp8": indexer_scores_triton}, 1, T_I, L, H_I, D_I, "cuda", torch.float8_e4m3fn, reps)
+        bench_topk({"torch.topk": lambda s, k: s.topk(k, dim=-1), "triton_entry": topk_indices_chunked},
+                   1, T_I, L, K, "cuda", reps)
+        bench_kl({"triton": indexer_kl_loss_triton, "reference": indexer_kl_loss_reference}, 1, T, K, "cuda", reps)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    parser.add_argument("--cpu", action="store_true", help="the CPU cases even when CUDA is present")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if torch.cuda.is_available() and not args.cpu:
+        run_cuda(args.quick)
+    else:
+        run_cpu(args.quick)
+
+
+if __name__ == "__main__":
+    main()
