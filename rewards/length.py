@@ -34,7 +34,7 @@ def shortest_correct_shaping(lengths: list[int], correct: list[bool], scale: flo
     if not correct_lengths:
         return [0.0] * len(lengths)
     shortest = max(min(correct_lengths), 1)
-    return [-min(1.0, (n - shortest) / (scale * shortest)) if ok else 0.0
+    return [0.0 - min(1.0, (n - shortest) / (scale * shortest)) if ok else 0.0
             for n, ok in zip(lengths, correct)]
 
 
