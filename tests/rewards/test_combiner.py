@@ -30,9 +30,9 @@ def test_failures_score_zero_and_are_counted():
                         C("reward_plugins:hang")], timeout_s=0.5)
     combiner = RewardCombiner(cfg)
     results, metrics = combiner.score(samples())
-    assert [r["math_answer"] for r in results] == [1.0, 0.0, 1.0]
+    assert [r["math_answer"] for r in results] == [1.0, 0.0, 0.0]
     assert all(r["reward_plugins:boom"] == r["reward_plugins:nan"] == r["reward_plugins:hang"] == 0.0 for r in results)
-    assert [r["total"] for r in results] == [1.0, 0.0, 1.0]
+    assert [r["total"] for r in results] == [1.0, 0.0, 0.0]
     assert metrics["reward/reward_plugins:boom/errors"] == 3.0
     assert metrics["reward/reward_plugins:nan/nans"] == 3.0
     assert metrics["reward/reward_plugins:hang/timeouts"] == 3.0
@@ -46,7 +46,7 @@ def test_group_reward_failure_zeroes_the_group():
     cfg = RewardConfig([C("reward_plugins:boom", group=True), C("reward_plugins:words")])
     results, metrics = RewardCombiner(cfg).score(samples())
     assert [r["reward_plugins:boom"] for r in results] == [0.0, 0.0, 0.0]
-    assert [r["reward_plugins:words"] for r in results] == [3.0, 3.0, 3.0]
+    assert [r["reward_plugins:words"] for r in results] == [2.0, 3.0, 3.0]
     assert metrics["reward/reward_plugins:boom/errors"] == 3.0
 
 
