@@ -30,7 +30,8 @@ def _indexer_scores_kernel(
     BS: tl.constexpr,
     BD: tl.constexpr,
 ):
-    i_t, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_s = tl.program_id(0), tl.program_id(1)
+    i_b = tl.program_id(2).to(tl.int64)  # int64 offsets: T * S passes 2^31 at 64k tokens
     o_t = i_t * BT + tl.arange(0, BT)
     o_s = i_s * BS + tl.arange(0, BS)
     o_d = tl.arange(0, BD)

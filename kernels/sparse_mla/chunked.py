@@ -10,8 +10,6 @@ lse = -inf and zero gradients.
 """
 import torch
 
-from .reference import gather_rows
-
 CHUNK_ELEMENTS = 1 << 23  # gathered floats per chunk (32 MB fp32): big enough for BLAS, bounded
 
 
@@ -23,6 +21,17 @@ def _chunk_rows(B: int, K: int, D: int, H: int, chunk: int | None) -> int:
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 maths, fp64 for gradcheck
+
+
+def _rows(B: int, S: int, idx: torch.Tensor) -> torch.Tensor:
+    """indices [B, c, K] (-1 allowed) -> flat rows of kv.view(B * S, D) [B * c * K] (-1 -> row 0 of b)."""
+    offsets = torch.arange(B, device=idx.device)[:, None, None] * S  # [B, 1, 1]
+    return (idx.clamp(min=0).long() + offsets).reshape(-1)
+
+
+def _gather(kv_flat: torch.Tensor, rows: torch.Tensor, shape) -> torch.Tensor:
+    """index_select on [B*S, D] is several times faster on CPU than gather with an expanded index."""
+    return kv_flat.index_select(0, rows).view(*shape, kv_flat.shape[-1])  # [B, c, K, D]
 
 
 def _probs(q_c, kv_sel, valid, sm_scale):
@@ -39,11 +48,11 @@ def sparse_mla_chunked_fwd(q, kv, indices, sm_scale, d_v, return_probs, chunk=No
     lse = torch.empty((B, T, H), device=q.device, dtype=_compute_dtype(q))
     probs = torch.empty((B, T, K), device=q.device, dtype=_compute_dtype(q)) if return_probs else None
     ct = _compute_dtype(q)
-    kvf = kv.to(ct)
+    kvf = kv.to(ct).reshape(B * kv.shape[1], D)  # [B*S, D]
     for t0 in range(0, T, c):
         t1 = min(T, t0 + c)
         idx = indices[:, t0:t1]  # [B, c, K]
-        kv_sel = gather_rows(kvf, idx)  # [B, c, K, D]
+        kv_sel = _gather(kvf, _rows(B, kv.shape[1], idx), idx.shape)  # [B, c, K, D]
         s = _probs(q[:, t0:t1].to(ct), kv_sel, idx >= 0, sm_scale)  # [B, c, H, K]
         m = torch.logsumexp(s, dim=-1)  # [B, c, H]
         p = torch.exp(s - m[..., None].clamp(min=-1e30))  # empty rows: exp(-inf) = 0
@@ -59,17 +68,17 @@ def sparse_mla_chunked_bwd(q, kv, indices, out, lse, dout, dlse, sm_scale, d_v, 
     S, K = kv.shape[1], indices.shape[-1]
     c = _chunk_rows(B, K, D, H, chunk)
     ct = _compute_dtype(q)
-    kvf = kv.to(ct)
+    kvf = kv.to(ct).reshape(B * S, D)  # [B*S, D]
     dq = torch.empty((B, T, H, D), device=q.device, dtype=ct)
     dkv = torch.zeros((B * S, D), device=q.device, dtype=ct)  # [B*S, D] for index_add_
     delta = (out.to(ct) * dout.to(ct)).sum(-1)  # [B, T, H] rowsum(O * dO)
     if dlse is not None:
         delta = delta - dlse.to(ct)  # d lse / d score = p: same (dP - delta) form
-    offsets = (torch.arange(B, device=q.device) * S)[:, None, None]  # [B, 1, 1]
     for t0 in range(0, T, c):
         t1 = min(T, t0 + c)
         idx = indices[:, t0:t1]  # [B, c, K]
-        kv_sel = gather_rows(kvf, idx)  # [B, c, K, D]
+        rows = _rows(B, S, idx)  # [B*c*K]; -1 entries gather row 0 and add zeros back to it
+        kv_sel = _gather(kvf, rows, idx.shape)  # [B, c, K, D]
         q_c = q[:, t0:t1].to(ct)  # [B, c, H, D]
         s = _probs(q_c, kv_sel, idx >= 0, sm_scale)
         p = torch.exp(s - lse[:, t0:t1, :, None].clamp(min=-1e30))  # [B, c, H, K]
@@ -79,7 +88,6 @@ def sparse_mla_chunked_bwd(q, kv, indices, out, lse, dout, dlse, sm_scale, d_v, 
         dq[:, t0:t1] = torch.matmul(ds, kv_sel) * sm_scale  # [B, c, H, D]
         dsel = torch.matmul(ds.transpose(-1, -2), q_c) * sm_scale  # [B, c, K, D] key part
         dsel[..., :d_v] += torch.matmul(p.transpose(-1, -2), do_c)  # value part
-        rows = (idx.clamp(min=0).long() + offsets).reshape(-1)  # [B*c*K]; -1 entries add zeros
         dkv.index_add_(0, rows, dsel.reshape(-1, D))
     return dq.to(q.dtype), dkv.view(B, S, D).to(kv.dtype)
 

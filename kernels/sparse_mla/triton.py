@@ -52,7 +52,8 @@ def _sparse_mla_fwd_kernel(
     BV: tl.constexpr,
     BR: tl.constexpr,
 ):
-    i_t, i_hb, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_hb = tl.program_id(0), tl.program_id(1)
+    i_b = tl.program_id(2).to(tl.int64)  # int64 offsets: T * H * Dqk passes 2^31 at 64k tokens
     i_bt = i_b * T + i_t
     o_h = i_hb * BH + tl.arange(0, BH)
     o_v = tl.arange(0, BV)
@@ -128,7 +129,8 @@ def _sparse_mla_bwd_kernel(
     BV: tl.constexpr,
     BR: tl.constexpr,
 ):
-    i_t, i_hb, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_hb = tl.program_id(0), tl.program_id(1)
+    i_b = tl.program_id(2).to(tl.int64)  # int64 offsets: T * H * Dqk passes 2^31 at 64k tokens
     i_bt = i_b * T + i_t
     o_h = i_hb * BH + tl.arange(0, BH)
     o_v = tl.arange(0, BV)
