@@ -1,0 +1,96 @@
+"""The batch a GRPO update consumes: groups of G completions of one prompt, with their advantages.
+
+Built by the driver from the rollout engine's completions and the reward workers' scores; plain
+tensors and lists, so it crosses Ray without custom serialisation.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GroupSample:
+    prompt_ids: list[int]
+    completions: list[list[int]]  # G completions (token ids, stop token included)
+    sampler_logprobs: list[list[float]]  # per completion token, from the rollout engine
+    advantages: list[float]  # per completion
+    keep_masks: list[list[list[int]]] | None = None  # per completion, per token: kept token ids
+    indices: list[torch.Tensor] | None = None  # per completion [T, L, K] int32: the sampler's top-k
+
+    @property
+    def group_size(self) -> int:
+        return len(self.completions)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completions)
+
+
+@dataclass
+class PaddedGroups:
+    """A micro-batch of P groups of G completions, right-padded."""
+
+    prompts: torch.Tensor  # [P, Lp] prompt ids (pad 0)
+    prompt_lens: torch.Tensor  # [P]
+    completions: torch.Tensor  # [P*G, Lc] completion ids (row p*G + g)
+    completion_lens: torch.Tensor  # [P*G]
+    mask: torch.Tensor  # [P*G, Lc] float, 1 on real completion tokens
+    sampler_logp: torch.Tensor  # [P*G, Lc]
+    advantages: torch.Tensor  # [P*G]
+    keep_mask: torch.Tensor | None  # [P*G, Lc, V] bool
+    indices: list[torch.Tensor] | None  # per layer [P*G, Lc, K]: sampler selections in learner key slots
+    group_size: int
+
+
+def pad_groups(groups: list[GroupSample], vocab_size: int, pad_id: int = 0) -> PaddedGroups:
+    G = groups[0].group_size
+    if any(g.group_size != G for g in groups):
+        raise ValueError(f"every group needs the same number of completions, got {[g.group_size for g in groups]}")
+    P = len(groups)
+    Lp = max(len(g.prompt_ids) for g in groups)
+    comps = [c for g in groups for c in g.completions]
+    Lc = max(1, max(len(c) for c in comps))
+    prompts = torch.full((P, Lp), pad_id, dtype=torch.long)
+    for p, g in enumerate(groups):
+        prompts[p, : len(g.prompt_ids)] = torch.tensor(g.prompt_ids)
+    completions = torch.full((P * G, Lc), pad_id, dtype=torch.long)
+    sampler_logp = torch.zeros(P * G, Lc)
+    for i, (c, lp) in enumerate(zip(comps, (lp for g in groups for lp in g.sampler_logprobs))):
+        completions[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        sampler_logp[i, : len(lp)] = torch.tensor(lp)
+    comp_lens = torch.tensor([len(c) for c in comps])
+    mask = (torch.arange(Lc)[None] < comp_lens[:, None]).float()
+    keep = None
+    if all(g.keep_masks is not None for g in groups):
+        keep = torch.ones(P * G, Lc, vocab_size, dtype=torch.bool)
+        for i, km in enumerate(km for g in groups for km in g.keep_masks):
+            for t, ids in enumerate(km):
+                keep[i, t] = False
+                keep[i, t, ids] = True
+    indices = None
+    if all(g.indices is not None for g in groups):
+        indices = _sampler_indices_in_learner_slots(groups, Lp, Lc)
+    return PaddedGroups(prompts, torch.tensor([len(g.prompt_ids) for g in groups]), completions, comp_lens, mask,
+                        sampler_logp, torch.tensor([a for g in groups for a in g.advantages], dtype=torch.float32),
+                        keep, indices, G)
+
+
+def _sampler_indices_in_learner_slots(groups: list[GroupSample], Lp: int, Lc: int) -> list[torch.Tensor]:
+    """The sampler's per-token top-k (absolute positions) as key slots of the learner's forward.
+
+    The learner feeds completion token j at query position plen + j and predicts token j + 1 there,
+    which the sampler selected for as its step j + 1. Its keys are [prompt padded to Lp ; completion],
+    so position s maps to slot s (s < plen) or Lp + s - plen.
+    """
+    rows = []
+    for g in groups:
+        plen = len(g.prompt_ids)
+        for idx in g.indices:  # [T, L, K]
+            T, L, K = idx.shape
+            shifted = torch.full((Lc, L, K), -1, dtype=torch.int32)
+            nxt = idx[1:].long()  # selections for the queries at completion positions 0..T-2
+            slots = torch.where(nxt < plen, nxt, nxt - plen + Lp)
+            shifted[: T - 1] = torch.where(nxt >= 0, slots, torch.full_like(slots, -1)).to(torch.int32)
+            rows.append(shifted)
+    stacked = torch.stack(rows)  # [P*G, Lc, L, K]
+    return [stacked[:, :, layer].contiguous() for layer in range(stacked.shape[2])]

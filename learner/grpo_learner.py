@@ -1,0 +1,129 @@
+"""The GRPO learner: policy, optional frozen reference, AdamW; shared-prefix group forward.
+
+Departures and choices (the loss maths and its departures are in grpo_loss.py):
+- A group's G completions share their prompt: the prompt runs once per group (PrefixKV), its latent
+  KV is repeated for the G completions, and their gradients all flow back into that one prefix. A long
+  prompt costs one forward and one backward per group, not G.
+- pi_old: with one optimizer step per rollout batch (ppo_epochs * mini_batches == 1) the policy *is*
+  pi_old, so old_logp = logp.detach() (ratio 1, no extra forward); with more steps it is recomputed
+  once before the first step. The sampler's logprobs enter through TIS and the mismatch metrics.
+- The lightning indexer is frozen by default (as slime and prime-rl run DSA RL); `train_indexer`
+  trains it by its KL on the selected set instead, with inputs detached (DSA sparse-stage rule).
+- With `use_sampler_indices` the completion tokens attend to exactly the keys the sampler selected.
+"""
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from dsarl.models import PrefixKV
+
+from .grpo_batch import GroupSample, PaddedGroups, pad_groups
+from .grpo_loss import GRPOLossConfig, grpo_loss
+from .logprobs import token_entropy, token_logprobs
+from .optim import OptimConfig, build_optimizer, clip_grad
+
+
+@dataclass
+class LearnerConfig:
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=0, min_lr_ratio=1.0,
+                                                                    weight_decay=0.0))
+    loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
+    ppo_epochs: int = 1  # passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per pass
+    micro_batch_groups: int = 8  # groups per forward/backward (gradient accumulation)
+    temperature: float = 1.0  # the sampling temperature: logprobs are of logits / temperature
+    attention: Literal["model", "dense", "sparse"] = "model"  # "model": the checkpoint's own setting
+    use_sampler_indices: bool = True  # sparse: attend to the keys the sampler selected, when recorded
+    keep_sampling_mask: bool = True  # apply the sampler's top-p/top-k keep mask to pi and pi_old
+    train_indexer: bool = False  # train the indexer by its KL on the selected set (else frozen)
+    indexer_kl_weight: float = 1.0
+
+
+def group_forward(model, batch: PaddedGroups, attention: str, temperature: float, use_indices: bool,
+                  keep_mask: bool, with_entropy: bool = False):
+    """-> (logp [P*G, Lc], entropy [P*G, Lc] | None): each prompt forward once, its G completions on
+    top of its (differentiable) KV."""
+    P, Lp = batch.prompts.shape
+    G = batch.group_size
+    prefix = PrefixKV(model.config.num_hidden_layers)
+    prompt_logits = model(batch.prompts, cache=prefix, attention=attention).logits  # [P, Lp, V]
+    last = prompt_logits[torch.arange(P), batch.prompt_lens - 1]  # [P, V] predicts completion token 0
+    prefix.set_lengths(batch.prompt_lens)
+    shared = prefix.repeat_rows(G)
+    Lc = batch.completions.shape[1]
+    positions = batch.prompt_lens.repeat_interleave(G)[:, None] + torch.arange(Lc)  # [P*G, Lc]
+    indices = batch.indices if (use_indices and attention == "sparse") else None
+    comp_logits = model(batch.completions, positions=positions, cache=shared, attention=attention,
+                        indices=indices).logits  # [P*G, Lc, V]
+    logits = torch.cat([last.repeat_interleave(G, dim=0)[:, None], comp_logits[:, :-1]], dim=1)  # [P*G, Lc, V]
+    km = batch.keep_mask if keep_mask else None
+    logp = token_logprobs(logits, batch.completions, temperature, km)
+    entropy = token_entropy(logits.detach(), temperature, km) if with_entropy else None
+    return logp, entropy
+
+
+class GRPOLearner:
+    def __init__(self, policy, reference, cfg: LearnerConfig):
+        self.policy, self.reference, self.cfg = policy, reference, cfg
+        if reference is not None:
+            reference.eval().requires_grad_(False)
+        for p in policy.indexer_parameters():
+            p.requires_grad_(cfg.train_indexer)
+        self.optimizer = build_optimizer(policy.parameters(), cfg.optim)
+        self.version = 0
+        self.attention = policy.config.attention if cfg.attention == "model" else cfg.attention
+        if cfg.loss.beta > 0 and reference is None:
+            raise ValueError("learner.loss.beta > 0 needs a reference model")
+
+    def _split(self, groups: list[GroupSample]) -> list[list[PaddedGroups]]:
+        """mini_batches parts of the groups (one optimizer step each), each cut into micro-batches."""
+        n_mini = max(1, min(self.cfg.mini_batches, len(groups)))
+        size = -(-len(groups) // n_mini)
+        V, m = self.policy.config.vocab_size, self.cfg.micro_batch_groups
+        minis = [groups[i: i + size] for i in range(0, len(groups), size)]
+        return [[pad_groups(mini[j: j + m], V) for j in range(0, len(mini), m)] for mini in minis]
+
+    def _logp(self, model, mb: PaddedGroups, with_entropy=False):
+        return group_forward(model, mb, self.attention, self.cfg.temperature, self.cfg.use_sampler_indices,
+                             self.cfg.keep_sampling_mask, with_entropy)
+
+    def update(self, groups: list[GroupSample]) -> dict[str, float]:
+        """One rollout batch: ppo_epochs x mini_batches optimizer steps. Returns averaged metrics."""
+        cfg = self.cfg
+        self.policy.train()
+        minis = self._split(groups)
+        with torch.no_grad():
+            ref = [[self._logp(self.reference, mb)[0] for mb in mini] for mini in minis] if cfg.loss.beta > 0 else None
+            need_old = cfg.ppo_epochs * len(minis) > 1
+            old = [[self._logp(self.policy, mb)[0] for mb in mini] for mini in minis] if need_old else None
+        sums: dict[str, float] = {}
+        weight_total, grad_norms = 0.0, []
+        for _ in range(cfg.ppo_epochs):
+            for i, mini in enumerate(minis):
+                normalizer = float(sum(mb.mask.sum() for mb in mini))
+                self.optimizer.zero_grad(set_to_none=True)
+                for j, mb in enumerate(mini):
+                    logp, entropy = self._logp(self.policy, mb, with_entropy=True)
+                    old_logp = old[i][j] if old is not None else logp.detach()
+                    loss, metrics = grpo_loss(logp, old_logp, mb.advantages, mb.mask,
+                                              ref_logp=None if ref is None else ref[i][j],
+                                              sampler_logp=mb.sampler_logp, cfg=cfg.loss, normalizer=normalizer)
+                    loss.backward()
+                    w = float(mb.mask.sum())
+                    metrics["entropy"] = float((entropy * mb.mask).sum() / max(w, 1.0))
+                    metrics["loss"] = loss.item() * normalizer / max(w, 1.0)
+                    for k, v in metrics.items():
+                        sums[k] = max(sums.get(k, float("-inf")), v) if k.endswith("_max") else sums.get(k, 0.0) + v * w
+                    weight_total += w
+                grad_norms.append(clip_grad([p for p in self.policy.parameters() if p.requires_grad],
+                                            cfg.optim.grad_clip))
+                self.optimizer.step()
+        self.version += 1
+        out = {k: (v if k.endswith("_max") else v / max(weight_total, 1.0)) for k, v in sums.items()}
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["optimizer_steps"] = float(len(grad_norms))
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.policy.state_dict().items()}

@@ -1,0 +1,134 @@
+"""The learner's shared-prefix group forward against the plain per-sample computation."""
+import random
+
+import pytest
+import torch
+
+from dsarl.learner.grpo_batch import GroupSample, pad_groups
+from dsarl.learner.grpo_learner import GRPOLearner, LearnerConfig, group_forward
+from dsarl.learner.grpo_loss import GRPOLossConfig, grpo_loss
+from dsarl.learner.logprobs import token_logprobs
+from dsarl.models import DSAConfig, build_model
+
+
+def small_cfg(**kw):
+    base = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=24,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=2,
+                index_head_dim=16, index_topk=4)
+    base.update(kw)
+    return DSAConfig(**base)
+
+
+def random_groups(rng: random.Random, P: int, G: int) -> list[GroupSample]:
+    groups = []
+    for _ in range(P):
+        prompt = [rng.randrange(256) for _ in range(rng.randint(2, 9))]
+        comps = [[rng.randrange(256) for _ in range(rng.randint(1, 7))] for _ in range(G)]
+        groups.append(GroupSample(prompt, comps, [[-1.0] * len(c) for c in comps],
+                                  [rng.uniform(-1, 1) for _ in range(G)]))
+    return groups
+
+
+def per_sample_logp(model, groups, attention, temperature):
+    """The plain computation: one full forward of prompt + completion per sample."""
+    rows = []
+    for g in groups:
+        for c in g.completions:
+            ids = torch.tensor([g.prompt_ids + c])
+            logits = model(ids, attention=attention).logits[:, len(g.prompt_ids) - 1: -1]  # predicts c
+            rows.append(token_logprobs(logits, torch.tensor([c]), temperature)[0])
+    return rows
+
+
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_shared_prefix_loss_and_gradients_equal_per_sample(attention):
+    seed = random.SystemRandom().randrange(2**31)
+    rng = random.Random(seed)
+    # 8 index heads: ReLU scores tie at exactly 0 with probability 2^-8 per key, so the top-k cannot
+    # depend on how tied keys are laid out in memory (the padded prefix layout differs from per-sample).
+    model = build_model(small_cfg(index_n_heads=8), seed=seed)
+    groups = random_groups(rng, P=3, G=4)
+    batch = pad_groups(groups, model.config.vocab_size)
+    cfg = GRPOLossConfig(beta=0.0)
+
+    logp, _ = group_forward(model, batch, attention, 0.7, use_indices=False, keep_mask=False)
+    loss, _ = grpo_loss(logp, logp.detach() + 0.05 * batch.mask, batch.advantages, batch.mask, cfg=cfg)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    rows = per_sample_logp(model, groups, attention, 0.7)
+    ref_logp = torch.zeros_like(logp)
+    for i, r in enumerate(rows):
+        ref_logp[i, : len(r)] = r
+    assert (logp - ref_logp).mul(batch.mask).abs().max() <= 1e-5, f"seed {seed}"
+    ref_loss, _ = grpo_loss(ref_logp, ref_logp.detach() + 0.05 * batch.mask, batch.advantages, batch.mask, cfg=cfg)
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()), allow_unused=True)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6
+    for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
+        if a is None or b is None:
+            assert a is None and b is None or (a if a is not None else b).abs().max() == 0, name
+            continue
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), f"{name} seed {seed}"
+
+
+def test_sampler_indices_reproduce_the_indexer_selection():
+    # Feeding the selections the indexer itself makes must give the same logprobs as not feeding them.
+    rng = random.Random(3)
+    model = build_model(small_cfg(index_topk=3, index_n_heads=8), seed=3)
+    groups = random_groups(rng, P=2, G=2)
+    sel = []
+    for g in groups:
+        for c in g.completions:
+            ids = torch.tensor([g.prompt_ids + c])
+            out = model(ids, attention="sparse", return_indices=True)
+            plen = len(g.prompt_ids)
+            per_layer = [idx[0, plen - 1: plen - 1 + len(c)] for idx in out.indices]  # [T, K] each
+            sel.append(torch.stack(per_layer, dim=1))  # [T, L, K]
+    it = iter(sel)
+    for g in groups:
+        g.indices = [next(it) for _ in g.completions]
+    batch = pad_groups(groups, model.config.vocab_size)
+    with torch.no_grad():
+        forced, _ = group_forward(model, batch, "sparse", 1.0, use_indices=True, keep_mask=False)
+        own, _ = group_forward(model, batch, "sparse", 1.0, use_indices=False, keep_mask=False)
+    assert (forced - own).mul(batch.mask).abs().max() <= 1e-5
+    # and a different selection changes them (the forced path is really used)
+    for g in groups:
+        g.indices = [torch.zeros_like(i) for i in g.indices]
+    batch = pad_groups(groups, model.config.vocab_size)
+    with torch.no_grad():
+        wrong, _ = group_forward(model, batch, "sparse", 1.0, use_indices=True, keep_mask=False)
+    assert (wrong - own).mul(batch.mask).abs().max() > 1e-3
+
+
+def test_update_with_zero_advantages_leaves_weights_unchanged():
+    model = build_model(small_cfg(), seed=0)
+    learner = GRPOLearner(model, None, LearnerConfig())
+    groups = random_groups(random.Random(0), P=2, G=3)
+    for g in groups:
+        g.advantages = [0.0] * len(g.advantages)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = learner.update(groups)
+    assert metrics["grad_norm"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert learner.version == 1
+
+
+def test_update_raises_logprob_of_positive_advantage_samples_and_freezes_indexer():
+    model = build_model(small_cfg(), seed=1)
+    learner = GRPOLearner(model, build_model(small_cfg(), seed=1),
+                          LearnerConfig(loss=GRPOLossConfig(beta=0.01), ppo_epochs=2, mini_batches=2))
+    groups = random_groups(random.Random(1), P=4, G=2)
+    for g in groups:
+        g.advantages = [1.0, -1.0]
+    idx_before = [p.clone() for p in model.indexer_parameters()]
+    batch = pad_groups(groups, model.config.vocab_size)
+    with torch.no_grad():
+        before, _ = group_forward(model, batch, "dense", 1.0, False, False)
+    metrics = learner.update(groups)
+    with torch.no_grad():
+        after, _ = group_forward(model, batch, "dense", 1.0, False, False)
+    seq = lambda lp: (lp * batch.mask).sum(1)  # noqa: E731
+    delta = seq(after) - seq(before)
+    assert bool((delta[0::2] > 0).all()) and bool((delta[1::2] < 0).all())
+    assert metrics["optimizer_steps"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(idx_before, model.indexer_parameters()))
