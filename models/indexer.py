@@ -31,18 +31,21 @@ class LightningIndexer(nn.Module):
         pe, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)  # RoPE dims come first
         return torch.cat([apply_rope_half(pe, cos, sin), rest], dim=-1)
 
-    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, T, hidden] -> indexer keys [B, T, d_I] (what the KV cache stores for the indexer)."""
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp8: bool | None = None) -> torch.Tensor:
+        """x [B, T, hidden] -> indexer keys [B, T, d_I] (what the KV cache stores for the indexer).
+
+        `fp8` overrides the config's index_fp8 (diagnostics compare the two selections)."""
         k = self.k_norm(self.wk(x).float()).to(x.dtype)  # LayerNorm in fp32
         k = self._rope(k, cos, sin)
-        return fp8_quant_dequant(k) if self.fp8 else k
+        return fp8_quant_dequant(k) if (self.fp8 if fp8 is None else fp8) else k
 
-    def queries(self, c_q: torch.Tensor, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(self, c_q: torch.Tensor, x: torch.Tensor, cos, sin,
+                fp8: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """c_q [B, T, q_lora_rank], x [B, T, hidden] -> (q [B, T, H_I, d_I], w [B, T, H_I] fp32)."""
         B, T, _ = x.shape
         q = self.wq_b(c_q).view(B, T, self.n_heads, self.head_dim)  # [B, T, H_I, d_I]
         q = self._rope(q, cos, sin)
-        if self.fp8:
+        if self.fp8 if fp8 is None else fp8:
             q = fp8_quant_dequant(q)
         w = self.weights_proj(x.float()) * (self.n_heads * self.head_dim) ** -0.5  # fp32 head weights
         return q, w
