@@ -1,0 +1,317 @@
+"""The native generation engine on the DSA decoder's static latent KV cache (CPU and CUDA).
+
+    prefill  prompts, right-padded, in batches of at most `prefill_tokens` tokens; one prefill per
+             prompt, shared by its n samples (its latent KV rows are copied into each sample's slot)
+    decode   one token per active slot per step: the model's absorbed MLA form over the cached
+             [c_kv ; k_pe] rows, with the indexer's top-k selection recomputed every step (sparse)
+    refill   continuous batching: a finished slot takes the next waiting sample before the next
+             step (`continuous=False` waits for the whole batch to finish: the static baseline)
+Inactive slots ride along at position 0 (their rows are rewritten on refill); the step runs on
+rows [0, highest active slot], and refills take the lowest free slot, so a draining batch shrinks.
+
+Sampling (temperature, top-p/k, per-sample counter-based RNG) is in sampling.py; stopping in
+stopping.py. Completions come back ordered by prompt, then sample.
+"""
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dsarl.models import StaticKVCache
+
+from .sampling import SamplingParams, sample_keys, sample_step, uniforms
+from .stopping import StopRule, cut_at_stop_string
+from .types import Completion
+
+YES_TARGETS = ("yes", "Yes", " yes", " Yes")
+
+
+@dataclass
+class _Prefix:
+    """A prefilled prompt waiting for its samples to take slots."""
+
+    kv: torch.Tensor  # [L, P, D] latent rows
+    k_idx: torch.Tensor  # [L, P, d_I] indexer keys
+    logits: torch.Tensor  # [V] next-token logits at P - 1
+    indices: torch.Tensor | None  # [L, K] selection of query P - 1 (sparse)
+    unplaced: int  # samples not yet given a slot
+
+
+@dataclass
+class _Seq:
+    """One (prompt, sample) being generated in a slot."""
+
+    prompt_pos: int  # position in this call's prompt list
+    sample_index: int
+    key: np.uint64  # RNG stream key
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    keep: list[list[int]] = field(default_factory=list)
+    indices: list[torch.Tensor] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class NativeEngine:
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, max_len: int | None = None,
+                 attention: str | None = None, continuous: bool = True, prefill_tokens: int = 4096,
+                 weight_version: int = 0):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cfg = model.config
+        self.max_batch_size = max_batch_size
+        self.max_len = max_len or self.cfg.max_position_embeddings
+        self.attention = attention or self.cfg.attention
+        if self.attention not in ("dense", "sparse"):
+            raise ValueError(f"attention must be 'dense' or 'sparse', got {self.attention!r}")
+        self.continuous = continuous
+        self.prefill_tokens = prefill_tokens
+        self.weight_version = weight_version
+        self._vocab_text: list[str] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---- weights -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Copies a full state dict into the model in place (device and dtype converted)."""
+        own = self.model.state_dict()
+        tied = {"lm_head.weight"} if self.cfg.tie_word_embeddings else set()
+        missing = set(own) - set(state_dict) - tied
+        unexpected = set(state_dict) - set(own)
+        if missing or unexpected:
+            raise ValueError(f"state_dict: missing weights {sorted(missing)}, unexpected {sorted(unexpected)}")
+        for name, value in state_dict.items():
+            if name in tied:
+                continue
+            if own[name].shape != value.shape:
+                raise ValueError(f"state_dict[{name!r}]: shape {tuple(value.shape)} != {tuple(own[name].shape)}")
+            own[name].copy_(value)
+        self.weight_version = version
+
+    # ---- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 prompt_indices: list[int] | None = None) -> list[Completion]:
+        """prompts: token ids. prompt_indices: the prompts' global indices (RNG streams and
+        Completion.prompt_index; default 0..len-1), so a pool's shards sample as one engine would."""
+        if prompt_indices is None:
+            prompt_indices = list(range(len(prompts)))
+        if len(prompt_indices) != len(prompts):
+            raise ValueError(f"prompt_indices has {len(prompt_indices)} entries for {len(prompts)} prompts")
+        for i, p in enumerate(prompts):
+            if not 0 < len(p) < self.max_len:
+                raise ValueError(f"prompts[{i}] has {len(p)} tokens; need 1..{self.max_len - 1}")
+        if not prompts:
+            return []
+        run = _Run(self, prompts, params, prompt_indices)
+        return run.run()
+
+    # ---- scoring -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, prompt_ids, completion_ids, temperature: float = 1.0):
+        """Teacher scoring: log p(completion token | prefix) under the current weights.
+
+        One prompt (list[int]) -> list[float]; a batch (list[list[int]]) -> list[list[float]].
+        """
+        single = bool(prompt_ids) and isinstance(prompt_ids[0], int)
+        prompts, completions = ([prompt_ids], [completion_ids]) if single else (prompt_ids, completion_ids)
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        out = []
+        for b0 in range(0, len(prompts), self.max_batch_size):
+            seqs = [list(p) + list(c) for p, c in zip(prompts[b0:b0 + self.max_batch_size],
+                                                      completions[b0:b0 + self.max_batch_size])]
+            logits = self._full_logits(seqs)  # [B, T, V]
+            logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # fp32 for the log-softmax
+            for r, (p, c) in enumerate(zip(prompts[b0:], completions[b0:b0 + len(seqs)])):
+                pos = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+                out.append(logp[r, pos, torch.tensor(c, dtype=torch.long)].tolist())
+        return out[0] if single else out
+
+    @torch.no_grad()
+    def yes_probability(self, prompts: list[str]) -> list[float]:
+        """P(the text after the prompt starts with "yes"/"Yes", optionally after one space), exact over
+        tokenisations: tokens that complete a target count fully, tokens that are a proper prefix of
+        one are followed by another forward on the extended prefix."""
+        vocab = self._vocab()
+        frontier = [(i, self.tokenizer.encode(p, add_bos=True), 1.0, YES_TARGETS) for i, p in enumerate(prompts)]
+        result = [0.0] * len(prompts)
+        while frontier:
+            logits = self._last_logits([ids for _, ids, _, _ in frontier])
+            probs = torch.softmax(logits.float(), dim=-1).cpu()  # [N, V]
+            nxt = []
+            for (i, ids, weight, targets), p in zip(frontier, probs):
+                for tid, text in enumerate(vocab):
+                    if not text or p[tid] == 0:
+                        continue
+                    if any(text.startswith(t) for t in targets):
+                        result[i] += weight * float(p[tid])
+                        continue
+                    rest = tuple(t[len(text):] for t in targets if t.startswith(text) and len(t) > len(text))
+                    if rest and len(ids) + 1 < self.max_len:
+                        nxt.append((i, ids + [tid], weight * float(p[tid]), rest))
+            frontier = nxt
+        return result
+
+    def _vocab(self) -> list[str]:
+        if self._vocab_text is None:
+            # a lone UTF-8 lead byte decodes to U+FFFD: such tokens can never spell "yes"
+            self._vocab_text = [self.tokenizer.decode([t]) for t in range(self.cfg.vocab_size)]
+        return self._vocab_text
+
+    def _full_logits(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Right-padded, no cache: causal attention keeps padding out of every real position."""
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), self.cfg.pad_token_id, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+        return self.model(ids.to(self.device), attention=self.attention).logits
+
+    def _last_logits(self, seqs: list[list[int]]) -> torch.Tensor:
+        out = []
+        for b0 in range(0, len(seqs), self.max_batch_size):
+            chunk = seqs[b0:b0 + self.max_batch_size]
+            logits = self._full_logits(chunk)
+            last = torch.tensor([len(s) - 1 for s in chunk], device=logits.device)
+            out.append(logits[torch.arange(len(chunk), device=logits.device), last])  # [B, V]
+        return torch.cat(out)
+
+
+class _Run:
+    """The state of one generate() call: a queue of samples, slots, prefilled prompts."""
+
+    def __init__(self, engine: NativeEngine, prompts, params: SamplingParams, prompt_indices):
+        self.e, self.prompts, self.params = engine, prompts, params
+        self.prompt_indices = prompt_indices
+        self.stop = StopRule.build(params, getattr(engine.tokenizer, "eos_id", None))
+        self.want_indices = params.return_indices and engine.attention == "sparse"
+        B = min(engine.max_batch_size, len(prompts) * params.n)
+        self.cache_len = min(engine.max_len, max(len(p) for p in prompts) + params.max_new_tokens)
+        dtype = engine.model.lm_head.weight.dtype
+        self.cache = StaticKVCache(engine.cfg, B, self.cache_len, device=engine.device, dtype=dtype)
+        self.slots: list[_Seq | None] = [None] * B
+        self.last_token = torch.zeros(B, dtype=torch.long, device=engine.device)
+        self.waiting = deque((i, j) for i in range(len(prompts)) for j in range(params.n))
+        self.prefixes: dict[int, _Prefix] = {}
+        self.done: list[_Seq] = []
+
+    def run(self) -> list[Completion]:
+        while self.waiting or any(self.slots):
+            if self.e.continuous or not any(self.slots):
+                self._admit()
+            if any(self.slots):
+                self._decode_step()
+        self.done.sort(key=lambda s: (s.prompt_pos, s.sample_index))
+        return [self._completion(s) for s in self.done]
+
+    # ---- admission: prefill and place samples into free slots ----------------------------------
+    def _admit(self) -> None:
+        while self.waiting and None in self.slots:
+            free = [b for b, s in enumerate(self.slots) if s is None]
+            batch = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+            self._prefill(sorted({i for i, _ in batch if i not in self.prefixes}))
+            self._place(list(zip(free, batch)))
+
+    def _prefill(self, prompt_pos: list[int]) -> None:
+        group: list[int] = []
+        for i in prompt_pos:  # batches of at most prefill_tokens padded tokens
+            longest = max([len(self.prompts[j]) for j in group + [i]])
+            if group and longest * (len(group) + 1) > self.e.prefill_tokens:
+                self._prefill_batch(group)
+                group = []
+            group.append(i)
+        if group:
+            self._prefill_batch(group)
+
+    def _prefill_batch(self, prompt_pos: list[int]) -> None:
+        e = self.e
+        lens = [len(self.prompts[i]) for i in prompt_pos]
+        P, P0 = max(lens), min(lens)
+        ids = torch.full((len(prompt_pos), P), e.cfg.pad_token_id, dtype=torch.long)
+        for r, i in enumerate(prompt_pos):
+            ids[r, : lens[r]] = torch.tensor(self.prompts[i])
+        scratch = StaticKVCache(e.cfg, len(prompt_pos), P, device=e.device, dtype=self.cache.kv.dtype)
+        out = e.model(ids.to(e.device), cache=scratch, attention=e.attention, return_indices=self.want_indices,
+                      logits_slice=slice(P0 - 1, P))  # logits only where some prompt ends
+        for r, i in enumerate(prompt_pos):
+            idx = None if out.indices is None else torch.stack([x[r, lens[r] - 1] for x in out.indices])  # [L, K]
+            self.prefixes[i] = _Prefix(scratch.kv[:, r, : lens[r]], scratch.k_idx[:, r, : lens[r]],
+                                       out.logits[r, lens[r] - P0], idx, self.params.n)
+
+    def _place(self, pairs: list[tuple[int, tuple[int, int]]]) -> None:
+        """Copies each prompt's latent KV into its sample's slot and samples the first token."""
+        seqs, logits, first_idx = [], [], []
+        for b, (i, j) in pairs:
+            pre = self.prefixes[i]
+            P = pre.kv.shape[1]
+            self.cache.kv[:, b, :P] = pre.kv
+            self.cache.k_idx[:, b, :P] = pre.k_idx
+            self.cache.lengths[b] = P
+            key = sample_keys(self.params.seed, np.array([self.prompt_indices[i]]), np.array([j]))[0]
+            seqs.append(_Seq(i, j, key))
+            logits.append(pre.logits)
+            first_idx.append(pre.indices)
+            pre.unplaced -= 1
+            if pre.unplaced == 0:
+                del self.prefixes[i]
+        self._append([b for b, _ in pairs], seqs, torch.stack(logits), first_idx)
+
+    # ---- decoding ------------------------------------------------------------------------------
+    def _decode_step(self) -> None:
+        active = [b for b, s in enumerate(self.slots) if s is not None]
+        hi = active[-1] + 1
+        view = self.cache.select_rows(slice(0, hi))
+        live = torch.zeros(hi, dtype=torch.bool, device=self.cache.lengths.device)
+        live[active] = True
+        positions = torch.where(live, view.lengths, torch.zeros_like(view.lengths))[:, None]  # [hi, 1]
+        out = self.e.model(self.last_token[:hi, None], positions=positions, cache=view, attention=self.e.attention,
+                           return_indices=self.want_indices)
+        rows = torch.tensor(active, device=out.logits.device)
+        logits = out.logits[rows, -1]  # [A, V]
+        step_idx = [None] * len(active)
+        if out.indices is not None:
+            stacked = torch.stack([x[:, -1] for x in out.indices], dim=1)  # [hi, L, K]
+            step_idx = list(stacked[rows].cpu())
+        self._append(active, [self.slots[b] for b in active], logits, step_idx)
+
+    def _append(self, slots: list[int], seqs: list[_Seq], logits: torch.Tensor, step_idx: list) -> None:
+        """Samples one token for each (slot, seq) from logits [A, V]; ends finished sequences."""
+        p = self.params
+        steps = np.array([len(s.tokens) for s in seqs])
+        u = torch.from_numpy(uniforms(np.array([s.key for s in seqs], dtype=np.uint64), steps))
+        out = sample_step(logits, p.temperature, p.top_k, p.top_p, u)
+        tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
+        keep = None
+        if p.return_keep_mask:
+            keep = (out.keep if out.keep is not None else torch.ones_like(logits, dtype=torch.bool)).cpu()
+        decode = self.e.tokenizer.decode
+        for a, (b, s) in enumerate(zip(slots, seqs)):
+            s.tokens.append(tokens[a])
+            s.logprobs.append(logprobs[a])
+            if keep is not None:
+                s.keep.append(keep[a].nonzero().squeeze(-1).tolist())
+            if step_idx[a] is not None:
+                s.indices.append(step_idx[a].cpu())
+            room_left = len(self.prompts[s.prompt_pos]) + len(s.tokens) < self.cache_len
+            s.finish_reason = self.stop.finish_reason(s.tokens, decode, room_left)
+            self.slots[b] = None if s.finish_reason else s
+            if s.finish_reason:
+                self.done.append(s)
+            else:
+                self.last_token[b] = tokens[a]
+
+    def _completion(self, s: _Seq) -> Completion:
+        text = cut_at_stop_string(self.e.tokenizer.decode(s.tokens), self.stop.stop_strings)
+        return Completion(
+            prompt_index=self.prompt_indices[s.prompt_pos], sample_index=s.sample_index,
+            prompt_ids=list(self.prompts[s.prompt_pos]), token_ids=s.tokens, logprobs=s.logprobs,
+            finish_reason=s.finish_reason, text=text, weight_version=self.e.weight_version,
+            keep_mask=s.keep if self.params.return_keep_mask else None,
+            indices=torch.stack(s.indices) if s.indices else None,
+        )
