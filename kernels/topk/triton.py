@@ -9,6 +9,8 @@ torch.topk so a replacement can be measured against it.
 """
 import torch
 
+from .reference import topk_indices_reference
+
 
 def topk_indices_chunked(scores: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
     """scores [B, T, S] -> int32 [B, T, k], best first, -1 where the score is -inf or k > S."""
@@ -17,8 +19,7 @@ def topk_indices_chunked(scores: torch.Tensor, k: int, chunk: int = 4096) -> tor
     out = torch.full((B, T, k), -1, device=scores.device, dtype=torch.int32)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        values, idx = scores[:, t0:t1].topk(kk, dim=-1)  # [B, c, kk]
-        out[:, t0:t1, :kk] = idx.to(torch.int32).masked_fill_(values == float("-inf"), -1)
+        out[:, t0:t1] = topk_indices_reference(scores[:, t0:t1], k)  # same recency tie-break as the reference
     return out
 
 

@@ -50,3 +50,17 @@ def test_public_ops_both_backends(gen, monkeypatch):
         monkeypatch.setenv("DSARL_KERNELS", backend)
         assert _as_sets(indexer_topk(q, w, k, 4, chunk=4)) == _as_sets(ref)
         assert _as_sets(topk_indices(indexer_scores_reference(q, w, k), 4)) == _as_sets(ref)
+
+
+def test_ties_at_the_threshold_go_to_the_latest_keys():
+    from dsarl.kernels.topk.reference import topk_indices_reference
+
+    inf = float("-inf")
+    scores = torch.tensor([[[3.0, 0.0, 0.0, 1.0, 0.0, 0.0, inf]]])  # k=3: 3.0, 1.0, then one of four zeros
+    sel = set(topk_indices_reference(scores, 3)[0, 0].tolist())
+    assert sel == {0, 3, 5}
+    # the same scores with padding slots (-inf) between them select the same keys by recency
+    padded = torch.tensor([[[3.0, 0.0, inf, inf, 0.0, 1.0, 0.0, 0.0]]])
+    assert set(topk_indices_reference(padded, 3)[0, 0].tolist()) == {0, 5, 7}
+    few = torch.tensor([[[0.0, inf, 0.0]]])
+    assert topk_indices_reference(few, 4)[0, 0].tolist().count(-1) == 2

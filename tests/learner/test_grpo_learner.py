@@ -44,9 +44,9 @@ def per_sample_logp(model, groups, attention, temperature):
 def test_shared_prefix_loss_and_gradients_equal_per_sample(attention):
     seed = random.SystemRandom().randrange(2**31)
     rng = random.Random(seed)
-    # 8 index heads: ReLU scores tie at exactly 0 with probability 2^-8 per key, so the top-k cannot
-    # depend on how tied keys are laid out in memory (the padded prefix layout differs from per-sample).
-    model = build_model(small_cfg(index_n_heads=8), seed=seed)
+    # 2 index heads: ReLU scores often tie at exactly 0; the top-k's recency tie-break must make the
+    # selection independent of the padded shared-prefix layout.
+    model = build_model(small_cfg(), seed=seed)
     groups = random_groups(rng, P=3, G=4)
     batch = pad_groups(groups, model.config.vocab_size)
     cfg = GRPOLossConfig(beta=0.0)
@@ -73,7 +73,7 @@ def test_shared_prefix_loss_and_gradients_equal_per_sample(attention):
 def test_sampler_indices_reproduce_the_indexer_selection():
     # Feeding the selections the indexer itself makes must give the same logprobs as not feeding them.
     rng = random.Random(3)
-    model = build_model(small_cfg(index_topk=3, index_n_heads=8), seed=3)
+    model = build_model(small_cfg(index_topk=3), seed=3)
     groups = random_groups(rng, P=2, G=2)
     sel = []
     for g in groups:
