@@ -1,0 +1,115 @@
+"""The rollout Arrow schema (DESIGN.md section 4): one row per completion, written as Parquet.
+
+Columns: prompt id, group id (the GRPO group: one prompt's n samples in one step), prompt index and
+sample index, prompt and completion token ids, per-token sampling log-probabilities, finish reason,
+weight version, completion text, task metadata (JSON text: tasks carry different fields), reward
+components (a map name -> value) and the total reward; optionally the sampler's keep mask (kept
+token ids per step) and the indexer's selections (flat int32 with their [T, L, K] shape).
+
+Completions are the engines' `dsarl.actors.engine.types.Completion`; this module reads them by
+attribute and imports the class only to rebuild them, so `data` stays importable without Ray.
+"""
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+ROLLOUT_SCHEMA = pa.schema([
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("group_id", pa.string(), nullable=False),
+    pa.field("prompt_index", pa.int64(), nullable=False),
+    pa.field("sample_index", pa.int32(), nullable=False),
+    pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("completion_token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("logprobs", pa.list_(pa.float32()), nullable=False),  # engines sample in fp32: exact
+    pa.field("finish_reason", pa.string(), nullable=False),
+    pa.field("weight_version", pa.int64(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("metadata", pa.string()),  # JSON object
+    pa.field("reward_components", pa.map_(pa.string(), pa.float64())),
+    pa.field("reward", pa.float64()),
+    pa.field("keep_mask", pa.list_(pa.list_(pa.int32()))),
+    pa.field("indices", pa.list_(pa.int32())),
+    pa.field("indices_shape", pa.list_(pa.int32())),
+])
+
+
+@dataclass
+class RolloutRecord:
+    """A completion with what the driver adds to it."""
+
+    completion: object  # dsarl.actors.engine.types.Completion
+    prompt_id: str
+    group_id: str
+    metadata: dict = field(default_factory=dict)
+    reward_components: dict[str, float] | None = None
+    reward: float | None = None
+
+
+def completions_to_table(completions, prompt_ids: list[str] | None = None, group_ids: list[str] | None = None,
+                         metadata: list[dict] | None = None, reward_components: list[dict] | None = None,
+                         rewards: list[float] | None = None) -> pa.Table:
+    """Completions (+ per-completion lists of the driver's fields) -> a table of ROLLOUT_SCHEMA.
+    Defaults: prompt_id = group_id = str(prompt_index), no metadata, no rewards."""
+    n = len(completions)
+    for name, col in [("prompt_ids", prompt_ids), ("group_ids", group_ids), ("metadata", metadata),
+                      ("reward_components", reward_components), ("rewards", rewards)]:
+        if col is not None and len(col) != n:
+            raise ValueError(f"{name} has {len(col)} entries for {n} completions")
+    pid = prompt_ids or [str(c.prompt_index) for c in completions]
+    cols = {
+        "prompt_id": pid,
+        "group_id": group_ids or list(pid),
+        "prompt_index": [c.prompt_index for c in completions],
+        "sample_index": [c.sample_index for c in completions],
+        "prompt_token_ids": [list(c.prompt_ids) for c in completions],
+        "completion_token_ids": [list(c.token_ids) for c in completions],
+        "logprobs": [list(c.logprobs) for c in completions],
+        "finish_reason": [c.finish_reason for c in completions],
+        "weight_version": [c.weight_version for c in completions],
+        "text": [c.text for c in completions],
+        "metadata": [json.dumps(m) for m in metadata] if metadata else [None] * n,
+        "reward_components": [list(r.items()) if r is not None else None for r in reward_components]
+        if reward_components else [None] * n,
+        "reward": rewards or [None] * n,
+        "keep_mask": [c.keep_mask for c in completions],
+        "indices": [None if c.indices is None else c.indices.flatten().tolist() for c in completions],
+        "indices_shape": [None if c.indices is None else list(c.indices.shape) for c in completions],
+    }
+    return pa.Table.from_pydict(cols, schema=ROLLOUT_SCHEMA)
+
+
+def table_to_records(table: pa.Table) -> list[RolloutRecord]:
+    from dsarl.actors.engine.types import Completion  # lazy: see the module docstring
+
+    if not table.schema.equals(ROLLOUT_SCHEMA):
+        table = table.cast(ROLLOUT_SCHEMA)  # raises naming the mismatching field
+    out = []
+    for row in table.to_pylist():
+        idx = row["indices"]
+        indices = None if idx is None else torch.tensor(idx, dtype=torch.int32).view(*row["indices_shape"])
+        comp = Completion(
+            prompt_index=row["prompt_index"], sample_index=row["sample_index"],
+            prompt_ids=row["prompt_token_ids"], token_ids=row["completion_token_ids"], logprobs=row["logprobs"],
+            finish_reason=row["finish_reason"], text=row["text"], weight_version=row["weight_version"],
+            keep_mask=row["keep_mask"], indices=indices,
+        )
+        rc = row["reward_components"]
+        out.append(RolloutRecord(comp, row["prompt_id"], row["group_id"],
+                                 json.loads(row["metadata"]) if row["metadata"] else {},
+                                 dict(rc) if rc is not None else None, row["reward"]))
+    return out
+
+
+def table_to_completions(table: pa.Table) -> list:
+    return [r.completion for r in table_to_records(table)]
+
+
+def write_rollouts(table: pa.Table, path) -> None:
+    pq.write_table(table, str(path))
+
+
+def read_rollouts(path) -> pa.Table:
+    return pq.read_table(str(path), schema=ROLLOUT_SCHEMA)

@@ -1,0 +1,51 @@
+import pyarrow as pa
+import pytest
+import torch
+
+from dsarl.actors.engine import NativeEngine, SamplingParams
+from dsarl.data.rollout_schema import (ROLLOUT_SCHEMA, completions_to_table, read_rollouts, table_to_completions,
+                                       table_to_records, write_rollouts)
+from dsarl.models import ByteTokenizer, DSAConfig, build_model
+
+
+@pytest.fixture(scope="module")
+def completions():
+    cfg = DSAConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
+                    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=2, index_head_dim=8,
+                    index_topk=4, intermediate_size=64, attention="sparse")
+    tok = ByteTokenizer()
+    engine = NativeEngine(build_model(cfg, seed=0), tok, weight_version=3)
+    params = SamplingParams(max_new_tokens=6, n=2, top_p=0.9, return_keep_mask=True, return_indices=True)
+    return engine.generate([tok.encode("ab", add_bos=True), tok.encode("héllo", add_bos=True)], params)
+
+
+def test_parquet_roundtrip_is_exact(completions, tmp_path):
+    n = len(completions)
+    meta = [{"task": "math", "answer": str(i)} for i in range(n)]
+    comps = [{"rule": 1.0, "length": -0.5 * i} for i in range(n)]
+    table = completions_to_table(completions, group_ids=[f"7-{c.prompt_index}" for c in completions],
+                                 metadata=meta, reward_components=comps, rewards=[0.5 * i for i in range(n)])
+    assert table.schema.equals(ROLLOUT_SCHEMA) and table.num_rows == n
+    write_rollouts(table, tmp_path / "r.parquet")
+    back = read_rollouts(tmp_path / "r.parquet")
+    records = table_to_records(back)
+    for c, r, m, rc in zip(completions, records, meta, comps):
+        got = r.completion
+        assert (got.prompt_index, got.sample_index, got.prompt_ids, got.token_ids, got.finish_reason, got.text,
+                got.weight_version, got.keep_mask) == (c.prompt_index, c.sample_index, c.prompt_ids, c.token_ids,
+                                                       c.finish_reason, c.text, 3, c.keep_mask)
+        assert got.logprobs == c.logprobs  # fp32 values stored as float32: exact
+        assert torch.equal(got.indices, c.indices)
+        assert (r.prompt_id, r.group_id, r.metadata, r.reward_components) == (
+            str(c.prompt_index), f"7-{c.prompt_index}", m, rc)
+    assert [c.token_ids for c in table_to_completions(back)] == [c.token_ids for c in completions]
+
+
+def test_defaults_and_errors(completions):
+    table = completions_to_table(completions)
+    row = table.slice(0, 1).to_pylist()[0]
+    assert row["metadata"] is None and row["reward"] is None and row["group_id"] == row["prompt_id"] == "0"
+    with pytest.raises(ValueError, match="rewards"):
+        completions_to_table(completions, rewards=[1.0])
+    with pytest.raises((pa.ArrowInvalid, ValueError, TypeError)):
+        table_to_records(table.drop_columns(["text"]))
