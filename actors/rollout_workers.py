@@ -1,0 +1,148 @@
+"""Rollout workers: a Ray actor per engine, and a pool the driver talks to (DESIGN.md section 4).
+
+`RolloutWorker` is a plain class (testable without Ray); the pool wraps it with `ray.remote` and the
+CPU/GPU resources from config. The pool splits prompts into contiguous shards, one per worker,
+passes each shard its global prompt indices (so samples are what one engine would draw, whatever
+the number of workers), and concatenates the results back in prompt order.
+"""
+import ray
+import torch
+
+from .engine import NativeEngine, SamplingParams
+from .engine.types import Completion
+from .weight_sync import BroadcastGroup, TensorSpec
+
+
+def build_native(checkpoint_dir=None, config=None, state_dict=None, device=None, **engine_kwargs):
+    from dsarl.models import DSAConfig, build_model, from_pretrained, load_tokenizer
+
+    if checkpoint_dir is not None:
+        model, tokenizer = from_pretrained(checkpoint_dir, device=device)
+    else:
+        cfg = config if isinstance(config, DSAConfig) else DSAConfig.from_dict(config)
+        model, tokenizer = build_model(cfg, device=device), load_tokenizer(None)
+    engine = NativeEngine(model.requires_grad_(False), tokenizer, **engine_kwargs)
+    if state_dict is not None:
+        engine.load_weights(state_dict, engine.weight_version)
+    return engine
+
+
+def build_vllm(checkpoint_dir=None, config=None, state_dict=None, device=None, **engine_kwargs):
+    from .engine.vllm_engine import VLLMEngine
+
+    if checkpoint_dir is None:
+        raise ValueError("engine 'vllm' needs checkpoint_dir (vLLM loads a Hugging Face directory)")
+    return VLLMEngine(checkpoint_dir, **engine_kwargs)
+
+
+ENGINES = {"native": build_native, "vllm": build_vllm}
+
+
+class RolloutWorker:
+    """Owns one engine (and its device); every method is a thin call into it."""
+
+    def __init__(self, checkpoint_dir=None, config=None, state_dict=None, engine: str = "native",
+                 engine_kwargs: dict | None = None, device=None, num_threads: int | None = None):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
+        if checkpoint_dir is None and config is None:
+            raise ValueError("RolloutWorker needs checkpoint_dir or config")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        if device is None and torch.cuda.is_available():
+            device = "cuda"
+        self.engine = ENGINES[engine](checkpoint_dir, config, state_dict, device, **(engine_kwargs or {}))
+        self.group: BroadcastGroup | None = None
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 prompt_indices: list[int] | None = None) -> list[Completion]:
+        return self.engine.generate(prompts, params, prompt_indices)
+
+    def score(self, prompt_ids, completion_ids, temperature: float = 1.0):
+        return self.engine.score(prompt_ids, completion_ids, temperature)
+
+    def yes_probability(self, prompts: list[str]) -> list[float]:
+        return self.engine.yes_probability(prompts)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        self.engine.load_weights(state_dict, version)
+        return self.engine.weight_version
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def join_broadcast(self, master_addr: str, master_port: int, rank: int, world_size: int, backend: str) -> int:
+        self.group = BroadcastGroup(master_addr, master_port, rank, world_size, backend)
+        return rank
+
+    def receive_broadcast(self, spec: list[TensorSpec], version: int, bucket_bytes: int) -> int:
+        assert self.group is not None, "join_broadcast first"
+        state = self.group.receive(spec, bucket_bytes)
+        if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied; load_weights skips it if so
+        self.engine.load_weights(state, version)
+        return self.engine.weight_version
+
+
+class RolloutPool:
+    def __init__(self, num_workers: int, checkpoint_dir=None, num_cpus_per_worker: float = 1,
+                 num_gpus_per_worker: float = 0, engine: str = "native", engine_kwargs: dict | None = None,
+                 config=None, state_dict=None):
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        state_ref = ray.put(state_dict) if state_dict is not None else None
+        actor = ray.remote(RolloutWorker).options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)
+        threads = max(1, int(num_cpus_per_worker))
+        self.workers = [actor.remote(checkpoint_dir, config, state_ref, engine, engine_kwargs, None, threads)
+                        for _ in range(num_workers)]
+        ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.workers)
+
+    def _shards(self, n: int) -> list[tuple[int, int]]:
+        per, extra = divmod(n, self.num_workers)
+        bounds, start = [], 0
+        for w in range(self.num_workers):
+            end = start + per + (w < extra)
+            bounds.append((start, end))
+            start = end
+        return bounds
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        refs = [w.generate.remote(prompts[a:b], params, list(range(a, b)))
+                for w, (a, b) in zip(self.workers, self._shards(len(prompts))) if b > a]
+        return [c for shard in ray.get(refs) for c in shard]
+
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float = 1.0):
+        refs = [w.score.remote(prompt_ids[a:b], completion_ids[a:b], temperature)
+                for w, (a, b) in zip(self.workers, self._shards(len(prompt_ids))) if b > a]
+        return [s for shard in ray.get(refs) for s in shard]
+
+    def yes_probability(self, prompts: list[str]) -> list[float]:
+        refs = [w.yes_probability.remote(prompts[a:b])
+                for w, (a, b) in zip(self.workers, self._shards(len(prompts))) if b > a]
+        return [p for shard in ray.get(refs) for p in shard]
+
+    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> list[int]:
+        """Object-store sync: one ray.put, every worker loads it. Returns each worker's version."""
+        ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
+        return ray.get([w.load_weights.remote(ref, version) for w in self.workers])
+
+    def weight_versions(self) -> list[int]:
+        return ray.get([w.weight_version.remote() for w in self.workers])
+
+    def join_broadcast(self, master_addr: str, master_port: int, backend: str = "gloo") -> list:
+        """Starts every worker's rendezvous (ranks 1..N); returns refs to wait on after rank 0 joins."""
+        world = self.num_workers + 1
+        return [w.join_broadcast.remote(master_addr, master_port, r + 1, world, backend)
+                for r, w in enumerate(self.workers)]
+
+    def receive_broadcast(self, spec: list[TensorSpec], version: int, bucket_bytes: int = 64 << 20) -> list:
+        return [w.receive_broadcast.remote(spec, version, bucket_bytes) for w in self.workers]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
