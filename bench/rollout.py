@@ -1,0 +1,133 @@
+"""Rollout throughput of the native engine: one JSON line per case.
+
+    python bench/rollout.py --quick            # short run (CPU minutes)
+    python bench/rollout.py --device cuda      # full grid
+
+Cases: model (tiny = DSAConfig defaults, bench = 384 wide x 6 layers), batch 1 / 8 / 32, context
+(prompt tokens) 512 / 4096, attention sparse / dense, continuous batching on / off. Fixed-length cases
+(ignore_eos) give tok_s = generated tokens / wall time, and per-token latency = (wall - time to first
+token) / (new tokens - 1). The continuous-batching cases run 2x batch prompts whose completions end
+at random stop tokens (a mix of short and long), where refilling slots matters.
+If `transformers` is installed, Hugging Face `generate()` on a Llama of the same depth, width and
+batch (greedy, KV cache, same fixed lengths) is timed as the baseline.
+"""
+import argparse
+import json
+import time
+
+import torch
+
+from dsarl.actors.engine import NativeEngine, SamplingParams
+from dsarl.models import ByteTokenizer, DSAConfig, build_model
+
+MODELS = {
+    "tiny": dict(max_position_embeddings=20000),
+    "bench": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, q_lora_rank=192, kv_lora_rank=128,
+                  qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, index_n_heads=4, index_head_dim=32,
+                  intermediate_size=1024, max_position_embeddings=20000),
+}
+
+
+def prompts_of(batch: int, context: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, context), generator=g).tolist()
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def native_case(model, name, batch, context, attention, new_tokens, device) -> dict:
+    engine = NativeEngine(model, ByteTokenizer(), max_batch_size=batch, attention=attention, max_len=context + new_tokens)
+    prompts = prompts_of(batch, context)
+    fixed = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True)
+    first = timed(lambda: engine.generate(prompts, SamplingParams(max_new_tokens=1, ignore_eos=True)))
+    wall = timed(lambda: engine.generate(prompts, fixed))
+    return dict(case="native", model=name, batch=batch, context=context, attention=attention, new_tokens=new_tokens,
+                device=str(device), tok_s=round(batch * new_tokens / wall, 1),
+                ms_per_token=round(1000 * (wall - first) / max(1, new_tokens - 1), 2), ttft_s=round(first, 3),
+                wall_s=round(wall, 3))
+
+
+def continuous_case(model, name, batch, context, attention, new_tokens, continuous, device) -> dict:
+    engine = NativeEngine(model, ByteTokenizer(), max_batch_size=batch, attention=attention,
+                          max_len=context + new_tokens, continuous=continuous)
+    prompts = prompts_of(2 * batch, context, seed=1)
+    # 8 of 264 ids stop a sequence: completion lengths ~ geometric, mean ~ 33, capped at new_tokens
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, stop_token_ids=list(range(100, 108)), seed=5)
+    out = []
+    wall = timed(lambda: out.extend(engine.generate(prompts, params)))
+    lens = [len(c.token_ids) for c in out]
+    return dict(case="continuous" if continuous else "static", model=name, batch=batch, context=context,
+                attention=attention, new_tokens_max=new_tokens, device=str(device),
+                generated=sum(lens), min_len=min(lens), max_len=max(lens),
+                tok_s=round(sum(lens) / wall, 1), wall_s=round(wall, 3))
+
+
+def hf_case(cfg: DSAConfig, name, batch, context, new_tokens, device) -> dict | None:
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    lcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                       num_key_value_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
+                       pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    model = LlamaForCausalLM(lcfg).to(device).eval()
+    ids = torch.tensor(prompts_of(batch, context), device=device)
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=cfg.pad_token_id)
+    with torch.no_grad():
+        first = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw))
+        wall = timed(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw))
+    return dict(case="hf_llama_generate", model=name, batch=batch, context=context, new_tokens=new_tokens,
+                device=str(device), params=sum(p.numel() for p in model.parameters()),
+                tok_s=round(batch * new_tokens / wall, 1),
+                ms_per_token=round(1000 * (wall - first) / max(1, new_tokens - 1), 2), ttft_s=round(first, 3),
+                wall_s=round(wall, 3))
+
+
+def grid(quick: bool):
+    """(model, batch, context) cases; --quick keeps CPU prefill affordable (no 32 x 4k prefill)."""
+    for name in MODELS:
+        for batch in (1, 8, 32):
+            for context in (512, 4096):
+                if quick and context * batch > 8 * 4096 // (4 if name == "bench" else 1):
+                    continue
+                yield name, batch, context
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short run: 16 new tokens, smaller grid")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--models", default="tiny,bench")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    new_tokens = args.new_tokens or (16 if args.quick else 128)
+    device = torch.device(args.device)
+    models = {}
+    for name, batch, context in grid(args.quick):
+        if name not in args.models.split(","):
+            continue
+        if name not in models:
+            models[name] = build_model(DSAConfig(**MODELS[name]), device=device, seed=0).requires_grad_(False)
+        model = models[name]
+        for attention in ("sparse", "dense"):
+            print(json.dumps(native_case(model, name, batch, context, attention, new_tokens, device)), flush=True)
+        if batch > 1 and context == 512:
+            for continuous in (True, False):
+                print(json.dumps(continuous_case(model, name, batch, context, "sparse", 4 * new_tokens, continuous,
+                                                 device)), flush=True)
+        if context == 512 and (batch == 32 or not args.quick):
+            hf = hf_case(model.config, name, batch, context, new_tokens, device)
+            if hf is not None:
+                print(json.dumps(hf), flush=True)
+
+
+if __name__ == "__main__":
+    main()
