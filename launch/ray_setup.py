@@ -1,0 +1,163 @@
+"""Where Ray runs: embedded on this machine, or an existing cluster; and a private local head.
+
+    address given (config or --address)  -> that cluster
+    else RAY_ADDRESS set                 -> that cluster (a submitted Ray job always has it set)
+    else                                 -> Ray starts embedded in this process, on this machine
+
+Dashboards and job servers that dsarl starts listen on 127.0.0.1 unless `dashboard_host` says
+otherwise: a dashboard accepts job submissions, i.e. runs arbitrary commands, so it must not face a
+network by accident.
+
+`LocalHead` starts a single-node head (`ray start --head --block`) in its own process session with its
+own --temp-dir and ports, and stops exactly the processes it started. `ray stop` would kill every Ray
+process on the machine, including other users' clusters; see docs/cluster.md.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # GCS address HOST:6379 or "auto"; None: RAY_ADDRESS, else embedded
+    num_cpus: int | None = None  # embedded only; None: all of this machine's
+    num_gpus: int | None = None  # embedded only
+    include_dashboard: bool | None = None  # embedded only; None: Ray's default (on when installed)
+    dashboard_host: str = LOOPBACK  # embedded only; 0.0.0.0 exposes job submission to the network
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The cluster to join, or None for embedded Ray."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        raise ValueError(f"Ray address {address!r} is a dashboard (job submission) address; a stage joins a "
+                         "cluster by its GCS address (HOST:6379) or 'auto'. Use it with `dsarl submit` instead.")
+    return address
+
+
+def init_ray(cfg: RayConfig = RayConfig(), temp_dir: str | None = None) -> str:
+    """Starts or joins Ray (once per process) and returns a line saying which."""
+    import ray
+
+    if ray.is_initialized():
+        return "ray: already initialised in this process"
+    address = resolve_address(cfg.address)
+    if address is not None:
+        ray.init(address=address)
+        return f"ray: joined the cluster at {address}"
+    ctx = ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.include_dashboard,
+                   dashboard_host=cfg.dashboard_host, _temp_dir=temp_dir)
+    url = ctx.dashboard_url
+    return "ray: embedded on this machine" + (f", dashboard http://{url}" if url else "")
+
+
+def use_ray_auth_token() -> None:
+    """Sends this user's Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) with
+    job-API requests when RAY_AUTH_MODE is unset: the rule `ray start` applies to the clusters it starts,
+    which then refuse job-API calls without it."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalHead:
+    """A running single-node Ray head started by `start_local_head`."""
+    gcs_address: str  # for ray.init(address=...) / RAY_ADDRESS
+    dashboard_url: str  # for JobSubmissionClient / dsarl submit --address
+    temp_dir: str
+    process: subprocess.Popen = field(repr=False)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Terminates this head's process tree and anything else running from its temp dir, nothing else."""
+        import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
+        import psutil
+
+        procs = {}
+        try:
+            root = psutil.Process(self.process.pid)
+            procs = {p.pid: p for p in [root, *root.children(recursive=True)]}
+        except psutil.NoSuchProcess:
+            pass
+        for p in psutil.process_iter(["cmdline"]):  # processes re-parented away from the tree
+            if any(self.temp_dir in arg for arg in (p.info["cmdline"] or [])):
+                procs[p.pid] = p
+                try:
+                    procs.update({c.pid: c for c in p.children(recursive=True)})
+                except psutil.NoSuchProcess:
+                    pass
+        procs.pop(os.getpid(), None)
+        for p in procs.values():
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the head's session: started with its own
+        except ProcessLookupError:
+            pass
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        self.process.wait(timeout=5)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_local_head(num_cpus: int | None = 2, num_gpus: int | None = 0, resources: str | None = None,
+                     timeout_s: float = 120.0) -> LocalHead:
+    """Starts `ray start --head --block` on 127.0.0.1 with fresh ports and a private temp dir, and waits
+    until its job server answers (Ray's token authentication stays as Ray configures it). Raises RuntimeError with the head's log if it does not come up."""
+    from ray.job_submission import JobSubmissionClient
+
+    use_ray_auth_token()
+    temp_dir = tempfile.mkdtemp(prefix="dsray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    gcs_port, dash_port = free_port(), free_port()
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+           f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}", f"--temp-dir={temp_dir}",
+           "--include-dashboard=true",
+           f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dash_port}",
+           # ports Ray would otherwise take at fixed defaults, colliding with other heads on this machine
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           "--disable-usage-stats"]
+    cmd += [f"--num-cpus={num_cpus}"] if num_cpus is not None else []  # None: Ray counts this machine's
+    cmd += [f"--num-gpus={num_gpus}"] if num_gpus is not None else []
+    cmd += [f"--resources={resources}"] if resources else []
+    log = open(Path(temp_dir) / "head.log", "w")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # jobs' `python` is this one
+    with log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    head = LocalHead(f"{LOOPBACK}:{gcs_port}", f"http://{LOOPBACK}:{dash_port}", temp_dir, proc)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                JobSubmissionClient(head.dashboard_url).list_jobs()
+                return head
+            except (ConnectionError, RuntimeError, OSError):
+                time.sleep(0.5)
+    except BaseException:
+        head.stop()
+        raise
+    text = (Path(temp_dir) / "head.log").read_text()[-3000:]
+    head.stop()
+    raise RuntimeError(f"ray head did not come up within {timeout_s:.0f}s (exit {proc.returncode}):\n{text}")

@@ -1,0 +1,133 @@
+"""`dsarl submit | jobs | logs | stop` against a real Ray head on 127.0.0.1, started for this module.
+
+The head runs from a private --temp-dir with fresh ports and is stopped by LocalHead.stop(), which
+ends only its own process tree (never `ray stop`, which would kill other users' clusters).
+"""
+import ast
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from dsarl.launch.cli import main
+from dsarl.launch.jobs import ROOT_PACKAGES, follow, job_client, job_config_path, submit_job
+from dsarl.launch.ray_setup import RayConfig, init_ray, resolve_address, start_local_head
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["steps=4", "log_every=1", "batch_size=4", "seq_len=32", "save_every=4"]
+
+
+@pytest.fixture(scope="module")
+def head():
+    h = start_local_head(num_cpus=2, num_gpus=0, resources='{"dsarl_test_head": 1}')
+    yield h
+    h.stop()
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # the working_dir uploaded with each job
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def test_root_packages_match_setup_py():
+    tree = ast.parse((REPO / "setup.py").read_text())
+    assigned = next(n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                    and getattr(n.targets[0], "id", None) == "ROOT_PACKAGES")
+    assert tuple(ast.literal_eval(assigned)) == ROOT_PACKAGES
+
+
+def test_job_server_listens_on_loopback_only(head):
+    import ray  # noqa: F401  (Ray's vendored psutil)
+    import psutil
+
+    port = int(head.dashboard_url.rsplit(":", 1)[1])
+    listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
+    assert listening == ["127.0.0.1"], listening
+    assert RayConfig().dashboard_host == "127.0.0.1"  # embedded Ray's default too
+
+
+def test_job_imports_dsarl_from_the_shipped_package_not_this_checkout(head, in_repo):
+    """On this machine the editable install would also work; the job must not rely on it."""
+    client = job_client(head.dashboard_url)
+    probe = ("python -c 'import dsarl, dsarl.launch.cli, dsarl.models, dsarl.kernels, dsarl.configs; "
+             "print(\"ORIGIN\", dsarl.__file__, dsarl.launch.cli.__file__, dsarl.models.__file__)'")
+    job_id = submit_job(client, probe, REPO)
+    out = io.StringIO()
+    assert follow(client, job_id, out) == 0, out.getvalue()
+    origins = next(line for line in out.getvalue().splitlines() if line.startswith("ORIGIN")).split()[1:]
+    assert len(origins) == 3
+    for path in origins:
+        assert not path.startswith(str(REPO)), path
+        assert "runtime_resources" in path and "/dsarl/" in path, path
+
+
+def test_submit_pretrain_follows_logs_to_success(head, in_repo, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["submit", "--address", head.dashboard_url, "--follow", "pretrain", "configs/pretrain_tiny.yaml",
+                 *TINY, f"run_dir={run_dir}"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"pretrain: final checkpoint at {run_dir}/final" in captured.out  # the job's own output, streamed
+    assert "SUCCEEDED" in captured.err
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    job_id = captured.err.split("dsarl submit: job ", 1)[1].split()[0]
+
+    assert main(["jobs", "--address", head.dashboard_url]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(job_id))
+    assert "SUCCEEDED" in row and "dsarl pretrain configs/pretrain_tiny.yaml" in row
+    assert main(["logs", "--address", head.dashboard_url, job_id]) == 0
+    assert "final checkpoint at" in capsys.readouterr().out
+
+
+def test_failing_job_reports_failure_and_its_exit_status(head, in_repo, capsys):
+    code = main(["submit", "--address", head.dashboard_url, "--follow", "pretrain", "configs/pretrain_tiny.yaml",
+                 "optim.lrr=3", "run_dir=/tmp/never"])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err  # the stage's exit status for a config error
+    assert "optim.lrr" in captured.out + captured.err  # the job's own message, streamed
+    assert "FAILED (exit status 2)" in captured.err
+
+
+def test_submit_without_follow_prints_the_id_then_stop_ends_the_job(head, in_repo, tmp_path, capsys):
+    code = main(["submit", "--address", head.dashboard_url, "pretrain", "configs/pretrain_tiny.yaml",
+                 "steps=100000", "log_every=1", "batch_size=4", "seq_len=32", f"run_dir={tmp_path / 'long'}"])
+    assert code == 0
+    job_id = capsys.readouterr().out.strip()
+    assert job_id.startswith("raysubmit_")
+    assert main(["stop", "--address", head.dashboard_url, job_id, "--wait"]) == 0
+    assert f"{job_id} STOPPED" in capsys.readouterr().err
+    assert main(["logs", "--address", head.dashboard_url, "--follow", job_id]) == 1  # stopped is not success
+
+
+def test_unknown_job_and_missing_address_are_errors_not_tracebacks(head, in_repo, capsys):
+    assert main(["logs", "--address", head.dashboard_url, "raysubmit_nosuchjob"]) == 1
+    assert "raysubmit_nosuchjob" in capsys.readouterr().err
+    assert main(["jobs"]) == 2
+    assert "--address" in capsys.readouterr().err
+
+
+def test_config_paths_resolve_inside_the_uploaded_working_dir(tmp_path):
+    assert job_config_path("configs/pretrain_tiny.yaml", REPO) == "configs/pretrain_tiny.yaml"
+    assert job_config_path(str(REPO / "configs/pretrain_tiny.yaml"), REPO) == "configs/pretrain_tiny.yaml"
+    assert job_config_path("configs/pretrain_tiny.yaml", tmp_path) == "configs/pretrain_tiny.yaml"  # bundled
+    outside = tmp_path / "mine.yaml"
+    outside.write_text("steps: 1\n")
+    with pytest.raises(ValueError, match="working directory"):
+        job_config_path(str(outside), REPO)
+
+
+def test_ray_address_env_joins_that_cluster(head, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", head.gcs_address)
+    try:
+        assert "joined" in init_ray(RayConfig())
+        assert ray.cluster_resources().get("dsarl_test_head") == 1
+    finally:
+        ray.shutdown()
+    monkeypatch.setenv("RAY_ADDRESS", head.dashboard_url)
+    with pytest.raises(ValueError, match="dashboard"):
+        resolve_address(None)
