@@ -13,13 +13,15 @@ from .engine.types import Completion
 from .weight_sync import BroadcastGroup, TensorSpec
 
 
-def build_native(checkpoint_dir=None, config=None, state_dict=None, device=None, **engine_kwargs):
+def build_native(checkpoint_dir=None, config=None, state_dict=None, device=None, model_overrides=None,
+                 **engine_kwargs):
     from dsarl.models import DSAConfig, build_model, from_pretrained, load_tokenizer
 
     if checkpoint_dir is not None:
-        model, tokenizer = from_pretrained(checkpoint_dir, device=device)
+        model, tokenizer = from_pretrained(checkpoint_dir, device=device, **(model_overrides or {}))
     else:
         cfg = config if isinstance(config, DSAConfig) else DSAConfig.from_dict(config)
+        cfg = cfg.replace(**model_overrides) if model_overrides else cfg
         model, tokenizer = build_model(cfg, device=device), load_tokenizer(None)
     engine = NativeEngine(model.requires_grad_(False), tokenizer, **engine_kwargs)
     if state_dict is not None:
@@ -27,7 +29,8 @@ def build_native(checkpoint_dir=None, config=None, state_dict=None, device=None,
     return engine
 
 
-def build_vllm(checkpoint_dir=None, config=None, state_dict=None, device=None, **engine_kwargs):
+def build_vllm(checkpoint_dir=None, config=None, state_dict=None, device=None, model_overrides=None,
+               **engine_kwargs):
     from .engine.vllm_engine import VLLMEngine
 
     if checkpoint_dir is None:
@@ -42,7 +45,8 @@ class RolloutWorker:
     """Owns one engine (and its device); every method is a thin call into it."""
 
     def __init__(self, checkpoint_dir=None, config=None, state_dict=None, engine: str = "native",
-                 engine_kwargs: dict | None = None, device=None, num_threads: int | None = None):
+                 engine_kwargs: dict | None = None, device=None, num_threads: int | None = None,
+                 model_overrides: dict | None = None):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
         if checkpoint_dir is None and config is None:
@@ -51,7 +55,8 @@ class RolloutWorker:
             torch.set_num_threads(num_threads)
         if device is None and torch.cuda.is_available():
             device = "cuda"
-        self.engine = ENGINES[engine](checkpoint_dir, config, state_dict, device, **(engine_kwargs or {}))
+        self.engine = ENGINES[engine](checkpoint_dir, config, state_dict, device, model_overrides,
+                                      **(engine_kwargs or {}))
         self.group: BroadcastGroup | None = None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
@@ -87,13 +92,14 @@ class RolloutWorker:
 class RolloutPool:
     def __init__(self, num_workers: int, checkpoint_dir=None, num_cpus_per_worker: float = 1,
                  num_gpus_per_worker: float = 0, engine: str = "native", engine_kwargs: dict | None = None,
-                 config=None, state_dict=None):
+                 config=None, state_dict=None, num_threads: int = 0, model_overrides: dict | None = None):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         state_ref = ray.put(state_dict) if state_dict is not None else None
         actor = ray.remote(RolloutWorker).options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)
-        threads = max(1, int(num_cpus_per_worker))
-        self.workers = [actor.remote(checkpoint_dir, config, state_ref, engine, engine_kwargs, None, threads)
+        threads = num_threads or max(1, int(num_cpus_per_worker))
+        self.workers = [actor.remote(checkpoint_dir, config, state_ref, engine, engine_kwargs, None, threads,
+                                     model_overrides)
                         for _ in range(num_workers)]
         ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
 
@@ -126,8 +132,12 @@ class RolloutPool:
         return [p for shard in ray.get(refs) for p in shard]
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> list[int]:
-        """Object-store sync: one ray.put, every worker loads it. Returns each worker's version."""
-        ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
+        """Object-store sync: one ray.put, every worker loads it. Returns each worker's version.
+        `state_dict` may already be an ObjectRef (the learner's own ray.put): then nothing is copied here."""
+        if isinstance(state_dict, ray.ObjectRef):
+            ref = state_dict
+        else:
+            ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
         return ray.get([w.load_weights.remote(ref, version) for w in self.workers])
 
     def weight_versions(self) -> list[int]:

@@ -1,0 +1,64 @@
+"""The learner as a Ray actor: a thin shell that owns a device, the policy, the reference and the
+optimizer, and calls the plain GRPOLearner (learner/grpo_learner.py) to do the work."""
+import copy
+from pathlib import Path
+
+import ray
+import torch
+
+from dsarl.learner.checkpointing import (latest_checkpoint, load_model_weights, load_training_state,
+                                         save_training_checkpoint)
+from dsarl.learner.grpo_learner import GRPOLearner, LearnerConfig
+from dsarl.models import from_pretrained
+
+
+class Learner:
+    """Plain object (testable without Ray); `LearnerActor` is its Ray actor."""
+
+    def __init__(self, init_checkpoint: str, cfg: LearnerConfig, seed: int = 0, num_threads: int = 0,
+                 resume_from: str | None = None, model_overrides: dict | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        torch.manual_seed(seed)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.policy, self.tokenizer = from_pretrained(init_checkpoint, device=device, **(model_overrides or {}))
+        reference = copy.deepcopy(self.policy) if cfg.loss.beta > 0 else None
+        self.learner = GRPOLearner(self.policy, reference, cfg)
+        self.state: dict = {"step": 0}
+        if resume_from is not None:
+            load_model_weights(self.policy, resume_from)
+            self.state = load_training_state(resume_from, self.learner.optimizer)
+            self.learner.version = int(self.state.get("weight_version", self.state["step"]))
+
+    def update(self, groups) -> dict:
+        return self.learner.update(groups)
+
+    def weight_version(self) -> int:
+        return self.learner.version
+
+    def publish_weights(self) -> list:
+        """One ray.put of the new weights; returns [ref] (wrapped, so the caller gets the reference and
+        every rollout worker fetches the same object) and the version."""
+        state = {k: v.cpu() for k, v in self.learner.state_dict().items()}
+        return [ray.put(state), self.learner.version]
+
+    def state_dict(self) -> dict:
+        return {k: v.cpu() for k, v in self.learner.state_dict().items()}
+
+    def save(self, run_dir: str, step: int, driver_state: dict, keep: int = 2) -> str:
+        state = {**driver_state, "weight_version": self.learner.version}
+        return str(save_training_checkpoint(run_dir, step, self.policy, self.tokenizer, self.learner.optimizer, state,
+                                            keep=keep))
+
+    def save_final(self, directory: str) -> str:
+        from dsarl.models import save_pretrained
+
+        return str(save_pretrained(self.policy, Path(directory), self.tokenizer))
+
+
+LearnerActor = ray.remote(Learner)
+
+
+def resume_checkpoint(run_dir: str) -> str | None:
+    ckpt = latest_checkpoint(run_dir)
+    return str(ckpt) if ckpt is not None else None

@@ -1,0 +1,271 @@
+"""`dsarl grpo`: the GRPO loop on Ray (DESIGN.md section 4).
+
+    driver: prompts (Arrow rows) -> RolloutPool (G samples each) -> RewardPool (components + total)
+            -> group advantages -> LearnerActor.update -> one ray.put of the new weights -> every
+            rollout worker loads them (version v+1) -> metrics.jsonl, rollouts/step_N.parquet, checkpoints.
+Every step's prompts and sampling seeds derive from (seed, step), so `--resume` continues exactly.
+"""
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import ray
+import torch
+from tqdm import tqdm
+
+from dsarl.actors.engine.sampling import SamplingParams
+from dsarl.actors.learner_actor import LearnerActor, resume_checkpoint
+from dsarl.actors.reward_workers import RewardPool
+from dsarl.actors.rollout_workers import RolloutPool
+from dsarl.data.datasets import load_rows
+from dsarl.data.rollout_schema import completions_to_table, write_rollouts
+from dsarl.data.tasks import make_rows
+from dsarl.learner.advantages import group_advantages, uniform_group_mask
+from dsarl.learner.grpo_batch import GroupSample
+from dsarl.learner.grpo_learner import LearnerConfig
+from dsarl.learner.metrics import MetricsLogger
+from dsarl.models import load_tokenizer
+from dsarl.rewards.config import RewardComponentConfig, RewardConfig
+from dsarl.rewards.types import RewardSample
+
+from .ray_env import init_ray
+
+
+@dataclass
+class PromptData:
+    path: str | None = None  # Parquet/JSONL with a `prompt` column (+ any metadata columns), or
+    task: str | None = "arithmetic"  # a synthetic task from dsarl.data.tasks
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_train: int = 2048
+    num_test: int = 128  # held-out rows for eval (task only; from a file: test_path)
+    test_path: str | None = None
+    prompt_format: Literal["raw", "chat"] = "raw"  # raw: bos + prompt text; chat: the chat template
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    num_cpus_per_worker: float = 0.5
+    num_gpus_per_worker: float = 0.0
+    num_threads: int = 0  # torch threads per worker (0: torch default)
+    engine: Literal["native", "vllm"] = "native"
+    max_batch_size: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 16
+    stop_strings: list[str] = field(default_factory=list)
+
+
+def default_rewards() -> RewardConfig:
+    return RewardConfig(components=[RewardComponentConfig(name="math_answer", weight=1.0)], num_cpus_per_worker=0.25)
+
+
+@dataclass
+class GRPOConfig:
+    init_from: str = "runs/pretrain-tiny/final"  # the policy (and reference) checkpoint
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {attention: sparse, index_topk: 256}
+    data: PromptData = field(default_factory=PromptData)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardConfig = field(default_factory=default_rewards)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    learner_num_cpus: float = 1.0
+    learner_num_gpus: float = 0.0
+    learner_num_threads: int = 0
+    steps: int = 50
+    prompts_per_step: int = 8
+    group_size: int = 8  # G samples per prompt
+    std_normalize: bool = False  # DeepSeek-V3.2: no std normalisation of advantages
+    filter_uniform_groups: bool = False  # drop groups whose rewards are all equal (no signal)
+    resample_rounds: int = 0  # with filtering: extra rollout rounds to refill the batch
+    accuracy_component: str = "math_answer"  # reward component whose value > 0.5 counts as correct
+    eval_every: int = 0  # 0: eval only before the first and after the last step
+    eval_samples: int = 128
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    write_rollouts: bool = True
+    seed: int = 0
+    run_dir: str = "runs/grpo"
+    ray_num_cpus: int | None = None  # embedded Ray's CPUs (None: all)
+    tensorboard: bool = True
+    config_path: str | None = None
+
+
+def prompt_ids_for(rows: list[dict], tokenizer, fmt: str) -> list[list[int]]:
+    if fmt == "chat":
+        from dsarl.models import apply_chat_template
+
+        return [apply_chat_template(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows]
+    return [[tokenizer.bos_id, *tokenizer.encode(r["prompt"])] for r in rows]
+
+
+def load_prompt_rows(data: PromptData, seed: int, resolve) -> tuple[list[dict], list[dict]]:
+    if data.path is not None:
+        train = load_rows(resolve(data.path))
+        test = load_rows(resolve(data.test_path)) if data.test_path else []
+        return train, test
+    train = make_rows(data.task, data.num_train, seed, "train", **data.task_kwargs)
+    test = make_rows(data.task, data.num_test, seed, "test", **data.task_kwargs)
+    train_prompts = {r["prompt"] for r in train}
+    return train, [r for r in test if r["prompt"] not in train_prompts]  # held out: never trained on
+
+
+class GRPOTrainer:
+    """Wires the pools and the learner; `step()` is one GRPO step. Thin: the maths lives in learner/."""
+
+    def __init__(self, cfg: GRPOConfig, resume: bool = False, resolve=lambda p: p):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        init_ray(cfg.ray_num_cpus)
+        init = resolve(cfg.init_from)
+        self.tokenizer = load_tokenizer(init)
+        self.train_rows, self.test_rows = load_prompt_rows(cfg.data, cfg.seed, resolve)
+        ckpt = resume_checkpoint(cfg.run_dir) if resume else None
+        self.learner = LearnerActor.options(num_cpus=cfg.learner_num_cpus, num_gpus=cfg.learner_num_gpus).remote(
+            init, cfg.learner, cfg.seed, cfg.learner_num_threads, ckpt, cfg.model_overrides)
+        ro = cfg.rollout
+        self.rollout = RolloutPool(ro.num_workers, ckpt or init, num_cpus_per_worker=ro.num_cpus_per_worker,
+                                   num_gpus_per_worker=ro.num_gpus_per_worker, engine=ro.engine,
+                                   engine_kwargs={"max_batch_size": ro.max_batch_size},
+                                   num_threads=ro.num_threads, model_overrides=cfg.model_overrides)
+        self.rewards = RewardPool(cfg.rewards)
+        self.start_step = 0
+        if ckpt is not None:
+            from dsarl.learner.checkpointing import load_training_state
+
+            self.start_step = load_training_state(ckpt)["step"]
+            self.rollout.sync_weights(ray.get(self.learner.state_dict.remote()),
+                                      ray.get(self.learner.weight_version.remote()))
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard,
+                                    resume_step=self.start_step if ckpt else None)
+        attention = cfg.model_overrides.get("attention") or _checkpoint_attention(init)
+        self.record_indices = attention == "sparse" and cfg.learner.use_sampler_indices
+        self.record_keep = cfg.learner.keep_sampling_mask and (ro.top_p < 1.0 or ro.top_k > 0)
+
+    def sampling(self, step: int, n: int, greedy: bool = False) -> SamplingParams:
+        ro = self.cfg.rollout
+        return SamplingParams(temperature=0.0 if greedy else ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                              max_new_tokens=ro.max_new_tokens, stop_strings=list(ro.stop_strings), n=n,
+                              seed=self.cfg.seed * 1_000_003 + step,
+                              return_keep_mask=self.record_keep and not greedy,
+                              return_indices=self.record_indices and not greedy)
+
+    def _score(self, rows, completions):
+        samples = [RewardSample(prompt=rows[c.prompt_index]["prompt"], completion=c.text, num_tokens=len(c.token_ids),
+                                row=rows[c.prompt_index], group_id=c.prompt_index, sample_index=c.sample_index,
+                                finish_reason=c.finish_reason) for c in completions]
+        return self.rewards.score(samples)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        rows = self.test_rows[: self.cfg.eval_samples]
+        if not rows:
+            return {}
+        comps = self.rollout.generate(prompt_ids_for(rows, self.tokenizer, self.cfg.data.prompt_format),
+                                      self.sampling(step, 1, greedy=True))
+        scores, _ = self._score(rows, comps)
+        key = self.cfg.accuracy_component
+        return {"eval/accuracy": sum(s[key] > 0.5 for s in scores) / len(scores),
+                "eval/reward": sum(s["total"] for s in scores) / len(scores)}
+
+    def _rollout_round(self, step: int, round_idx: int):
+        rng = random.Random(f"{self.cfg.seed}/grpo/{step}/{round_idx}")
+        rows = rng.sample(self.train_rows, min(self.cfg.prompts_per_step, len(self.train_rows)))
+        t0 = time.perf_counter()
+        comps = self.rollout.generate(prompt_ids_for(rows, self.tokenizer, self.cfg.data.prompt_format),
+                                      self.sampling(step * 101 + round_idx, self.cfg.group_size))
+        t1 = time.perf_counter()
+        scores, rmetrics = self._score(rows, comps)
+        return rows, comps, scores, rmetrics, t1 - t0, time.perf_counter() - t1
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, G = self.cfg, self.cfg.group_size
+        rows, comps, scores, rmetrics, t_gen, t_rew = self._rollout_round(step, 0)
+        rewards = torch.tensor([s["total"] for s in scores]).view(len(rows), G)
+        keep = ~uniform_group_mask(rewards) if cfg.filter_uniform_groups else torch.ones(len(rows), dtype=torch.bool)
+        all_rows, all_comps, all_scores, all_rewards, kept = rows, comps, scores, [rewards], [keep]
+        for r in range(1, cfg.resample_rounds + 1):  # refill with informative groups (DAPO dynamic sampling)
+            if int(torch.cat(kept).sum()) >= len(rows):
+                break
+            more_rows, more_comps, more_scores, _, tg, tr = self._rollout_round(step, r)
+            t_gen, t_rew = t_gen + tg, t_rew + tr
+            more_rewards = torch.tensor([s["total"] for s in more_scores]).view(len(more_rows), G)
+            offset = len(all_rows)
+            for c in more_comps:
+                c.prompt_index += offset
+            all_rows, all_comps, all_scores = all_rows + more_rows, all_comps + more_comps, all_scores + more_scores
+            all_rewards.append(more_rewards)
+            kept.append(~uniform_group_mask(more_rewards))
+        rewards, keep = torch.cat(all_rewards), torch.cat(kept)
+        keep_idx = [i for i in range(len(all_rows)) if keep[i]][: len(rows)]
+        adv = group_advantages(rewards, cfg.std_normalize)
+        groups = []
+        for p in keep_idx:
+            cs = all_comps[p * G:(p + 1) * G]
+            groups.append(GroupSample(cs[0].prompt_ids, [c.token_ids for c in cs], [c.logprobs for c in cs],
+                                      adv[p].tolist(), [c.keep_mask for c in cs] if self.record_keep else None,
+                                      [c.indices for c in cs] if self.record_indices else None))
+        t2 = time.perf_counter()
+        lmetrics = ray.get(self.learner.update.remote(groups)) if groups else {}
+        t3 = time.perf_counter()
+        ref, version = ray.get(self.learner.publish_weights.remote())
+        self.rollout.sync_weights(ref, version)
+        t4 = time.perf_counter()
+        if cfg.write_rollouts:
+            self._write_rollouts(step + 1, all_rows, all_comps, all_scores)
+        n_tokens = sum(len(c.token_ids) for c in all_comps)
+        correct = [s[cfg.accuracy_component] > 0.5 for s in all_scores]
+        metrics = {
+            "reward/mean": float(rewards.mean()), "accuracy": sum(correct) / len(correct),
+            **{f"reward/{k}": sum(s[k] for s in all_scores) / len(all_scores) for k in all_scores[0] if k != "total"},
+            **{k: v for k, v in rmetrics.items()},
+            "response_length/mean": n_tokens / len(all_comps),
+            "response_length/clip_frac": sum(c.finish_reason == "length" for c in all_comps) / len(all_comps),
+            "groups/kept": len(groups), "groups/uniform": int((~keep).sum()),
+            **{("kl" if k == "kl_mean" else k): v for k, v in lmetrics.items()},
+            "weight_version": version, "tokens_per_s": n_tokens / max(t_gen, 1e-9),
+            "time/generate": t_gen, "time/reward": t_rew, "time/learn": t3 - t2, "time/sync": t4 - t3,
+        }
+        return metrics
+
+    def _write_rollouts(self, step: int, rows, comps, scores) -> None:
+        meta = [{k: v for k, v in rows[c.prompt_index].items() if k != "prompt"} for c in comps]
+        table = completions_to_table(
+            comps, prompt_ids=[str(rows[c.prompt_index].get("id", c.prompt_index)) for c in comps],
+            group_ids=[f"{step}-{c.prompt_index}" for c in comps], metadata=meta,
+            reward_components=[{k: v for k, v in s.items() if k != "total"} for s in scores],
+            rewards=[s["total"] for s in scores])
+        path = self.run_dir / "rollouts" / f"step_{step:06d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_rollouts(table, path)
+
+    def fit(self, show_progress: bool = True) -> Path:
+        cfg = self.cfg
+        if self.start_step == 0:
+            self.logger.log(0, self.evaluate(0))
+        bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps, desc="grpo",
+                   disable=not show_progress)
+        for step in bar:
+            t0 = time.perf_counter()
+            metrics = self.step(step)
+            done = step + 1
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                metrics.update(self.evaluate(done))
+            metrics["time/step"] = time.perf_counter() - t0
+            self.logger.log(done, metrics)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                ray.get(self.learner.save.remote(str(self.run_dir), done, {"step": done}, cfg.keep_checkpoints))
+        self.logger.close()
+        return Path(ray.get(self.learner.save_final.remote(str(self.run_dir / "final"))))
+
+
+def _checkpoint_attention(init: str) -> str:
+    import json
+
+    return json.loads((Path(init) / "config.json").read_text()).get("attention", "dense")
+
+
+def run_grpo(cfg: GRPOConfig, resume: bool = False, resolve=lambda p: p, show_progress: bool = True) -> Path:
+    return GRPOTrainer(cfg, resume, resolve).fit(show_progress)
