@@ -43,6 +43,7 @@ def native_case(model, name, batch, context, attention, new_tokens, device) -> d
     engine = NativeEngine(model, ByteTokenizer(), max_batch_size=batch, attention=attention, max_len=context + new_tokens)
     prompts = prompts_of(batch, context)
     fixed = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True)
+    engine.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up: first-call costs
     first = timed(lambda: engine.generate(prompts, SamplingParams(max_new_tokens=1, ignore_eos=True)))
     wall = timed(lambda: engine.generate(prompts, fixed))
     return dict(case="native", model=name, batch=batch, context=context, attention=attention, new_tokens=new_tokens,
@@ -79,6 +80,7 @@ def hf_case(cfg: DSAConfig, name, batch, context, new_tokens, device) -> dict | 
     ids = torch.tensor(prompts_of(batch, context), device=device)
     kw = dict(do_sample=False, use_cache=True, pad_token_id=cfg.pad_token_id)
     with torch.no_grad():
+        model.generate(ids[:1], max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
         first = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw))
         wall = timed(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw))
     return dict(case="hf_llama_generate", model=name, batch=batch, context=context, new_tokens=new_tokens,
