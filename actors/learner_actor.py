@@ -30,6 +30,24 @@ class Learner:
             self.state = load_training_state(resume_from, self.learner.optimizer)
             self.learner.version = int(self.state.get("weight_version", self.state["step"]))
 
+    def init_distributed(self, master_addr: str, master_port: int, rank: int, world_size: int, backend: str) -> int:
+        """Join the learners' torch.distributed group (gloo on CPU, NCCL on GPU) for data parallelism."""
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                                world_size=world_size)
+        self.learner.set_data_parallel(rank, world_size)
+        return rank
+
+    def address(self) -> tuple[str, int]:
+        """This actor's node address and a free port on it (rank 0 hosts the rendezvous)."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
     def update(self, groups) -> dict:
         return self.learner.update(groups)
 

@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from dsarl.actors.engine.sampling import SamplingParams
-from dsarl.actors.learner_actor import LearnerActor, resume_checkpoint
+from dsarl.actors.learner_actor import resume_checkpoint
+from dsarl.actors.learner_group import LearnerGroup
 from dsarl.actors.reward_workers import RewardPool
 from dsarl.actors.rollout_workers import RolloutPool
 from dsarl.data.datasets import load_rows
@@ -71,6 +72,7 @@ class GRPOConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardConfig = field(default_factory=default_rewards)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    learner_ranks: int = 1  # data-parallel learner actors (one torch.distributed group)
     learner_num_cpus: float = 1.0
     learner_num_gpus: float = 0.0
     learner_num_threads: int = 0
@@ -123,8 +125,8 @@ class GRPOTrainer:
         self.tokenizer = load_tokenizer(init)
         self.train_rows, self.test_rows = load_prompt_rows(cfg.data, cfg.seed, resolve)
         ckpt = resume_checkpoint(cfg.run_dir) if resume else None
-        self.learner = LearnerActor.options(num_cpus=cfg.learner_num_cpus, num_gpus=cfg.learner_num_gpus).remote(
-            init, cfg.learner, cfg.seed, cfg.learner_num_threads, ckpt, cfg.model_overrides)
+        self.learner = LearnerGroup(cfg.learner_ranks, init, cfg.learner, cfg.seed, cfg.learner_num_cpus,
+                                    cfg.learner_num_gpus, cfg.learner_num_threads, ckpt, cfg.model_overrides)
         ro = cfg.rollout
         self.rollout = RolloutPool(ro.num_workers, ckpt or init, num_cpus_per_worker=ro.num_cpus_per_worker,
                                    num_gpus_per_worker=ro.num_gpus_per_worker, engine=ro.engine,
@@ -136,8 +138,7 @@ class GRPOTrainer:
             from dsarl.learner.checkpointing import load_training_state
 
             self.start_step = load_training_state(ckpt)["step"]
-            self.rollout.sync_weights(ray.get(self.learner.state_dict.remote()),
-                                      ray.get(self.learner.weight_version.remote()))
+            self.rollout.sync_weights(*self.learner.publish_weights())
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard,
                                     resume_step=self.start_step if ckpt else None)
         attention = cfg.model_overrides.get("attention") or _checkpoint_attention(init)
@@ -207,9 +208,9 @@ class GRPOTrainer:
                                       adv[p].tolist(), [c.keep_mask for c in cs] if self.record_keep else None,
                                       [c.indices for c in cs] if self.record_indices else None))
         t2 = time.perf_counter()
-        lmetrics = ray.get(self.learner.update.remote(groups)) if groups else {}
+        lmetrics = self.learner.update(groups) if groups else {}
         t3 = time.perf_counter()
-        ref, version = ray.get(self.learner.publish_weights.remote())
+        ref, version = self.learner.publish_weights()
         self.rollout.sync_weights(ref, version)
         t4 = time.perf_counter()
         if cfg.write_rollouts:
@@ -256,9 +257,9 @@ class GRPOTrainer:
             self.logger.log(done, metrics)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.2f}")
             if done % cfg.save_every == 0 or done == cfg.steps:
-                ray.get(self.learner.save.remote(str(self.run_dir), done, {"step": done}, cfg.keep_checkpoints))
+                self.learner.save(str(self.run_dir), done, {"step": done}, cfg.keep_checkpoints)
         self.logger.close()
-        return Path(ray.get(self.learner.save_final.remote(str(self.run_dir / "final"))))
+        return Path(self.learner.save_final(str(self.run_dir / "final")))
 
 
 def _checkpoint_attention(init: str) -> str:

@@ -10,11 +10,17 @@ Departures and choices (the loss maths and its departures are in grpo_loss.py):
 - The lightning indexer is frozen by default (as slime and prime-rl run DSA RL); `train_indexer`
   trains it by its KL on the selected set instead, with inputs detached (DSA sparse-stage rule).
 - With `use_sampler_indices` the completion tokens attend to exactly the keys the sampler selected.
+- Data parallel over ranks (a torch.distributed group, gloo on CPU, NCCL on GPU): every rank receives
+  the whole rollout batch and takes groups rank, rank + world, ... of each mini-batch; the loss is
+  normalised by the mini-batch's global token count, so summing gradients over ranks (all-reduce)
+  gives exactly the one-rank gradient, and every rank takes the same optimizer step. Metrics other
+  than loss and grad_norm are rank 0's shard.
 """
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
 from dsarl.models import PrefixKV
 
@@ -72,21 +78,47 @@ class GRPOLearner:
             p.requires_grad_(cfg.train_indexer)
         self.optimizer = build_optimizer(policy.parameters(), cfg.optim)
         self.version = 0
+        self.rank, self.world_size = 0, 1
         self.attention = policy.config.attention if cfg.attention == "model" else cfg.attention
         if cfg.loss.beta > 0 and reference is None:
             raise ValueError("learner.loss.beta > 0 needs a reference model")
 
-    def _split(self, groups: list[GroupSample]) -> list[list[PaddedGroups]]:
-        """mini_batches parts of the groups (one optimizer step each), each cut into micro-batches."""
+    def set_data_parallel(self, rank: int, world_size: int) -> None:
+        """Called once the default torch.distributed group exists."""
+        self.rank, self.world_size = rank, world_size
+
+    def _split(self, groups: list[GroupSample]) -> list[tuple[float, list[PaddedGroups]]]:
+        """mini_batches parts of the groups (one optimizer step each): (global token count, this rank's
+        micro-batches)."""
         n_mini = max(1, min(self.cfg.mini_batches, len(groups)))
         size = -(-len(groups) // n_mini)
         V, m = self.policy.config.vocab_size, self.cfg.micro_batch_groups
-        minis = [groups[i: i + size] for i in range(0, len(groups), size)]
-        return [[pad_groups(mini[j: j + m], V) for j in range(0, len(mini), m)] for mini in minis]
+        out = []
+        for i in range(0, len(groups), size):
+            mini = groups[i: i + size]
+            local = mini[self.rank:: self.world_size]
+            out.append((float(sum(g.num_tokens for g in mini)),
+                        [pad_groups(local[j: j + m], V) for j in range(0, len(local), m)]))
+        return out
 
     def _logp(self, model, mb: PaddedGroups, with_entropy=False):
         return group_forward(model, mb, self.attention, self.cfg.temperature, self.cfg.use_sampler_indices,
                              self.cfg.keep_sampling_mask, with_entropy)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def _all_reduce_grads(self) -> None:
+        if self.world_size == 1:
+            return
+        params = self._trainable()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        dist.all_reduce(flat)  # sum: each rank's loss already carries the global normaliser
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset: offset + n].view_as(p).clone()
+            offset += n
 
     def update(self, groups: list[GroupSample]) -> dict[str, float]:
         """One rollout batch: ppo_epochs x mini_batches optimizer steps. Returns averaged metrics."""
@@ -94,16 +126,15 @@ class GRPOLearner:
         self.policy.train()
         minis = self._split(groups)
         with torch.no_grad():
-            ref = [[self._logp(self.reference, mb)[0] for mb in mini] for mini in minis] if cfg.loss.beta > 0 else None
+            ref = [[self._logp(self.reference, mb)[0] for mb in mbs] for _, mbs in minis] if cfg.loss.beta > 0 else None
             need_old = cfg.ppo_epochs * len(minis) > 1
-            old = [[self._logp(self.policy, mb)[0] for mb in mini] for mini in minis] if need_old else None
+            old = [[self._logp(self.policy, mb)[0] for mb in mbs] for _, mbs in minis] if need_old else None
         sums: dict[str, float] = {}
-        weight_total, grad_norms = 0.0, []
+        weight_total, loss_total, grad_norms = 0.0, 0.0, []
         for _ in range(cfg.ppo_epochs):
-            for i, mini in enumerate(minis):
-                normalizer = float(sum(mb.mask.sum() for mb in mini))
+            for i, (normalizer, mbs) in enumerate(minis):
                 self.optimizer.zero_grad(set_to_none=True)
-                for j, mb in enumerate(mini):
+                for j, mb in enumerate(mbs):
                     logp, entropy = self._logp(self.policy, mb, with_entropy=True)
                     old_logp = old[i][j] if old is not None else logp.detach()
                     loss, metrics = grpo_loss(logp, old_logp, mb.advantages, mb.mask,
@@ -112,15 +143,20 @@ class GRPOLearner:
                     loss.backward()
                     w = float(mb.mask.sum())
                     metrics["entropy"] = float((entropy * mb.mask).sum() / max(w, 1.0))
-                    metrics["loss"] = loss.item() * normalizer / max(w, 1.0)
+                    loss_total += loss.item()
                     for k, v in metrics.items():
                         sums[k] = max(sums.get(k, float("-inf")), v) if k.endswith("_max") else sums.get(k, 0.0) + v * w
                     weight_total += w
-                grad_norms.append(clip_grad([p for p in self.policy.parameters() if p.requires_grad],
-                                            cfg.optim.grad_clip))
+                self._all_reduce_grads()
+                grad_norms.append(clip_grad(self._trainable(), cfg.optim.grad_clip))
                 self.optimizer.step()
         self.version += 1
         out = {k: (v if k.endswith("_max") else v / max(weight_total, 1.0)) for k, v in sums.items()}
+        if self.world_size > 1:
+            total = torch.tensor([loss_total])
+            dist.all_reduce(total)
+            loss_total = float(total)
+        out["loss"] = loss_total / (cfg.ppo_epochs * len(minis))  # mean over optimizer steps of the batch loss
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["optimizer_steps"] = float(len(grad_norms))
         return out

@@ -1,0 +1,56 @@
+"""One learner or several: N `LearnerActor` ranks forming one torch.distributed group.
+
+The driver talks to the group as to one learner. Every rank gets the whole rollout batch (it is
+small next to the model) and trains on its shard; gradients are all-reduced (gloo on CPU, NCCL on
+GPU), so all ranks hold identical weights and rank 0 alone publishes and checkpoints them.
+"""
+import ray
+import torch
+
+from .learner_actor import LearnerActor
+
+
+class LearnerGroup:
+    def __init__(self, num_ranks: int, init_checkpoint: str, cfg, seed: int = 0, num_cpus: float = 1.0,
+                 num_gpus: float = 0.0, num_threads: int = 0, resume_from: str | None = None,
+                 model_overrides: dict | None = None, placement=None):
+        if num_ranks < 1:
+            raise ValueError(f"learner ranks must be >= 1, got {num_ranks}")
+        options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        self.ranks = []
+        for r in range(num_ranks):
+            opts = dict(options, **(placement(r) if placement else {}))
+            self.ranks.append(LearnerActor.options(**opts).remote(init_checkpoint, cfg, seed, num_threads,
+                                                                  resume_from, model_overrides))
+        if num_ranks > 1:
+            addr, port = ray.get(self.ranks[0].address.remote())
+            backend = "nccl" if num_gpus > 0 and torch.cuda.is_available() else "gloo"
+            ray.get([a.init_distributed.remote(addr, port, r, num_ranks, backend) for r, a in enumerate(self.ranks)])
+        else:
+            ray.get(self.ranks[0].weight_version.remote())  # surface construction errors here
+
+    def update(self, groups) -> dict:
+        return ray.get([a.update.remote(groups) for a in self.ranks])[0]
+
+    def publish_weights(self):
+        ref, version = ray.get(self.ranks[0].publish_weights.remote())
+        return ref, version
+
+    def state_dict(self) -> dict:
+        return ray.get(self.ranks[0].state_dict.remote())
+
+    def all_state_dicts(self) -> list[dict]:
+        return ray.get([a.state_dict.remote() for a in self.ranks])
+
+    def weight_version(self) -> int:
+        return ray.get(self.ranks[0].weight_version.remote())
+
+    def save(self, run_dir: str, step: int, driver_state: dict, keep: int = 2) -> str:
+        return ray.get(self.ranks[0].save.remote(run_dir, step, driver_state, keep))
+
+    def save_final(self, directory: str) -> str:
+        return ray.get(self.ranks[0].save_final.remote(directory))
+
+    def shutdown(self) -> None:
+        for a in self.ranks:
+            ray.kill(a)
