@@ -1,0 +1,82 @@
+"""Seconds per GRPO step and its split (generate / reward / learn / sync), dense vs sparse.
+
+    python bench/grpo_step.py [--prompt-lens 16 1000 4000] [--steps 3] [--quick]
+
+A 4-layer, width-256 DSA model (random weights), 8 prompts x 8 samples x 16 new tokens, a reference
+model (beta > 0), on an embedded Ray with this machine's CPUs. Prompts are key-value retrieval texts
+of about the given length. One JSON line per (prompt length, attention): the median over the steps
+after the first (which includes warm-up).
+"""
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from dsarl.launch.grpo_loop import GRPOConfig, GRPOTrainer, PromptData, RolloutConfig
+from dsarl.learner.grpo_learner import LearnerConfig
+from dsarl.learner.grpo_loss import GRPOLossConfig
+from dsarl.models import DSAConfig, build_model, save_pretrained
+from dsarl.rewards.config import RewardComponentConfig, RewardConfig
+
+MODEL = dict(hidden_size=256, intermediate_size=896, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128,
+             kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, index_n_heads=4,
+             index_head_dim=32, index_topk=256, max_position_embeddings=8192)
+
+
+def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: int, group: int, new_tokens: int) -> dict:
+    task_kwargs = {"context_len": prompt_len} if prompt_len > 32 else {}
+    cfg = GRPOConfig(
+        init_from=init, model_overrides={"attention": attention}, steps=steps, prompts_per_step=prompts,
+        group_size=group, save_every=10**9, eval_samples=0, write_rollouts=False, tensorboard=False,
+        data=PromptData(task="kv_retrieval" if task_kwargs else "arithmetic", task_kwargs=task_kwargs, num_train=64,
+                        num_test=0),
+        rollout=RolloutConfig(num_cpus_per_worker=0.5, max_new_tokens=new_tokens, max_batch_size=prompts * group),
+        rewards=RewardConfig(components=[RewardComponentConfig(name="exact_match")], num_cpus_per_worker=0.25),
+        learner=LearnerConfig(loss=GRPOLossConfig(beta=0.01), micro_batch_groups=prompts),
+        learner_num_cpus=0.5, accuracy_component="exact_match",
+        run_dir=tempfile.mkdtemp(prefix="bench-grpo-"))
+    trainer = GRPOTrainer(cfg)
+    rows = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        m = trainer.step(step)
+        m["time/step"] = time.perf_counter() - t0
+        rows.append(m)
+    trainer.learner.shutdown()
+    for w in trainer.rollout.workers + trainer.rewards.workers:
+        ray.kill(w)
+    timed = rows[1:] if len(rows) > 1 else rows
+    med = lambda k: statistics.median(r[k] for r in timed)  # noqa: E731
+    return {"bench": "grpo_step", "prompt_len_target": prompt_len,
+            "attention": attention, "index_topk": MODEL["index_topk"],
+            "prompts": prompts, "group_size": group, "new_tokens": new_tokens, "beta": 0.01,
+            "step_s": med("time/step"), "generate_s": med("time/generate"), "reward_s": med("time/reward"),
+            "learn_s": med("time/learn"), "sync_s": med("time/sync"), "steps_timed": len(timed)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[16, 1000, 4000])
+    parser.add_argument("--attention", nargs="+", default=["dense", "sparse"])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="2 prompts x 2 samples x 4 tokens, 2 steps")
+    args = parser.parse_args()
+    prompts, group, new_tokens, steps = (2, 2, 4, 2) if args.quick else (8, 8, 16, args.steps)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init = Path(tempfile.mkdtemp(prefix="bench-grpo-init-")) / "model"
+    model = build_model(DSAConfig(**MODEL), seed=0)
+    save_pretrained(model, init)
+    for prompt_len in args.prompt_lens:
+        for attention in args.attention:
+            out = run_case(str(init), prompt_len, attention, steps, prompts, group, new_tokens)
+            out["model_params"] = model.num_params()
+            print(json.dumps(out), flush=True)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
