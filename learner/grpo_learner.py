@@ -87,15 +87,17 @@ class GRPOLearner:
         """Called once the default torch.distributed group exists."""
         self.rank, self.world_size = rank, world_size
 
+    def _mini_groups(self, groups: list[GroupSample]) -> list[list[GroupSample]]:
+        n_mini = max(1, min(self.cfg.mini_batches, len(groups)))
+        size = -(-len(groups) // n_mini)
+        return [groups[i: i + size] for i in range(0, len(groups), size)]
+
     def _split(self, groups: list[GroupSample]) -> list[tuple[float, list[PaddedGroups]]]:
         """mini_batches parts of the groups (one optimizer step each): (global token count, this rank's
         micro-batches)."""
-        n_mini = max(1, min(self.cfg.mini_batches, len(groups)))
-        size = -(-len(groups) // n_mini)
         V, m = self.policy.config.vocab_size, self.cfg.micro_batch_groups
         out = []
-        for i in range(0, len(groups), size):
-            mini = groups[i: i + size]
+        for mini in self._mini_groups(groups):
             local = mini[self.rank:: self.world_size]
             out.append((float(sum(g.num_tokens for g in mini)),
                         [pad_groups(local[j: j + m], V) for j in range(0, len(local), m)]))
@@ -104,6 +106,29 @@ class GRPOLearner:
     def _logp(self, model, mb: PaddedGroups, with_entropy=False):
         return group_forward(model, mb, self.attention, self.cfg.temperature, self.cfg.use_sampler_indices,
                              self.cfg.keep_sampling_mask, with_entropy)
+
+    def _indexer_kl_backward(self, groups: list[GroupSample], normalizer_groups: int) -> float:
+        """train_indexer: the DSA sparse-stage indexer loss on the policy's own samples. One no-grad
+        sparse forward of each prompt + completion gives every layer's selection and head-summed
+        attention; the indexer (inputs detached) is trained by the KL restricted to the selection."""
+        from .indexer_training import sparse_layer_kl
+
+        seqs = [g.prompt_ids + c for g in groups for c in g.completions]
+        L = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), L, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = torch.tensor(seq)
+        lens = torch.tensor([len(seq) for seq in seqs])
+        with torch.no_grad():
+            out = self.policy(ids, attention="sparse", collect_aux=True)
+        pad = torch.arange(L)[None] >= lens[:, None]  # [B, L] padded queries carry no loss
+        kls = []
+        for layer, aux in zip(self.policy.model.layers, out.aux):
+            aux.indices = aux.indices.masked_fill(pad[..., None], -1)
+            kls.append(sparse_layer_kl(layer.self_attn, aux, self.policy.config.index_chunk))
+        kl = torch.stack(kls).mean() * (len(groups) / normalizer_groups)
+        (self.cfg.indexer_kl_weight * kl).backward()
+        return kl.item()
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -125,6 +150,7 @@ class GRPOLearner:
         cfg = self.cfg
         self.policy.train()
         minis = self._split(groups)
+        minis_groups = self._mini_groups(groups)
         with torch.no_grad():
             ref = [[self._logp(self.reference, mb)[0] for mb in mbs] for _, mbs in minis] if cfg.loss.beta > 0 else None
             need_old = cfg.ppo_epochs * len(minis) > 1
@@ -147,6 +173,11 @@ class GRPOLearner:
                     for k, v in metrics.items():
                         sums[k] = max(sums.get(k, float("-inf")), v) if k.endswith("_max") else sums.get(k, 0.0) + v * w
                     weight_total += w
+                if cfg.train_indexer and self.attention == "sparse":
+                    local = [g for g in minis_groups[i][self.rank:: self.world_size]]
+                    if local:
+                        sums["indexer_kl"] = sums.get("indexer_kl", 0.0) + self._indexer_kl_backward(
+                            local, len(minis_groups[i])) * float(sum(mb.mask.sum() for mb in mbs))
                 self._all_reduce_grads()
                 grad_norms.append(clip_grad(self._trainable(), cfg.optim.grad_clip))
                 self.optimizer.step()

@@ -132,3 +132,16 @@ def test_update_raises_logprob_of_positive_advantage_samples_and_freezes_indexer
     assert bool((delta[0::2] > 0).all()) and bool((delta[1::2] < 0).all())
     assert metrics["optimizer_steps"] == 4
     assert all(torch.equal(a, b) for a, b in zip(idx_before, model.indexer_parameters()))
+
+
+def test_train_indexer_option_moves_only_the_indexer_under_zero_advantages():
+    model = build_model(small_cfg(attention="sparse", index_topk=3), seed=2)
+    learner = GRPOLearner(model, None, LearnerConfig(train_indexer=True))
+    groups = random_groups(random.Random(2), P=2, G=2)
+    for g in groups:
+        g.advantages = [0.0] * len(g.advantages)  # no policy-gradient signal: only the indexer KL acts
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = learner.update(groups)
+    assert metrics["indexer_kl"] > 0
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(".indexer." in k for k in changed), changed
