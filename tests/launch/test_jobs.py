@@ -131,3 +131,23 @@ def test_ray_address_env_joins_that_cluster(head, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", head.dashboard_url)
     with pytest.raises(ValueError, match="dashboard"):
         resolve_address(None)
+
+
+def _private_head_processes(exclude: str) -> list[int]:
+    import ray  # noqa: F401  (Ray's vendored psutil)
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("/tmp/dsray" in a and exclude not in a for a in (p.info["cmdline"] or []))]
+
+
+def test_submit_without_address_runs_on_a_private_head_and_stops_it(head, in_repo, tmp_path, capsys):
+    assert _private_head_processes(head.temp_dir) == []
+    code = main(["submit", "pretrain", "configs/pretrain_tiny.yaml", *TINY, "tensorboard=false",
+                 f"run_dir={tmp_path / 'emb'}"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "private Ray head on 127.0.0.1" in captured.err and "SUCCEEDED" in captured.err  # followed to the end
+    assert (tmp_path / "emb" / "final").is_dir()
+    assert _private_head_processes(head.temp_dir) == []  # its head is gone, the module's head untouched
+    assert main(["jobs", "--address", head.dashboard_url]) == 0
