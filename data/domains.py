@@ -1,0 +1,104 @@
+"""Domains for specialist distillation: a task generator, a reward mix and an accuracy component each.
+
+    math       `37+58=` -> `95`                      rule reward (math_answer) + format + length
+    code       `f(0)=37 f(1)=42` -> `f=lambda x:5*x+37`   executed in the sandbox against hidden
+                                                     points (code_tests) + format + length
+    retrieval  `abc:12 ... xyz:07\n?xyz:` -> `07`   exact match (needs attention to find the key)
+
+`DOMAINS` is the registry; `Domain.grpo_fields()` is what a specialist's GRPO config takes from it.
+Importing this module also registers two tasks in `dsarl.data.tasks`: `code_lambda` (the code
+domain's generator) and `mixed` (documents drawn from several domains, for pretraining one base on
+all of them).
+"""
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsarl.rewards.config import RewardComponentConfig
+
+from .tasks import TASKS, register_task
+
+
+@register_task("code_lambda")
+def code_lambda(rng: random.Random, min_slope: int = 2, max_slope: int = 9, max_intercept: int = 99) -> dict:
+    """Two points of a line -> a Python lambda through them; checked on a hidden third point.
+
+    The answer is one of many programs that pass (`x*5+37`, `37+5*x` ... count too): the reward
+    runs the completion, it never compares text.
+    """
+    a = rng.randint(min_slope, max_slope)
+    b = rng.randint(0, max_intercept)
+    x = rng.randint(2, 9)
+    return {"prompt": f"f(0)={b} f(1)={a + b}\n", "answer": f"f=lambda x:{a}*x+{b}",
+            "tests": f"assert f(0)=={b} and f(1)=={a + b} and f({x})=={a * x + b}",
+            "task": "code_lambda", "language": "en"}
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    task: str  # a generator in dsarl.data.tasks
+    task_kwargs: dict[str, Any]
+    rewards: tuple[RewardComponentConfig, ...]  # the reward mix, summed into "total"
+    accuracy_component: str  # the reward component whose value > 0.5 counts as correct
+    max_new_tokens: int  # generation budget (the answer, a newline and eos fit with room to spare)
+    reward_timeout_s: float = 5.0
+
+    def grpo_fields(self, task_kwargs: dict | None = None) -> dict:
+        """The GRPOConfig fields this domain sets (data, rewards, accuracy, generation length)."""
+        return {"task": self.task, "task_kwargs": {**self.task_kwargs, **(task_kwargs or {})},
+                "components": [RewardComponentConfig(c.name, c.weight, dict(c.kwargs), c.group, c.label)
+                               for c in self.rewards],
+                "accuracy_component": self.accuracy_component, "max_new_tokens": self.max_new_tokens,
+                "timeout_s": self.reward_timeout_s}
+
+
+def _format(pattern: str) -> RewardComponentConfig:
+    return RewardComponentConfig(name="regex_match", label="format", weight=0.1,
+                                 kwargs={"pattern": pattern, "fullmatch": True})
+
+
+def _length(max_len: int, buffer: int) -> RewardComponentConfig:
+    return RewardComponentConfig(name="overlong", label="length", weight=0.5,
+                                 kwargs={"max_len": max_len, "buffer": buffer})
+
+
+DOMAINS: dict[str, Domain] = {d.name: d for d in (
+    Domain("math", "arithmetic", {"min_digits": 1, "max_digits": 2, "ops": "+-"},
+           (RewardComponentConfig(name="math_answer"), _format(r"-?\d+"), _length(8, 4)),
+           accuracy_component="math_answer", max_new_tokens=8),
+    Domain("code", "code_lambda", {},
+           (RewardComponentConfig(name="code_tests", kwargs={"time_s": 5.0}), _format(r"f=lambda x:.+"),
+            _length(22, 4)),
+           accuracy_component="code_tests", max_new_tokens=24),
+    Domain("retrieval", "kv_retrieval", {"context_len": 128, "key_len": 3, "value_len": 2},
+           (RewardComponentConfig(name="exact_match", kwargs={"extract": False}), _length(4, 2)),
+           accuracy_component="exact_match", max_new_tokens=6),
+)}
+
+
+def get_domain(name: str) -> Domain:
+    if name not in DOMAINS:
+        raise ValueError(f"unknown domain {name!r}; registered: {sorted(DOMAINS)}")
+    return DOMAINS[name]
+
+
+@register_task("mixed")
+def mixed(rng: random.Random, domains: dict[str, dict] | None = None, weights: dict[str, float] | None = None) -> dict:
+    """A row of one domain, drawn by `weights` (default uniform). `domains` maps each domain name to
+    task-kwargs overrides of the registry's (default: every registered domain, as registered)."""
+    names = sorted(domains) if domains else sorted(DOMAINS)
+    w = [float((weights or {}).get(n, 1.0)) for n in names]
+    name = rng.choices(names, weights=w)[0]
+    d = get_domain(name)
+    row = TASKS[d.task](rng, **{**d.task_kwargs, **((domains or {}).get(name) or {})})
+    return {**row, "domain": name}
+
+
+@dataclass
+class DomainRows:
+    """A domain's prompt rows: train (specialist GRPO, SFT, distillation) and held out (eval)."""
+
+    domain: Domain
+    train: list[dict] = field(default_factory=list)
+    test: list[dict] = field(default_factory=list)
