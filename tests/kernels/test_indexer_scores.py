@@ -75,3 +75,22 @@ def test_fp8_topk_overlap(gen):
     a, b = got[0, -128:].topk(K).indices.tolist(), ref[0, -128:].topk(K).indices.tolist()  # rows see >= K keys
     overlap = sum(len(set(x) & set(y)) for x, y in zip(a, b)) / (len(a) * K)
     assert overlap >= 0.99
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 3, 16, 11), (1, 33, 5, 8, 40)])
+def test_matmul_cpu_path_matches_reference(shape):
+    import random
+
+    from dsarl.kernels.indexer_scores.matmul import indexer_scores_matmul
+
+    B, T, H, D, S = shape
+    g = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
+    q, w, k = torch.randn(B, T, H, D, generator=g), torch.randn(B, T, H, generator=g), torch.randn(B, S, D, generator=g)
+    q_pos = torch.randint(-1, S, (B, T), generator=g)
+    k_pos = torch.randint(-1, S, (B, S), generator=g)
+    k_scale = torch.rand(B, S, generator=g) + 0.5
+    ref = indexer_scores_reference(q, w, k, q_pos, k_pos, k_scale)
+    out = indexer_scores_matmul(q, w, k, q_pos, k_pos, k_scale)
+    assert torch.equal(torch.isinf(ref), torch.isinf(out))
+    finite = torch.isfinite(ref)
+    assert ((out[finite] - ref[finite]).abs() <= 1e-5 * ref[finite].abs().clamp(min=1)).all()
