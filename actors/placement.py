@@ -120,10 +120,10 @@ def check_cluster_fits(specs: list[ResourceSpec], strategy: Strategy = "PACK") -
     total, nodes = _cluster_view()
     lines = find_shortfalls(specs, total, nodes, strategy)
     if lines:
-        have = {k: total.get(k, 0.0) for k in RESOURCES}
+        have = _fmt({k: total.get(k, 0.0) for k in RESOURCES})
         raise InsufficientResourcesError(
-            f"the Ray cluster cannot hold this config's actors (cluster: {_fmt(have) if any(have.values()) else 'no CPU or GPU'}"
-            f" on {len(nodes)} node(s)):\n  " + "\n  ".join(lines)
+            f"the Ray cluster cannot hold this config's actors (cluster: {have} on {len(nodes)} node(s)):\n  "
+            + "\n  ".join(lines)
             + "\nLower the counts/num_cpus/num_gpus in the config's resources, or add nodes.")
 
 
@@ -137,8 +137,8 @@ class Placement:
     def scheduling_strategy(self, role: str, i: int):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=self.bundles[role][i],
-                                                placement_group_capture_child_tasks=True)
+        # Child tasks are not captured: they would queue for this bundle's already-taken resources.
+        return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=self.bundles[role][i])
 
     def actor_options(self, role: str, i: int) -> dict:
         """Keyword arguments for `ActorClass.options(...)`: actor `i` of `role` takes its whole bundle."""
@@ -169,11 +169,12 @@ def create_placement_group(specs: list[ResourceSpec], strategy: Strategy = "PACK
     group = placement_group(bundles, strategy=strategy, name=name)
     if not group.wait(timeout_seconds=timeout_s):
         remove_placement_group(group)
-        free = {k: ray.available_resources().get(k, 0.0) for k in RESOURCES}
-        asked = {k: sum(b.get(k, 0.0) for b in bundles) for k in RESOURCES}
+        free = ", ".join(f"{k} {ray.available_resources().get(k, 0.0):g}" for k in RESOURCES)
+        asked = _fmt({k: sum(b.get(k, 0.0) for b in bundles) for k in RESOURCES})
+        roles = ", ".join(f"{s.role} x{s.count}" for s in specs if s.count)
         raise InsufficientResourcesError(
-            f"placement group for {', '.join(f'{s.role} x{s.count}' for s in specs if s.count)} not ready after "
-            f"{timeout_s:g}s: asked for {_fmt(asked)}, free now {', '.join(f'{k} {v:g}' for k, v in free.items())}. The cluster has the resources "
-            "but other jobs, actors or placement groups hold them (see `ray status`); the request was withdrawn.")
+            f"placement group for {roles} not ready after {timeout_s:g}s: asked for {asked}, free now {free}. "
+            "The cluster has the resources but other jobs, actors or placement groups hold them (see `ray status`); "
+            "the request was withdrawn.")
     return Placement(group, index, {s.role: s for s in specs})
 

@@ -23,6 +23,7 @@ absolute path on shared storage (run_dir=/mnt/shared/runs/x) to keep checkpoints
 import asyncio
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -209,8 +210,8 @@ def _submit(args) -> int:
     command = entrypoint(args.python, args.stage, job_config_path(args.config, working_dir), args.overrides,
                          args.resume)
     if not any(o.startswith("run_dir=") and Path(o.partition("=")[2]).is_absolute() for o in args.overrides):
-        print("dsarl submit: note: a relative run_dir is written inside the job's working_dir copy on the node; "
-              "pass run_dir=/shared/path to keep the run", file=sys.stderr)
+        print("dsarl submit: note: no absolute run_dir override; unless the config's run_dir is absolute, the run "
+              "is written inside the job's working_dir copy on one node: pass run_dir=/shared/path", file=sys.stderr)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         return _submit_to(job_client(address), address, command, working_dir, args, follow_logs=args.follow)
@@ -248,7 +249,7 @@ def _jobs(args) -> int:
     print(f"{'ID':<28} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
     for j in jobs:
         started = datetime.fromtimestamp(j.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S") if j.start_time else "-"
-        cmd = j.entrypoint.replace("-m dsarl.launch.cli ", "dsarl ")
+        cmd = re.sub(r"^\S+ -m dsarl\.launch\.cli ", "dsarl ", j.entrypoint)
         print(f"{j.submission_id or j.job_id:<28} {str(j.status):<10} {started:<19} {cmd[:100]}")
     return 0
 

@@ -44,10 +44,11 @@ def resolve_address(address: str | None) -> str | None:
     return address
 
 
-def init_ray(cfg: RayConfig = RayConfig(), temp_dir: str | None = None) -> str:
+def init_ray(cfg: RayConfig | None = None, temp_dir: str | None = None) -> str:
     """Starts or joins Ray (once per process) and returns a line saying which."""
     import ray
 
+    cfg = cfg or RayConfig()
     if ray.is_initialized():
         return "ray: already initialised in this process"
     address = resolve_address(cfg.address)
@@ -64,8 +65,10 @@ def use_ray_auth_token() -> None:
     """Sends this user's Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) with
     job-API requests when RAY_AUTH_MODE is unset: the rule `ray start` applies to the clusters it starts,
     which then refuse job-API calls without it."""
-    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-
+    try:  # Ray's own helper (private); Ray versions without token authentication lack it
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:
+        return
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
@@ -125,7 +128,8 @@ class LocalHead:
 def start_local_head(num_cpus: int | None = 2, num_gpus: int | None = 0, resources: str | None = None,
                      timeout_s: float = 120.0) -> LocalHead:
     """Starts `ray start --head --block` on 127.0.0.1 with fresh ports and a private temp dir, and waits
-    until its job server answers (Ray's token authentication stays as Ray configures it). Raises RuntimeError with the head's log if it does not come up."""
+    until its job server answers (Ray's token authentication stays as Ray configures it). Raises
+    RuntimeError with the head's log if it does not come up."""
     from ray.job_submission import JobSubmissionClient
 
     use_ray_auth_token()

@@ -107,7 +107,8 @@ def test_resources_held_by_others_time_out_instead_of_hanging(ray_2cpu_1gpu):
     holder = create_placement_group([ResourceSpec("holder", 2, 1, 0)], timeout_s=60)
     try:
         check_cluster_fits([ResourceSpec("learner", 1, 1, 0)])  # fits the cluster, but CPUs are taken
-        with pytest.raises(InsufficientResourcesError, match=r"not ready after 2s: asked for CPU 1, free now CPU 0, GPU 1"):
+        with pytest.raises(InsufficientResourcesError,
+                           match=r"not ready after 2s: asked for CPU 1, free now CPU 0, GPU 1"):
             create_placement_group([ResourceSpec("learner", 1, 1, 0)], timeout_s=2)
     finally:
         holder.remove()

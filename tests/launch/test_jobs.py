@@ -77,7 +77,8 @@ def test_submit_pretrain_follows_logs_to_success(head, in_repo, tmp_path, capsys
 
     assert main(["jobs", "--address", head.dashboard_url]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(job_id))
-    assert "SUCCEEDED" in row and "dsarl pretrain configs/pretrain_tiny.yaml" in row
+    _, status, _, _, command = row.split(None, 4)
+    assert status == "SUCCEEDED" and command.startswith("dsarl pretrain configs/pretrain_tiny.yaml steps=4")
     assert main(["logs", "--address", head.dashboard_url, job_id]) == 0
     assert "final checkpoint at" in capsys.readouterr().out
 
