@@ -92,6 +92,23 @@ def test_failing_job_reports_failure_and_its_exit_status(head, in_repo, capsys):
     assert "FAILED (exit status 2)" in captured.err
 
 
+def test_a_job_asking_for_100_gpus_fails_at_start_naming_what_is_missing(head, in_repo):
+    """In a job, init_ray joins the cluster through RAY_ADDRESS and placement refuses at once."""
+    client = job_client(head.dashboard_url)
+    script = ("from dsarl.launch.ray_setup import init_ray; "
+              "from dsarl.actors.placement import ResourceSpec, create_placement_group; "
+              "print(init_ray()); "
+              "create_placement_group([ResourceSpec('rollout', 2, 0.5, 0), ResourceSpec('learner', 4, 1, 25)], "
+              "timeout_s=600)")
+    job_id = submit_job(client, f'python -c "{script}"', REPO)
+    out = io.StringIO()
+    assert follow(client, job_id, out) == 1
+    log = out.getvalue()
+    assert "ray: joined the cluster" in log
+    assert "InsufficientResourcesError" in log and "cluster: CPU 2 on 1 node(s)" in log
+    assert "learner: 4 x {CPU 1, GPU 25} = CPU 4, GPU 100; missing CPU 2, GPU 100" in log
+
+
 def test_submit_without_follow_prints_the_id_then_stop_ends_the_job(head, in_repo, tmp_path, capsys):
     code = main(["submit", "--address", head.dashboard_url, "pretrain", "configs/pretrain_tiny.yaml",
                  "steps=100000", "log_every=1", "batch_size=4", "seq_len=32", f"run_dir={tmp_path / 'long'}"])
