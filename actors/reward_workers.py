@@ -52,21 +52,24 @@ def split_by_group(samples: list[RewardSample], n: int) -> list[list[int]]:
 class RewardPool:
     """`cfg.num_workers` RewardWorker actors, `cfg.num_cpus_per_worker` CPUs each."""
 
-    def __init__(self, cfg: RewardConfig):
+    def __init__(self, cfg: RewardConfig, placement=None):
+        """placement: optional (worker index) -> actor options (a placement-group bundle)."""
         if cfg.num_workers < 1:
             raise ValueError(f"RewardConfig.num_workers must be >= 1, got {cfg.num_workers}")
         RewardCombiner(cfg)  # fail here, in the driver, on a bad config (unknown reward, bad kwargs)
         self.cfg = cfg
         self.keys = [c.key for c in cfg.components]
-        self.workers = [self._new_worker() for _ in range(cfg.num_workers)]
+        self.placement = placement
+        self.workers = [self._new_worker(w) for w in range(cfg.num_workers)]
 
-    def _new_worker(self):
-        return RewardWorker.options(num_cpus=self.cfg.num_cpus_per_worker).remote(self.cfg)
+    def _new_worker(self, w: int):
+        options = self.placement(w) if self.placement else {"num_cpus": self.cfg.num_cpus_per_worker}
+        return RewardWorker.options(**options).remote(self.cfg)
 
     def _replace(self, w: int, reason: str) -> None:
         logger.warning("reward worker %d replaced: %s", w, reason)
         ray.kill(self.workers[w], no_restart=True)
-        self.workers[w] = self._new_worker()
+        self.workers[w] = self._new_worker(w)
 
     def score(self, samples: list[RewardSample]) -> tuple[list[dict[str, float]], dict[str, float]]:
         """(results in input order, metrics): see RewardCombiner.score; plus reward/worker_failures."""

@@ -92,15 +92,19 @@ class RolloutWorker:
 class RolloutPool:
     def __init__(self, num_workers: int, checkpoint_dir=None, num_cpus_per_worker: float = 1,
                  num_gpus_per_worker: float = 0, engine: str = "native", engine_kwargs: dict | None = None,
-                 config=None, state_dict=None, num_threads: int = 0, model_overrides: dict | None = None):
+                 config=None, state_dict=None, num_threads: int = 0, model_overrides: dict | None = None,
+                 placement=None):
+        """placement: optional (worker index) -> actor options (a placement-group bundle)."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         state_ref = ray.put(state_dict) if state_dict is not None else None
-        actor = ray.remote(RolloutWorker).options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)
+        actor = ray.remote(RolloutWorker)
+        options = lambda i: (placement(i) if placement else  # noqa: E731
+                             {"num_cpus": num_cpus_per_worker, "num_gpus": num_gpus_per_worker})
         threads = num_threads or max(1, int(num_cpus_per_worker))
-        self.workers = [actor.remote(checkpoint_dir, config, state_ref, engine, engine_kwargs, None, threads,
-                                     model_overrides)
-                        for _ in range(num_workers)]
+        self.workers = [actor.options(**options(i)).remote(checkpoint_dir, config, state_ref, engine, engine_kwargs,
+                                                           None, threads, model_overrides)
+                        for i in range(num_workers)]
         ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
 
     @property

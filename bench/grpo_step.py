@@ -46,9 +46,7 @@ def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: in
         m = trainer.step(step)
         m["time/step"] = time.perf_counter() - t0
         rows.append(m)
-    trainer.learner.shutdown()
-    for w in trainer.rollout.workers + trainer.rewards.workers:
-        ray.kill(w)
+    trainer.shutdown()
     timed = rows[1:] if len(rows) > 1 else rows
     med = lambda k: statistics.median(r[k] for r in timed)  # noqa: E731
     return {"bench": "grpo_step", "prompt_len_target": prompt_len,

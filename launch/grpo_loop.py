@@ -18,6 +18,7 @@ from tqdm import tqdm
 from dsarl.actors.engine.sampling import SamplingParams
 from dsarl.actors.learner_actor import resume_checkpoint
 from dsarl.actors.learner_group import LearnerGroup
+from dsarl.actors.placement import ResourceSpec, create_placement_group
 from dsarl.actors.reward_workers import RewardPool
 from dsarl.actors.rollout_workers import RolloutPool
 from dsarl.data.datasets import load_rows
@@ -91,6 +92,8 @@ class GRPOConfig:
     seed: int = 0
     run_dir: str = "runs/grpo"
     ray_num_cpus: int | None = None  # embedded Ray's CPUs (None: all)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_timeout_s: float = 120.0  # give up (with what is missing) instead of waiting forever
     tensorboard: bool = True
     config_path: str | None = None
 
@@ -125,14 +128,24 @@ class GRPOTrainer:
         self.tokenizer = load_tokenizer(init)
         self.train_rows, self.test_rows = load_prompt_rows(cfg.data, cfg.seed, resolve)
         ckpt = resume_checkpoint(cfg.run_dir) if resume else None
-        self.learner = LearnerGroup(cfg.learner_ranks, init, cfg.learner, cfg.seed, cfg.learner_num_cpus,
-                                    cfg.learner_num_gpus, cfg.learner_num_threads, ckpt, cfg.model_overrides)
         ro = cfg.rollout
+        # One placement group for every actor: a config the cluster cannot hold fails here, naming what
+        # is missing, instead of leaving actors pending forever.
+        self.placement = create_placement_group([
+            ResourceSpec("rollout", ro.num_workers, ro.num_cpus_per_worker, ro.num_gpus_per_worker),
+            ResourceSpec("reward", cfg.rewards.num_workers, cfg.rewards.num_cpus_per_worker, 0.0),
+            ResourceSpec("learner", cfg.learner_ranks, cfg.learner_num_cpus, cfg.learner_num_gpus),
+        ], cfg.placement_strategy, cfg.placement_timeout_s)
+        bundle = lambda role: (lambda i: self.placement.actor_options(role, i))  # noqa: E731
+        self.learner = LearnerGroup(cfg.learner_ranks, init, cfg.learner, cfg.seed, cfg.learner_num_cpus,
+                                    cfg.learner_num_gpus, cfg.learner_num_threads, ckpt, cfg.model_overrides,
+                                    placement=bundle("learner"))
         self.rollout = RolloutPool(ro.num_workers, ckpt or init, num_cpus_per_worker=ro.num_cpus_per_worker,
                                    num_gpus_per_worker=ro.num_gpus_per_worker, engine=ro.engine,
                                    engine_kwargs={"max_batch_size": ro.max_batch_size},
-                                   num_threads=ro.num_threads, model_overrides=cfg.model_overrides)
-        self.rewards = RewardPool(cfg.rewards)
+                                   num_threads=ro.num_threads, model_overrides=cfg.model_overrides,
+                                   placement=bundle("rollout"))
+        self.rewards = RewardPool(cfg.rewards, placement=bundle("reward"))
         self.start_step = 0
         if ckpt is not None:
             from dsarl.learner.checkpointing import load_training_state
@@ -259,7 +272,16 @@ class GRPOTrainer:
             if done % cfg.save_every == 0 or done == cfg.steps:
                 self.learner.save(str(self.run_dir), done, {"step": done}, cfg.keep_checkpoints)
         self.logger.close()
-        return Path(self.learner.save_final(str(self.run_dir / "final")))
+        final = Path(self.learner.save_final(str(self.run_dir / "final")))
+        self.shutdown()
+        return final
+
+    def shutdown(self) -> None:
+        """Stops this trainer's actors and frees its placement group (the Ray instance stays up)."""
+        self.learner.shutdown()
+        for w in self.rollout.workers + self.rewards.workers:
+            ray.kill(w)
+        self.placement.remove()
 
 
 def _checkpoint_attention(init: str) -> str:

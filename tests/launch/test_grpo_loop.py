@@ -68,3 +68,14 @@ def test_two_steps_write_metrics_rollouts_checkpoint_and_resume_exactly(ray_loca
     assert [m["step"] for m in resumed] == [0, 1, 2, 3]
     for key in DETERMINISTIC:
         assert resumed[3][key] == pytest.approx(lines[3][key], rel=1e-6, abs=1e-7), key
+
+
+def test_config_asking_for_100_gpus_fails_fast_naming_the_role(ray_local, init_checkpoint, tmp_path):
+    from dsarl.actors.placement import InsufficientResourcesError
+    from dsarl.launch.grpo_loop import GRPOTrainer
+
+    cfg = small_grpo(init_checkpoint, tmp_path / "gpu", steps=1)
+    cfg.rollout.num_gpus_per_worker = 100.0
+    with pytest.raises(InsufficientResourcesError) as e:
+        GRPOTrainer(cfg)
+    assert "rollout" in str(e.value) and "GPU" in str(e.value)  # raised at start: nothing left pending
