@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from ..indexer_scores.reference import default_positions, visibility
+from ..indexer_scores.reference import resolve_positions, visibility
 from .reference import dense_mla_attention_reference
 
 
@@ -21,8 +21,7 @@ def dense_mha_attention(q, k, v, sm_scale: float, q_pos=None, k_pos=None):
     if q_pos is None and k_pos is None and T == S:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=sm_scale)
     else:
-        dq, dk = default_positions(B, T, S, q.device)
-        mask = visibility(dq if q_pos is None else q_pos, dk if k_pos is None else k_pos)  # [B, T, S]
+        mask = visibility(*resolve_positions(B, T, S, q.device, q_pos, k_pos))  # [B, T, S]
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=sm_scale)
     return out.transpose(1, 2)  # [B, T, H, Dv]
 

@@ -5,7 +5,7 @@ Same maths as sparse_mla with S_t = all visible keys.
 """
 import torch
 
-from ..indexer_scores.reference import default_positions, upcast, visibility
+from ..indexer_scores.reference import resolve_positions, upcast, visibility
 
 
 def dense_mla_attention_reference(
@@ -19,10 +19,7 @@ def dense_mla_attention_reference(
 ):
     B, T, H, _ = q.shape
     S = kv.shape[1]
-    if q_pos is None or k_pos is None:
-        dq, dk = default_positions(B, T, S, q.device)
-        q_pos = dq if q_pos is None else q_pos
-        k_pos = dk if k_pos is None else k_pos
+    q_pos, k_pos = resolve_positions(B, T, S, q.device, q_pos, k_pos)
     scores = torch.einsum("bthd,bsd->bths", upcast(q), upcast(kv)) * sm_scale  # [B, T, H, S]
     scores = scores.masked_fill(~visibility(q_pos, k_pos)[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, T, H]

@@ -7,16 +7,13 @@ which dominate the reference's time on CPU (profiled: the elementwise mul and su
 """
 import torch
 
-from .reference import default_positions, visibility
+from .reference import resolve_positions, visibility
 
 
 def indexer_scores_matmul(q, w, k, q_pos=None, k_pos=None, k_scale=None) -> torch.Tensor:
     B, T, H, D = q.shape
     S = k.shape[1]
-    if q_pos is None or k_pos is None:
-        dq, dk = default_positions(B, T, S, q.device)
-        q_pos = dq if q_pos is None else q_pos
-        k_pos = dk if k_pos is None else k_pos
+    q_pos, k_pos = resolve_positions(B, T, S, q.device, q_pos, k_pos)
     logits = torch.bmm(q.float().reshape(B, T * H, D), k.float().transpose(1, 2)).relu_()  # [B, T*H, S]
     scores = torch.bmm(w.float().reshape(B * T, 1, H), logits.view(B * T, H, S)).view(B, T, S)
     if k_scale is not None:

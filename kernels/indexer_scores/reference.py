@@ -18,6 +18,15 @@ def default_positions(B: int, T: int, S: int, device) -> tuple[torch.Tensor, tor
     return q_pos, k_pos
 
 
+def resolve_positions(B: int, T: int, S: int, device, q_pos=None, k_pos=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The given positions, or the defaults of `default_positions` for the missing ones."""
+    if q_pos is None or k_pos is None:
+        dq, dk = default_positions(B, T, S, device)
+        q_pos = dq if q_pos is None else q_pos
+        k_pos = dk if k_pos is None else k_pos
+    return q_pos, k_pos
+
+
 def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     """[B, T] x [B, S] -> bool [B, T, S]: key s is visible to query t iff 0 <= k_pos[s] <= q_pos[t]."""
     return (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)
@@ -33,10 +42,7 @@ def indexer_scores_reference(
 ) -> torch.Tensor:
     B, T, H, D = q.shape
     S = k.shape[1]
-    if q_pos is None or k_pos is None:
-        dq, dk = default_positions(B, T, S, q.device)
-        q_pos = dq if q_pos is None else q_pos
-        k_pos = dk if k_pos is None else k_pos
+    q_pos, k_pos = resolve_positions(B, T, S, q.device, q_pos, k_pos)
     logits = torch.einsum("bthd,bsd->btsh", upcast(q), upcast(k))  # [B, T, S, H], fp32 accumulation
     scores = (logits.relu() * upcast(w)[:, :, None, :]).sum(-1)  # [B, T, S]
     if k_scale is not None:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import default_positions
+from .reference import resolve_positions
 
 
 @triton.jit
@@ -93,8 +93,5 @@ def indexer_scores_triton(q, w, k, q_pos=None, k_pos=None, k_scale=None):
     if w.shape != (B, T, H):
         raise ValueError(f"w: expected {(B, T, H)}, got {tuple(w.shape)}")
     S = k.shape[1]
-    if q_pos is None or k_pos is None:
-        dq, dk = default_positions(B, T, S, q.device)
-        q_pos = dq if q_pos is None else q_pos
-        k_pos = dk if k_pos is None else k_pos
+    q_pos, k_pos = resolve_positions(B, T, S, q.device, q_pos, k_pos)
     return indexer_scores_fwd(q, w, k, q_pos, k_pos, k_scale)

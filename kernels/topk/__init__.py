@@ -1,7 +1,8 @@
 import torch
 
 from ..dispatch import use_triton
-from ..indexer_scores import default_positions, indexer_scores
+from ..indexer_scores import indexer_scores
+from ..indexer_scores.reference import resolve_positions
 from .reference import topk_indices_reference
 
 
@@ -22,10 +23,7 @@ def indexer_topk(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, chunk
     """
     B, T = q.shape[:2]
     S = k.shape[1]
-    if q_pos is None or k_pos is None:
-        dq, dk = default_positions(B, T, S, q.device)
-        q_pos = dq if q_pos is None else q_pos
-        k_pos = dk if k_pos is None else k_pos
+    q_pos, k_pos = resolve_positions(B, T, S, q.device, q_pos, k_pos)
     out = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
