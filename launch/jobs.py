@@ -5,9 +5,9 @@
     dsarl logs   --address http://HOST:8265 ID [--follow]
     dsarl stop   --address http://HOST:8265 ID
 
-Address: --address, else RAY_ADDRESS. With neither, `submit` starts a private Ray head on 127.0.0.1 for
-the job, follows it and stops the head when the job ends (an embedded run, packaged as on a cluster);
-jobs/logs/stop need an address (an embedded head is gone once its job ends).
+Address: --address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS. With none, `submit` starts a
+private Ray head on 127.0.0.1 for the job, follows it and stops the head when the job ends (an
+embedded run, packaged as on a cluster); jobs/logs/stop need an address (that head is gone by then).
 
 Packaging. The job's runtime_env carries dsarl to every node, so nodes need only its dependencies
 (torch, omegaconf, ... : see docs/cluster.md), not a dsarl install:
@@ -39,6 +39,7 @@ ROOT_PACKAGES = ("models", "kernels", "actors", "rewards", "learner", "data", "l
 STAGES = ("pretrain", "warmup", "sparse", "eval", "grpo", "run", "distill")
 EXCLUDES = ["/dsarl/", "**/__pycache__", "*.pyc", "*.egg-info", "runs/", ".pytest_cache"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+ENV_ADDRESSES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's own order for the job API
 
 
 # ---------------------------------------------------------------- packaging
@@ -86,13 +87,19 @@ def entrypoint(python: str, stage: str, config: str, overrides: list[str], resum
 # ---------------------------------------------------------------- job client
 
 
-def job_client(address: str | None):
+def job_client(address: str):
+    """A JobSubmissionClient for exactly `address` (Ray's constructor would let RAY_API_SERVER_ADDRESS or
+    RAY_ADDRESS override it silently)."""
     from ray.job_submission import JobSubmissionClient
 
     from .ray_setup import use_ray_auth_token
 
     use_ray_auth_token()
-    return JobSubmissionClient(address)
+    saved = {k: os.environ.pop(k) for k in ENV_ADDRESSES if k in os.environ}
+    try:
+        return JobSubmissionClient(address)
+    finally:
+        os.environ.update(saved)
 
 
 def submit_job(client, command: str, working_dir: Path, pip: list[str] = (), env_vars: dict | None = None,
@@ -150,7 +157,8 @@ def follow(client, job_id: str, out=None) -> int:
 
 def configure(parser, name: str) -> None:
     parser.add_argument("--address", default=None,
-                        help="Ray dashboard / job server, http://HOST:8265 (default: $RAY_ADDRESS)")
+                        help="Ray dashboard / job server, http://HOST:8265 "
+                        "(default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)")
     if name == "submit":
         parser.add_argument("stage", choices=STAGES, help="the dsarl stage to run")
         parser.add_argument("config", help="YAML config, inside the working directory or one of dsarl's configs/")
@@ -186,10 +194,15 @@ def run(args) -> int:
         return 1
 
 
+def given_address(args) -> str | None:
+    """--address, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS."""
+    return args.address or next((os.environ[k] for k in ENV_ADDRESSES if os.environ.get(k)), None)
+
+
 def _address(args) -> str:
-    address = args.address or os.environ.get("RAY_ADDRESS")
+    address = given_address(args)
     if not address:
-        raise ValueError("no cluster given: pass --address http://HOST:8265 or set RAY_ADDRESS")
+        raise ValueError("no cluster given: pass --address http://HOST:8265 or set RAY_API_SERVER_ADDRESS")
     return address
 
 
@@ -212,7 +225,7 @@ def _submit(args) -> int:
     if not any(o.startswith("run_dir=") and Path(o.partition("=")[2]).is_absolute() for o in args.overrides):
         print("dsarl submit: note: no absolute run_dir override; unless the config's run_dir is absolute, the run "
               "is written inside the job's working_dir copy on one node: pass run_dir=/shared/path", file=sys.stderr)
-    address = args.address or os.environ.get("RAY_ADDRESS")
+    address = given_address(args)
     if address:
         return _submit_to(job_client(address), address, command, working_dir, args, follow_logs=args.follow)
     from .ray_setup import start_local_head

@@ -29,6 +29,7 @@ def head():
 def in_repo(monkeypatch):
     monkeypatch.chdir(REPO)  # the working_dir uploaded with each job
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
 
 
 def test_root_packages_match_setup_py():
@@ -118,6 +119,14 @@ def test_submit_without_follow_prints_the_id_then_stop_ends_the_job(head, in_rep
     assert main(["stop", "--address", head.dashboard_url, job_id, "--wait"]) == 0
     assert f"{job_id} STOPPED" in capsys.readouterr().err
     assert main(["logs", "--address", head.dashboard_url, "--follow", job_id]) == 1  # stopped is not success
+
+
+def test_address_flag_beats_the_environment_and_the_environment_beats_nothing(head, in_repo, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # nothing listens there
+    assert main(["jobs", "--address", head.dashboard_url]) == 0  # Ray alone would use RAY_ADDRESS
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", head.dashboard_url)
+    assert main(["jobs"]) == 0
+    assert capsys.readouterr().out.startswith("ID")
 
 
 def test_unknown_job_and_missing_address_are_errors_not_tracebacks(head, in_repo, capsys):
