@@ -32,7 +32,7 @@ from dsarl.models import load_tokenizer
 from dsarl.rewards.config import RewardComponentConfig, RewardConfig
 from dsarl.rewards.types import RewardSample
 
-from .ray_env import init_ray
+from .ray_setup import RayConfig, init_ray
 
 
 @dataclass
@@ -123,7 +123,7 @@ class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig, resume: bool = False, resolve=lambda p: p):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        init_ray(cfg.ray_num_cpus)
+        init_ray(RayConfig(num_cpus=cfg.ray_num_cpus, include_dashboard=False))
         init = resolve(cfg.init_from)
         self.tokenizer = load_tokenizer(init)
         self.train_rows, self.test_rows = load_prompt_rows(cfg.data, cfg.seed, resolve)
