@@ -41,7 +41,8 @@ class Domain:
     task_kwargs: dict[str, Any]
     rewards: tuple[RewardComponentConfig, ...]  # the reward mix, summed into "total"
     accuracy_component: str  # the reward component whose value > 0.5 counts as correct
-    max_new_tokens: int  # generation budget (the answer, a newline and eos fit with room to spare)
+    max_new_tokens: int  # generation budget: the longest answer, a newline and eos fit, and the
+    # length penalty (which counts those tokens too) starts only beyond them
     reward_timeout_s: float = 5.0
 
     def grpo_fields(self, task_kwargs: dict | None = None) -> dict:
@@ -65,15 +66,15 @@ def _length(max_len: int, buffer: int) -> RewardComponentConfig:
 
 DOMAINS: dict[str, Domain] = {d.name: d for d in (
     Domain("math", "arithmetic", {"min_digits": 1, "max_digits": 2, "ops": "+-"},
-           (RewardComponentConfig(name="math_answer"), _format(r"-?\d+"), _length(8, 4)),
-           accuracy_component="math_answer", max_new_tokens=8),
+           (RewardComponentConfig(name="math_answer"), _format(r"-?\d+"), _length(10, 4)),
+           accuracy_component="math_answer", max_new_tokens=10),
     Domain("code", "code_lambda", {},
            (RewardComponentConfig(name="code_tests", kwargs={"time_s": 5.0}), _format(r"f=lambda x:.+"),
-            _length(22, 4)),
-           accuracy_component="code_tests", max_new_tokens=24),
+            _length(26, 4)),
+           accuracy_component="code_tests", max_new_tokens=26),
     Domain("retrieval", "kv_retrieval", {"context_len": 128, "key_len": 3, "value_len": 2},
-           (RewardComponentConfig(name="exact_match", kwargs={"extract": False}), _length(4, 2)),
-           accuracy_component="exact_match", max_new_tokens=6),
+           (RewardComponentConfig(name="exact_match", kwargs={"extract": False}), _length(8, 2)),
+           accuracy_component="exact_match", max_new_tokens=8),
 )}
 
 

@@ -1,0 +1,17 @@
+"""`dsarl distill CONFIG [overrides] [--resume]`: specialists by GRPO, one student by distillation, a report."""
+from .cli import add_stage_arguments
+from .config import load_config
+from .stage_pretrain import config_resolver
+
+
+def configure(parser, name: str) -> None:
+    add_stage_arguments(parser)
+
+
+def run(args) -> int:
+    from .distill_pipeline import DistillConfig, run_distill
+
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+    results = run_distill(cfg, resume=args.resume, resolve=config_resolver(cfg.config_path))
+    print(f"distill: report at {cfg.run_dir}/report.md")
+    return 0 if results["accuracy"] else 1
