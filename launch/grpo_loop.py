@@ -94,7 +94,9 @@ class GRPOConfig:
     ray_num_cpus: int | None = None  # embedded Ray's CPUs (None: all)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     placement_timeout_s: float = 120.0  # give up (with what is missing) instead of waiting forever
-    tensorboard: bool = True
+    tensorboard: bool = True  # metrics.jsonl is always written; TensorBoard events too by default
+    wandb_project: str | None = None  # also log to Weights & Biases (pip install wandb)
+    mlflow_experiment: str | None = None  # also log to MLflow (pip install mlflow)
     config_path: str | None = None
 
 
@@ -152,7 +154,8 @@ class GRPOTrainer:
 
             self.start_step = load_training_state(ckpt)["step"]
             self.rollout.sync_weights(*self.learner.publish_weights())
-        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard,
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                                    mlflow_experiment=cfg.mlflow_experiment,
                                     resume_step=self.start_step if ckpt else None)
         attention = cfg.model_overrides.get("attention") or _checkpoint_attention(init)
         self.record_indices = attention == "sparse" and cfg.learner.use_sampler_indices

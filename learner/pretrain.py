@@ -43,7 +43,9 @@ class PretrainConfig:
     save_every: int = 100  # training checkpoint every n steps (and at the end)
     keep_checkpoints: int = 2
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    tensorboard: bool = True
+    tensorboard: bool = True  # metrics.jsonl is always written; TensorBoard events too by default
+    wandb_project: str | None = None  # also log to Weights & Biases (pip install wandb)
+    mlflow_experiment: str | None = None  # also log to MLflow (pip install mlflow)
     config_path: str | None = None  # filled by the loader: the YAML this came from
 
 
@@ -71,7 +73,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, resolve=lambda p: p, sho
         load_model_weights(model, ckpt)
         start = load_training_state(ckpt, optimizer)["step"]
     torch.manual_seed(cfg.seed + start)
-    logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=start if ckpt else None)
+    logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                           mlflow_experiment=cfg.mlflow_experiment, resume_step=start if ckpt else None)
     batch = lambda step: packed_lm_batch(tokenizer, cfg.task.name, cfg.task.kwargs, cfg.batch_size,  # noqa: E731
                                          cfg.seq_len, cfg.seed, step)
     baseline = unigram_entropy([batch(-1 - i) for i in range(4)], model.config.vocab_size)
