@@ -97,7 +97,10 @@ class MLA(nn.Module):
             k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)  # [B, S, H, nope], [B, S, H, v]
             k = torch.cat([k_nope, pe_all[:, :, None, :].expand(B, S, self.n_heads, self.rope)], dim=-1)
             qf = torch.cat([q_nope, q_pe], dim=-1)  # [B, T, H, nope+rope]
-            same = cache is None and T == S
+            # Plain causal attention (SDPA's fused kernel, no mask tensor) whenever queries and keys are the
+            # same tokens from position 0: training, and a prefill into an empty cache. Right padding
+            # needs no mask there: a real query never sees a later (padded) key.
+            same = T == S and (cache is None or bool((positions[:, 0] == 0).all()))
             out = kernels.dense_mha_attention(qf, k, v, scale, None if same else positions, None if same else k_pos)
         aux = IndexerAux(x, c_q, positions, indices, probs) if collect_aux else None
         return self.o_proj(out.reshape(B, T, -1)), indices, aux
