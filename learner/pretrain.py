@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dsarl.data.datasets import packed_lm_batch
+from dsarl.data.retrieval_docs import lm_batch
 from dsarl.models import save_pretrained
 
 from .checkpointing import latest_checkpoint, load_model_weights, load_training_state, save_training_checkpoint
@@ -27,6 +27,9 @@ from .optim import OptimConfig, build_optimizer, clip_grad, lr_at, set_lr
 class TaskSpec:
     name: str = "arithmetic"  # a task registered in dsarl.data.tasks
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # LM-loss weight of the tokens that are not answers (answers weigh 1): 1 is the plain LM loss;
+    # 0 trains on answers only (data/retrieval_docs.py; documents there, e.g. kv_multi_query, need it)
+    non_answer_weight: float = 1.0
 
 
 @dataclass
@@ -53,6 +56,15 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # fp32 log-softmax
 
 
+def weighted_lm_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """sum_t w_t CE_t / sum_t w_t; the plain mean (lm_loss) when weights is None."""
+    if weights is None:
+        return lm_loss(logits, targets)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # fp32 log-softmax
+    w = weights.flatten().to(ce.device)
+    return (ce * w).sum() / w.sum().clamp(min=1e-8)
+
+
 def unigram_entropy(batches: list[torch.Tensor], vocab_size: int) -> float:
     """Entropy (nats/token) of the token distribution: the loss of the best context-free model."""
     counts = torch.bincount(torch.cat([b[:, 1:].flatten() for b in batches]), minlength=vocab_size).double()
@@ -75,17 +87,17 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, resolve=lambda p: p, sho
     torch.manual_seed(cfg.seed + start)
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                            mlflow_experiment=cfg.mlflow_experiment, resume_step=start if ckpt else None)
-    batch = lambda step: packed_lm_batch(tokenizer, cfg.task.name, cfg.task.kwargs, cfg.batch_size,  # noqa: E731
-                                         cfg.seq_len, cfg.seed, step)
-    baseline = unigram_entropy([batch(-1 - i) for i in range(4)], model.config.vocab_size)
+    batch = lambda step: lm_batch(tokenizer, cfg.task.name, cfg.task.kwargs, cfg.task.non_answer_weight,  # noqa: E731
+                                  cfg.batch_size, cfg.seq_len, cfg.seed, step)
+    baseline = unigram_entropy([batch(-1 - i)[0] for i in range(4)], model.config.vocab_size)
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", disable=not show_progress)
     for step in bar:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.steps, cfg.optim)
         set_lr(optimizer, lr)
-        ids = batch(step)
-        loss = lm_loss(model(ids[:, :-1]).logits, ids[:, 1:])
+        ids, weights = batch(step)
+        loss = weighted_lm_loss(model(ids[:, :-1]).logits, ids[:, 1:], weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = clip_grad(model.parameters(), cfg.optim.grad_clip)

@@ -1,0 +1,107 @@
+"""Retrieval documents with many queries, and packed LM batches that carry a mask of answer tokens.
+
+A single-query `kv_retrieval` document (data/tasks.py) of ~2k bytes holds two answer bytes: almost no
+training signal for retrieval. A multi-query document states the key:value context once and then asks
+`n_queries` keys, each answered in place, so one sequence carries dozens of answer tokens:
+
+    abc:12 xyz:07 ... qrs:55\n?xyz:07\n?abc:12\n ...
+
+The first query reads exactly like a `kv_retrieval` eval prompt (`context\\n?key:` -> value).
+
+Documents are lists of (text, is_answer) segments; `packed_lm_batch_with_mask` packs them like
+`data.datasets.packed_lm_batch` (bos + text + eos, end to end) and returns, beside the ids, which
+tokens are answers, so pretraining can weight the loss towards them (learner/pretrain.py).
+Any task of data/tasks.py is a document too: prompt (not answer), answer, newline.
+"""
+import random
+import string
+
+import torch
+
+from .tasks import TASKS, _random_token
+
+
+def kv_multi_query(rng: random.Random, context_len: int = 512, key_len: int = 3, value_len: int = 2,
+                   n_queries: int = 32, min_context_len: int | None = None) -> list[tuple[str, bool]]:
+    """Segments of one document: ~context_len bytes of unique `key:value` pairs (context_len drawn
+    uniformly from [min_context_len, context_len] when that is set), then n_queries `?key:value` lines,
+    keys drawn without replacement while they last (then with)."""
+    if min_context_len is not None:
+        context_len = rng.randint(min_context_len, context_len)
+    n_pairs = max(2, context_len // (key_len + value_len + 2))  # "kkk:vv "
+    keys: set[str] = set()
+    while len(keys) < n_pairs:
+        keys.add(_random_token(rng, key_len, string.ascii_lowercase))
+    keys_list = sorted(keys)
+    rng.shuffle(keys_list)
+    values = [_random_token(rng, value_len, string.digits) for _ in keys_list]
+    order = rng.sample(range(n_pairs), min(n_queries, n_pairs))
+    order += [rng.randrange(n_pairs) for _ in range(n_queries - len(order))]
+    segments = [(" ".join(f"{k}:{v}" for k, v in zip(keys_list, values)), False)]
+    for i in order:
+        segments += [(f"\n?{keys_list[i]}:", False), (values[i], True)]
+    segments.append(("\n", False))
+    return segments
+
+
+DOCUMENTS = {"kv_multi_query": kv_multi_query}
+
+
+def document_segments(task: str, rng: random.Random, task_kwargs: dict) -> list[tuple[str, bool]]:
+    """One document of `task`: a multi-query generator above, or a row of data/tasks.py."""
+    if task in DOCUMENTS:
+        return DOCUMENTS[task](rng, **task_kwargs)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; documents: {sorted(DOCUMENTS)}, tasks: {sorted(TASKS)}")
+    row = TASKS[task](rng, **task_kwargs)
+    return [(row["prompt"], False), (row["answer"], True), ("\n", False)]  # as data.datasets.lm_document
+
+
+def encode_document(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """bos + segments + eos -> (ids, is_answer per id)."""
+    ids, mask = [tokenizer.bos_id], [False]
+    for text, is_answer in segments:
+        t = tokenizer.encode(text)
+        ids += t
+        mask += [is_answer] * len(t)
+    return ids + [tokenizer.eos_id], mask + [False]
+
+
+def packed_lm_batch_with_mask(tokenizer, task: str, task_kwargs: dict, batch_size: int, seq_len: int, seed: int,
+                              step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids [batch_size, seq_len + 1] long, is_answer [batch_size, seq_len + 1] bool).
+
+    Same packing and the same (seed, step) seeding as data.datasets.packed_lm_batch: for a task of
+    data/tasks.py the ids are identical to it."""
+    rng = random.Random(f"{seed}/pretrain/{step}")
+    ids_out = torch.empty(batch_size, seq_len + 1, dtype=torch.long)
+    mask_out = torch.empty(batch_size, seq_len + 1, dtype=torch.bool)
+    for b in range(batch_size):
+        ids: list[int] = []
+        mask: list[bool] = []
+        while len(ids) < seq_len + 1:
+            i, m = encode_document(tokenizer, document_segments(task, rng, task_kwargs))
+            ids += i
+            mask += m
+        ids_out[b] = torch.tensor(ids[: seq_len + 1])
+        mask_out[b] = torch.tensor(mask[: seq_len + 1])
+    return ids_out, mask_out
+
+
+def loss_weights(is_answer: torch.Tensor, non_answer_weight: float) -> torch.Tensor:
+    """Per-token loss weights: 1 on answer tokens, non_answer_weight elsewhere (fp32)."""
+    return torch.where(is_answer, 1.0, float(non_answer_weight)).float()
+
+
+def lm_batch(tokenizer, task: str, task_kwargs: dict, non_answer_weight: float, batch_size: int, seq_len: int,
+             seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (ids [B, seq_len + 1], loss weights of the targets ids[:, 1:] [B, seq_len] or None).
+
+    None (plain LM loss, ids from data.datasets.packed_lm_batch, unchanged) for a task of data/tasks.py
+    with non_answer_weight 1; otherwise the masked packing and its weights."""
+    if task not in DOCUMENTS and non_answer_weight == 1.0:
+        from .datasets import packed_lm_batch
+
+        return packed_lm_batch(tokenizer, task, task_kwargs, batch_size, seq_len, seed, step), None
+    ids, is_answer = packed_lm_batch_with_mask(tokenizer, task, task_kwargs, batch_size, seq_len, seed, step)
+    return ids, loss_weights(is_answer[:, 1:], non_answer_weight)

@@ -1,0 +1,84 @@
+"""Multi-query retrieval documents, the answer mask of the packing, and the answer-weighted LM loss,
+checked against hand-built strings and a hand-written weighted mean."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsarl.data.datasets import packed_lm_batch
+from dsarl.data.retrieval_docs import (encode_document, kv_multi_query, lm_batch, loss_weights,
+                                       packed_lm_batch_with_mask)
+from dsarl.learner.pretrain import TaskSpec, lm_loss, weighted_lm_loss
+from dsarl.models import ByteTokenizer
+
+
+def test_multi_query_document_answers_every_query_from_its_context():
+    segs = kv_multi_query(random.Random(0), context_len=70, key_len=3, value_len=2, n_queries=12)
+    context = segs[0][0]
+    pairs = dict(p.split(":") for p in context.split(" "))
+    assert len(pairs) == 70 // 7 == 10 and all(len(k) == 3 and len(v) == 2 for k, v in pairs.items())
+    queries = segs[1:-1]
+    assert len(queries) == 24 and segs[-1] == ("\n", False)
+    asked = []
+    for (q, q_ans), (v, v_ans) in zip(queries[::2], queries[1::2]):
+        assert not q_ans and v_ans and q.startswith("\n?") and q.endswith(":")
+        assert pairs[q[2:-1]] == v  # the answer is the value stated in the context
+        asked.append(q[2:-1])
+    assert sorted(asked[:10]) == sorted(pairs)  # without replacement while keys last
+    # the first query reads like a kv_retrieval eval prompt
+    assert "".join(t for t, _ in segs[:2]) == f"{context}\n?{asked[0]}:"
+
+
+def test_context_length_range():
+    lens = {len(kv_multi_query(random.Random(i), context_len=140, min_context_len=35, n_queries=1)[0][0].split(" "))
+            for i in range(40)}
+    assert min(lens) >= 5 and max(lens) <= 20 and len(lens) > 5
+
+
+def test_mask_marks_exactly_the_answer_bytes():
+    tok = ByteTokenizer()
+    ids, mask = encode_document(tok, [("ab:", False), ("12", True), ("\n?ab:", False), ("12", True), ("\n", False)])
+    assert ids == [tok.bos_id, *b"ab:12\n?ab:12\n", tok.eos_id]
+    assert [i for i, m in enumerate(mask) if m] == [4, 5, 11, 12]
+
+
+def test_packing_matches_packed_lm_batch_for_a_registered_task():
+    tok = ByteTokenizer()
+    kw = {"context_len": 30, "key_len": 2, "value_len": 3}
+    ids, mask = packed_lm_batch_with_mask(tok, "kv_retrieval", kw, 2, 100, 5, 7)
+    assert torch.equal(ids, packed_lm_batch(tok, "kv_retrieval", kw, 2, 100, 5, 7))
+    # every masked run is 3 digits right after "?xx:"
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        for i, on in enumerate(m):
+            if on:
+                assert chr(row[i]).isdigit()
+                starts = i - 1 >= 0 and not m[i - 1]
+                if starts:
+                    assert bytes(row[i - 4:i]).decode()[0] == "?" and row[i - 1] == ord(":")
+    assert mask.sum() > 0
+
+
+def test_lm_batch_default_is_the_unweighted_packing_and_weights_follow_the_mask():
+    tok = ByteTokenizer()
+    ids, w = lm_batch(tok, "arithmetic", {}, 1.0, 2, 50, 0, 3)
+    assert w is None and torch.equal(ids, packed_lm_batch(tok, "arithmetic", {}, 2, 50, 0, 3))
+    ids, w = lm_batch(tok, "kv_multi_query", {"context_len": 40, "n_queries": 4}, 0.25, 2, 80, 0, 3)
+    _, mask = packed_lm_batch_with_mask(tok, "kv_multi_query", {"context_len": 40, "n_queries": 4}, 2, 80, 0, 3)
+    assert w.shape == (2, 80) and torch.equal(w, torch.where(mask[:, 1:], 1.0, 0.25))
+    assert TaskSpec().non_answer_weight == 1.0  # default: plain LM loss, as before
+
+
+def test_weighted_lm_loss_is_the_weighted_mean_of_token_losses():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    targets = torch.randint(0, 7, (2, 5), generator=g)
+    w = loss_weights(torch.rand(2, 5, generator=g) > 0.5, 0.1)
+    by_hand = 0.0
+    for b in range(2):
+        for t in range(5):
+            by_hand += w[b, t] * -torch.log_softmax(logits[b, t], -1)[targets[b, t]]
+    assert weighted_lm_loss(logits, targets, w).item() == pytest.approx((by_hand / w.sum()).item(), rel=1e-5)
+    assert weighted_lm_loss(logits, targets, None).item() == pytest.approx(F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten()).item())
+    assert weighted_lm_loss(logits, targets, torch.ones(2, 5)).item() == pytest.approx(lm_loss(logits, targets).item())
