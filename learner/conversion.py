@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dsarl.data.datasets import packed_lm_batch
+from dsarl.data.retrieval_docs import lm_batch
 from dsarl.models import save_pretrained
 
 from .checkpointing import latest_checkpoint, load_model_weights, load_training_state, save_training_checkpoint
@@ -112,14 +112,15 @@ def warmup_step(model, optimizer, ids: torch.Tensor, chunk: int, lr: float, grad
 
 
 def sparse_step(model, opt: OptimizerPair, ids: torch.Tensor, chunk: int, lrs: tuple[float, float],
-                clips: tuple[float, float], diagnose=None) -> dict:
+                clips: tuple[float, float], diagnose=None, weights: torch.Tensor | None = None) -> dict:
     """One sparse step. LM and KL graphs are disjoint: one backward of their sum gives each parameter
-    set the gradient of its own loss only (tested). `diagnose(out) -> dict` runs before the update."""
+    set the gradient of its own loss only (tested). `diagnose(out) -> dict` runs before the update;
+    `weights` [B, T]: per-target LM-loss weights (task.non_answer_weight), None for the plain mean."""
     set_lr(opt.main, lrs[0])
     set_lr(opt.indexer, lrs[1])
     opt.main.zero_grad(set_to_none=True)
     opt.indexer.zero_grad(set_to_none=True)
-    loss, kls, out = sparse_losses(model, ids[:, :-1], ids[:, 1:], chunk)
+    loss, kls, out = sparse_losses(model, ids[:, :-1], ids[:, 1:], chunk, weights)
     kl = kls.mean()
     (loss + kl).backward()
     main_params, index_params = split_parameters(model)
@@ -137,8 +138,8 @@ def _setup(cfg, resolve):
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     model, tokenizer = load_model_from_spec(cfg.model, seed=cfg.seed, resolve=resolve)
-    batch = lambda step: packed_lm_batch(tokenizer, cfg.task.name, cfg.task.kwargs, cfg.batch_size,  # noqa: E731
-                                         cfg.seq_len, cfg.seed, step)
+    batch = lambda step: lm_batch(tokenizer, cfg.task.name, cfg.task.kwargs, cfg.task.non_answer_weight,  # noqa: E731
+                                  cfg.batch_size, cfg.seq_len, cfg.seed, step)
     return model, tokenizer, batch
 
 
@@ -167,7 +168,7 @@ def run_warmup(cfg: WarmupConfig, resume: bool = False, resolve=lambda p: p, sho
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="warmup", disable=not show_progress)
     for step in bar:
         t0 = time.perf_counter()
-        ids = batch(step)
+        ids, _ = batch(step)  # the KL covers every query, whatever the LM-loss weights
         metrics = warmup_step(model, optimizer, ids, cfg.chunk, lr_at(step, cfg.steps, cfg.optim), cfg.optim.grad_clip)
         metrics["step_time_s"] = time.perf_counter() - t0
         _check("warmup: indexer KL", metrics["indexer_kl"], step)
@@ -200,7 +201,7 @@ def run_sparse(cfg: SparseConfig, resume: bool = False, resolve=lambda p: p, sho
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sparse", disable=not show_progress)
     for step in bar:
         t0 = time.perf_counter()
-        ids = batch(step)
+        ids, weights = batch(step)
         lrs = (lr_at(step, cfg.steps, cfg.optim), lr_at(step, cfg.steps, cfg.indexer_optim))
         done = step + 1
         diagnose = None
@@ -209,7 +210,7 @@ def run_sparse(cfg: SparseConfig, resume: bool = False, resolve=lambda p: p, sho
             diagnose = lambda out: model_diagnostics(model, out.aux, topk, cfg.chunk,  # noqa: E731
                                                      [a.indices for a in out.aux])
         metrics = sparse_step(model, opt, ids, cfg.chunk, lrs, (cfg.optim.grad_clip, cfg.indexer_optim.grad_clip),
-                              diagnose)
+                              diagnose, weights)
         metrics["step_time_s"] = time.perf_counter() - t0
         _check("sparse: loss", metrics["loss"], step)
         if done % cfg.log_every == 0 or done == cfg.steps:

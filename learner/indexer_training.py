@@ -19,10 +19,11 @@ are averaged over layers (each layer's indexer has its own parameters, so this o
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dsarl import kernels
 from dsarl.models.rope import apply_rope_interleaved, rope_angles
+
+from .pretrain import lm_loss, weighted_lm_loss  # noqa: F401  (lm_loss: the plain mean, re-exported)
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,6 @@ class IndexerStepStats:
     kl_per_layer: tuple[float, ...]
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # fp32 log-softmax
 
 
 def rope_for_cfg(cfg, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +130,11 @@ def sparse_layer_kl(mla, aux, chunk: int) -> torch.Tensor:
     return total / n_queries
 
 
-def sparse_losses(model, input_ids: torch.Tensor, targets: torch.Tensor, chunk: int):
-    """-> (lm_loss, kl (mean over layers), out): the two losses of the sparse stage, on separate graphs."""
+def sparse_losses(model, input_ids: torch.Tensor, targets: torch.Tensor, chunk: int,
+                  weights: torch.Tensor | None = None):
+    """-> (lm_loss, kl (mean over layers), out): the two losses of the sparse stage, on separate graphs.
+    `weights` [B, T]: per-target LM-loss weights (None: the plain mean)."""
     out = model(input_ids, attention="sparse", collect_aux=True)
-    loss = lm_loss(out.logits, targets)
+    loss = weighted_lm_loss(out.logits, targets, weights)
     kls = [sparse_layer_kl(layer.self_attn, aux, chunk) for layer, aux in zip(model.model.layers, out.aux)]
     return loss, torch.stack(kls), out

@@ -196,3 +196,19 @@ def test_layer_diagnostics_full_selection_recalls_everything():
     assert abs(d.recall - 1.0) < 1e-5 and d.fp8_overlap == 1.0
     d4 = layer_diagnostics(model.model.layers[0].self_attn, aux[0], topk=4, chunk=7)
     assert d4.recall < 1.0 and d4.recall_long < d4.recall and 0.5 < d4.fp8_overlap <= 1.0
+
+
+def test_sparse_lm_loss_weights_are_a_weighted_mean_over_targets():
+    """sparse_losses with per-target weights = sum_t w_t CE_t / sum_t w_t of the sparse logits, by hand."""
+    model = tiny()
+    input_ids = ids()
+    w = torch.zeros(2, T)
+    w[:, 5:9] = 1.0  # "answers"
+    w[1, 0] = 0.1
+    loss, _, out = sparse_losses(model, input_ids[:, :-1], input_ids[:, 1:], chunk=5, weights=w)
+    logp = torch.log_softmax(out.logits.float(), -1)
+    by_hand = sum(-w[b, t] * logp[b, t, input_ids[b, t + 1]] for b in range(2) for t in range(T)) / w.sum()
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    plain, _, _ = sparse_losses(model, input_ids[:, :-1], input_ids[:, 1:], chunk=5)
+    assert plain.item() == pytest.approx(-logp.gather(-1, input_ids[:, 1:, None]).mean().item(), rel=1e-5)
+    assert abs(plain.item() - loss.item()) > 1e-3
