@@ -22,7 +22,8 @@ index_n_heads: 2
 index_head_dim: 16
 index_topk: 16
 """
-TASK = ["task.name=kv_retrieval", "task.kwargs.context_len=40", "batch_size=2", "seq_len=64", "tensorboard=false"]
+TASK = ["task.name=kv_multi_query", "task.kwargs.context_len=40", "task.kwargs.min_context_len=20",
+        "task.kwargs.n_queries=3", "task.non_answer_weight=0.1", "batch_size=2", "seq_len=64", "tensorboard=false"]
 
 
 def test_pretrain_warmup_sparse_eval_through_the_cli(tmp_path):
