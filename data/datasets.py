@@ -41,10 +41,13 @@ def lm_document(row: dict) -> str:
 
 
 def packed_lm_batch(tokenizer, task: str, task_kwargs: dict, batch_size: int, seq_len: int, seed: int,
-                    step: int) -> torch.Tensor:
+                    step: int, eos_prob: float = 1.0) -> torch.Tensor:
     """[batch_size, seq_len + 1] token ids: documents (bos + text + eos) packed end to end.
 
-    The batch depends only on (seed, step), so a resumed run sees exactly the data it would have.
+    `eos_prob` < 1 ends only that share of documents with eos (the next one follows directly), like a
+    web corpus where an answer is usually followed by more text: a model trained on it often goes on
+    after its answer instead of stopping. The batch depends only on (seed, step), so a resumed run
+    sees exactly the data it would have.
     """
     rng = random.Random(f"{seed}/pretrain/{step}")
     gen = TASKS[task]
@@ -52,6 +55,8 @@ def packed_lm_batch(tokenizer, task: str, task_kwargs: dict, batch_size: int, se
     for b in range(batch_size):
         ids: list[int] = []
         while len(ids) < seq_len + 1:
-            ids += [tokenizer.bos_id, *tokenizer.encode(lm_document(gen(rng, **task_kwargs))), tokenizer.eos_id]
+            ids += [tokenizer.bos_id, *tokenizer.encode(lm_document(gen(rng, **task_kwargs)))]
+            if eos_prob >= 1.0 or rng.random() < eos_prob:
+                ids.append(tokenizer.eos_id)
         out[b] = torch.tensor(ids[: seq_len + 1])
     return out
