@@ -39,7 +39,7 @@ from dsarl.rewards.config import RewardConfig
 from dsarl.rewards.types import RewardSample
 
 from .grpo_loop import GRPOConfig, PromptData, load_prompt_rows, prompt_ids_for
-from .ray_env import init_ray
+from .ray_setup import RayConfig, init_ray
 
 
 @dataclass
@@ -352,7 +352,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, resolve=lambda p: p, s
         pretrain(p, resolve=resolve, show_progress=show_progress)
     times["pretrain"] = time.perf_counter() - t
 
-    init_ray(cfg.ray_num_cpus)
+    init_ray(RayConfig(num_cpus=cfg.ray_num_cpus, include_dashboard=False))
     specialists, grpo_cfgs, grpo_evals = {}, {}, {}
     for entry in cfg.domains:
         t = time.perf_counter()
