@@ -34,10 +34,11 @@ def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: in
         group_size=group, save_every=10**9, eval_samples=0, write_rollouts=False, tensorboard=False,
         data=PromptData(task="kv_retrieval" if task_kwargs else "arithmetic", task_kwargs=task_kwargs, num_train=64,
                         num_test=0),
-        rollout=RolloutConfig(num_cpus_per_worker=0.5, max_new_tokens=new_tokens, max_batch_size=prompts * group),
+        rollout=RolloutConfig(num_cpus_per_worker=0.5, num_threads=2, max_new_tokens=new_tokens,
+                              max_batch_size=prompts * group),
         rewards=RewardConfig(components=[RewardComponentConfig(name="exact_match")], num_cpus_per_worker=0.25),
         learner=LearnerConfig(loss=GRPOLossConfig(beta=0.01), micro_batch_groups=prompts),
-        learner_num_cpus=0.5, accuracy_component="exact_match",
+        learner_num_cpus=0.5, learner_num_threads=2, accuracy_component="exact_match",
         run_dir=tempfile.mkdtemp(prefix="bench-grpo-"))
     trainer = GRPOTrainer(cfg)
     rows = []
