@@ -60,6 +60,8 @@ def group_forward(model, batch: PaddedGroups, attention: str, temperature: float
     Lc = batch.completions.shape[1]
     positions = batch.prompt_lens.repeat_interleave(G)[:, None] + torch.arange(Lc)  # [P*G, Lc]
     indices = batch.indices if (use_indices and attention == "sparse") else None
+    if indices is not None and model.config.index_dense_when_all_fit and Lp + Lc <= model.config.index_topk:
+        indices = None  # every query sees <= k keys: the sampler selected them all, the model runs dense
     comp_logits = model(batch.completions, positions=positions, cache=shared, attention=attention,
                         indices=indices).logits  # [P*G, Lc, V]
     logits = torch.cat([last.repeat_interleave(G, dim=0)[:, None], comp_logits[:, :-1]], dim=1)  # [P*G, Lc, V]

@@ -54,6 +54,10 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
         return w[:, : self.nope], w[:, self.nope :]  # [H, nope, C], [H, v, C]
 
+    def _all_visible_fit(self, positions: torch.Tensor) -> bool:
+        """True when no query can see more than index_topk keys (positions 0..t are all it sees)."""
+        return self.cfg.index_dense_when_all_fit and int(positions.max()) < self.cfg.index_topk
+
     def forward(self, x, cos, sin, positions, layer_idx: int, cache=None, attention: str = "dense",
                 indices: torch.Tensor | None = None, collect_aux: bool = False):
         """x [B, T, hidden] -> (out [B, T, hidden], indices [B, T, K] | None, aux | None).
@@ -73,17 +77,24 @@ class MLA(nn.Module):
         else:
             kv, k_idx, k_pos = cache.update(layer_idx, kv_new, k_idx_new, positions)
 
-        if attention == "sparse" and indices is None:
+        sparse = attention == "sparse"
+        if sparse and indices is None and not collect_aux and self._all_visible_fit(positions):
+            # Every query sees at most k keys, so top-k selects them all: sparse attention *is* dense
+            # attention here, and the dense kernels are faster ("masked MHA mode" for short sequences).
+            sparse = False
+            indices = kernels.topk_indices(torch.where(kernels.visibility(positions, k_pos), 0.0, float("-inf")),
+                                           self.cfg.index_topk)  # [B, T, K]: the visible keys, -1 padded
+        elif sparse and indices is None:
             q_i, w_i = self.indexer.queries(c_q, x, cos, sin)
             indices = kernels.indexer_topk(q_i, w_i, k_idx, self.cfg.index_topk, positions, k_pos,
                                            chunk=self.cfg.index_chunk)  # [B, T, K] int32
         probs = None
         scale = self.cfg.softmax_scale
-        if attention == "sparse" or (cache is not None and T <= ABSORBED_DECODE_MAX_T):
+        if sparse or (cache is not None and T <= ABSORBED_DECODE_MAX_T):
             w_uk, w_uv = self._w_uk_uv()
             q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # absorb W_uk: [B, T, H, C]
             q_abs = torch.cat([q_lat, q_pe], dim=-1)  # [B, T, H, C+R]
-            if attention == "sparse":
+            if sparse:
                 o_lat, _, *rest = kernels.sparse_mla_attention(q_abs, kv, indices, scale, self.kv_rank,
                                                                return_probs=collect_aux)
                 probs = rest[0] if rest else None

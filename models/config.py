@@ -52,6 +52,7 @@ class DSAConfig:
     attention: Literal["dense", "sparse"] = "dense"  # dense predecessor or DSA (top-k) attention
     index_fp8: bool = False  # FP8 e4m3 quantize-dequantize of the indexer's q and k (per-token scales)
     index_chunk: int = 1024  # queries per chunk when scoring + selecting (memory O(chunk * L))
+    index_dense_when_all_fit: bool = True  # sparse mode runs dense kernels when every query sees <= k keys
     n_routed_experts: int | None = None  # HF key; only None/0 (dense MLP) is supported
 
     def __post_init__(self):

@@ -24,11 +24,13 @@ def fresh_seed() -> int:
     return random.SystemRandom().randrange(2**31)
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_sparse_equals_dense_when_topk_covers_sequence(fp8):
+@pytest.mark.parametrize("fp8, dense_when_all_fit", [(False, False), (True, False), (False, True)])
+def test_sparse_equals_dense_when_topk_covers_sequence(fp8, dense_when_all_fit):
+    # dense_when_all_fit=False forces the indexer + sparse kernel path even though k covers every key
     seed = fresh_seed()
     L = 23
-    model = build_model(small_cfg(index_topk=L, index_fp8=fp8), seed=seed)
+    model = build_model(small_cfg(index_topk=L, index_fp8=fp8, index_dense_when_all_fit=dense_when_all_fit),
+                        seed=seed)
     ids = torch.randint(0, 264, (2, L), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         dense = model(ids, attention="dense").logits
