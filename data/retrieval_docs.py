@@ -14,11 +14,10 @@ tokens are answers, so pretraining can weight the loss towards them (learner/pre
 Any task of data/tasks.py is a document too: prompt (not answer), answer, newline.
 """
 import random
-import string
 
 import torch
 
-from .tasks import TASKS, _random_token
+from .tasks import TASKS, random_kv_pairs
 
 
 def kv_multi_query(rng: random.Random, context_len: int = 512, key_len: int = 3, value_len: int = 2,
@@ -29,12 +28,7 @@ def kv_multi_query(rng: random.Random, context_len: int = 512, key_len: int = 3,
     if min_context_len is not None:
         context_len = rng.randint(min_context_len, context_len)
     n_pairs = max(2, context_len // (key_len + value_len + 2))  # "kkk:vv "
-    keys: set[str] = set()
-    while len(keys) < n_pairs:
-        keys.add(_random_token(rng, key_len, string.ascii_lowercase))
-    keys_list = sorted(keys)
-    rng.shuffle(keys_list)
-    values = [_random_token(rng, value_len, string.digits) for _ in keys_list]
+    keys_list, values = random_kv_pairs(rng, n_pairs, key_len, value_len)
     order = rng.sample(range(n_pairs), min(n_queries, n_pairs))
     order += [rng.randrange(n_pairs) for _ in range(n_queries - len(order))]
     segments = [(" ".join(f"{k}:{v}" for k, v in zip(keys_list, values)), False)]

@@ -32,6 +32,16 @@ def _random_token(rng: random.Random, length: int, alphabet: str) -> str:
     return "".join(rng.choice(alphabet) for _ in range(length))
 
 
+def random_kv_pairs(rng: random.Random, n_pairs: int, key_len: int, value_len: int) -> tuple[list[str], list[str]]:
+    """n_pairs unique lowercase keys in random order, each with a random digit value."""
+    keys: set[str] = set()
+    while len(keys) < n_pairs:
+        keys.add(_random_token(rng, key_len, string.ascii_lowercase))
+    keys_list = sorted(keys)
+    rng.shuffle(keys_list)
+    return keys_list, [_random_token(rng, value_len, string.digits) for _ in keys_list]
+
+
 @register_task("kv_retrieval")
 def kv_retrieval(rng: random.Random, context_len: int = 512, key_len: int = 4, value_len: int = 4,
                  needle_depth: float | None = None) -> dict:
@@ -42,12 +52,7 @@ def kv_retrieval(rng: random.Random, context_len: int = 512, key_len: int = 4, v
     """
     pair_len = key_len + value_len + 2  # "kkkk:vvvv "
     n_pairs = max(2, context_len // pair_len)
-    keys: set[str] = set()
-    while len(keys) < n_pairs:
-        keys.add(_random_token(rng, key_len, string.ascii_lowercase))
-    keys_list = sorted(keys)
-    rng.shuffle(keys_list)
-    values = [_random_token(rng, value_len, string.digits) for _ in keys_list]
+    keys_list, values = random_kv_pairs(rng, n_pairs, key_len, value_len)
     target = rng.randrange(n_pairs) if needle_depth is None else min(n_pairs - 1, int(needle_depth * n_pairs))
     context = " ".join(f"{k}:{v}" for k, v in zip(keys_list, values))
     return {
