@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .tasks import TASKS
+from .tasks import get_task
 
 
 def load_rows(path: str | Path) -> list[dict]:
@@ -50,7 +50,7 @@ def packed_lm_batch(tokenizer, task: str, task_kwargs: dict, batch_size: int, se
     sees exactly the data it would have.
     """
     rng = random.Random(f"{seed}/pretrain/{step}")
-    gen = TASKS[task]
+    gen = get_task(task)
     out = torch.empty(batch_size, seq_len + 1, dtype=torch.long)
     for b in range(batch_size):
         ids: list[int] = []

@@ -17,7 +17,7 @@ import random
 
 import torch
 
-from .tasks import TASKS, random_kv_pairs
+from .tasks import TASKS, get_task, passkey_haystack, random_kv_pairs
 
 
 def kv_multi_query(rng: random.Random, context_len: int = 512, key_len: int = 3, value_len: int = 2,
@@ -38,16 +38,55 @@ def kv_multi_query(rng: random.Random, context_len: int = 512, key_len: int = 3,
     return segments
 
 
-DOCUMENTS = {"kv_multi_query": kv_multi_query}
+def passkey_multi_query(rng: random.Random, context_len: int = 512, n_needles: int = 8, value_len: int = 2,
+                        min_context_len: int | None = None) -> list[tuple[str, bool]]:
+    """A passkey haystack (data/tasks.py passkey_haystack) of ~context_len bytes (drawn from
+    [min_context_len, context_len] when that is set), then every needle asked once, in random order:
+    `\n?K` -> vv. The first query reads exactly like a `passkey` eval prompt."""
+    if min_context_len is not None:
+        context_len = rng.randint(min_context_len, context_len)
+    text, keys, values = passkey_haystack(rng, context_len, n_needles, value_len)
+    segments = [(text, False)]
+    for i in rng.sample(range(n_needles), n_needles):
+        segments += [(f"\n?{keys[i]}", False), (values[i], True)]
+    segments.append(("\n", False))
+    return segments
+
+
+def repeat_copy(rng: random.Random, length: int = 128, min_length: int | None = None) -> list[tuple[str, bool]]:
+    """Random lowercase words (~length bytes), a newline, the same words again (the answer). Predicting
+    the copy needs an induction head (find the current token earlier, read what followed it): the
+    circuit retrieval needs, formed quickly here because every copied token trains it."""
+    if min_length is not None:
+        length = rng.randint(min_length, length)
+    text, _, _ = passkey_haystack(rng, length, 0, 0)
+    return [(text, False), ("\n", False), (text, True), ("\n", False)]
+
+
+def mixture(rng: random.Random, parts: dict[str, dict] | None = None) -> list[tuple[str, bool]]:
+    """One document of a part drawn by weight: parts = {document or task name: {weight, kwargs}}."""
+    if not parts:
+        raise ValueError("mixture: `parts` must name at least one document, e.g. {repeat_copy: {weight: 1}}")
+    names = sorted(parts)
+    name = rng.choices(names, weights=[float(parts[n].get("weight", 1.0)) for n in names])[0]
+    if name == "mixture":
+        raise ValueError("mixture: a part cannot be another mixture")
+    return document_segments(name, rng, dict(parts[name].get("kwargs") or {}))
+
+
+DOCUMENTS = {"kv_multi_query": kv_multi_query, "passkey_multi_query": passkey_multi_query,
+             "repeat_copy": repeat_copy, "mixture": mixture}
 
 
 def document_segments(task: str, rng: random.Random, task_kwargs: dict) -> list[tuple[str, bool]]:
     """One document of `task`: a multi-query generator above, or a row of data/tasks.py."""
     if task in DOCUMENTS:
         return DOCUMENTS[task](rng, **task_kwargs)
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; documents: {sorted(DOCUMENTS)}, tasks: {sorted(TASKS)}")
-    row = TASKS[task](rng, **task_kwargs)
+    try:
+        gen = get_task(task)
+    except ValueError:
+        raise ValueError(f"unknown task {task!r}; documents: {sorted(DOCUMENTS)}, tasks: {sorted(TASKS)}") from None
+    row = gen(rng, **task_kwargs)
     return [(row["prompt"], False), (row["answer"], True), ("\n", False)]  # as data.datasets.lm_document
 
 

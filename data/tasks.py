@@ -65,14 +65,65 @@ def kv_retrieval(rng: random.Random, context_len: int = 512, key_len: int = 4, v
     }
 
 
+def passkey_haystack(rng: random.Random, context_len: int, n_needles: int, value_len: int
+                     ) -> tuple[str, list[str], list[str]]:
+    """About context_len bytes of random lowercase words with n_needles `Kvv` needles at random depths.
+
+    Each needle key K is a distinct uppercase letter (so at most 26), stated once; vv are random digits.
+    Neither appears in the filler, so the key matches exactly one earlier token: the single-token
+    lookup (an induction head) that a small byte-level model learns quickly, unlike kv_retrieval's
+    multi-byte keys drawn from the same letters as every other key. -> (text, keys, values)."""
+    if not 0 <= n_needles <= 26:
+        raise ValueError(f"passkey: n_needles must be in 0..26, got {n_needles}")
+    keys = rng.sample(string.ascii_uppercase, n_needles)
+    values = [_random_token(rng, value_len, string.digits) for _ in keys]
+    words, size = [], 0
+    while size < context_len:
+        words.append(_random_token(rng, rng.randint(2, 7), string.ascii_lowercase))
+        size += len(words[-1]) + 1
+    slots = sorted(rng.randint(0, len(words)) for _ in range(n_needles))  # needle i goes before word slots[i]
+    order = list(range(n_needles))
+    rng.shuffle(order)  # which key sits at which depth
+    for j, slot in reversed(list(enumerate(slots))):
+        words.insert(slot, keys[order[j]] + values[order[j]])
+    return " ".join(words), keys, values
+
+
+@register_task("passkey")
+def passkey(rng: random.Random, context_len: int = 512, n_needles: int = 8, value_len: int = 2) -> dict:
+    """Passkey retrieval: `...filler Q37 filler ... K05 ...\n?Q` -> `37` (see passkey_haystack).
+
+    The other needles are distractors; the asked one is at a uniformly random depth."""
+    text, keys, values = passkey_haystack(rng, context_len, n_needles, value_len)
+    i = rng.randrange(n_needles)
+    return {
+        "prompt": f"{text}\n?{keys[i]}",
+        "answer": values[i],
+        "task": "passkey",
+        "language": "en",
+        "context_len": context_len,
+        "needle_depth": text.index(keys[i] + values[i]) / len(text),
+    }
+
+
+def get_task(name: str):
+    """The generator registered as `name`. The distillation domains (data/domains.py: `code_lambda`,
+    `mixed`) register on import, so they are imported here on a miss: `task.name=mixed` works from
+    any entry point."""
+    if name not in TASKS:
+        from . import domains  # noqa: F401  (registers its tasks)
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; registered: {sorted(TASKS)}")
+    return TASKS[name]
+
+
 def make_rows(task: str, n: int, seed: int, split: str = "train", **kwargs) -> list[dict]:
     """n rows of a task; row i of a split is the same for a given seed whatever n is."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; registered: {sorted(TASKS)}")
+    gen = get_task(task)
     rows = []
     for i in range(n):
         rng = random.Random(f"{seed}/{split}/{task}/{i}")
-        row = TASKS[task](rng, **kwargs)
+        row = gen(rng, **kwargs)
         row["id"] = f"{task}-{split}-{i}"
         rows.append(row)
     return rows

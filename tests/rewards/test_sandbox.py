@@ -127,3 +127,23 @@ def test_environment_is_not_inherited(monkeypatch):
     monkeypatch.setenv("DSARL_SECRET", "hunter2")
     r = run_sandboxed("import os\nprint(os.environ.get('DSARL_SECRET'))\n", [""], FAST)
     assert r.cases[0]["stdout"].strip() == "None"
+
+
+def test_code_results_are_cached_by_code_and_tests(monkeypatch):
+    """A repeated (code, tests) pair is scored from the cache with the result of a real run; a new
+    program, new tests, or cache_size 0 start the sandbox again."""
+    import dsarl.rewards.code as code_mod
+
+    starts = []
+    real = code_mod.run_sandboxed
+    monkeypatch.setattr(code_mod, "run_sandboxed", lambda *a, **k: starts.append(1) or real(*a, **k))
+    tests = "assert add(1, 2) == 3\n"
+    good, bad = "def add(a, b):\n    return a + b\n", "def add(a, b):\n    return a * b\n"
+    reward = CodeTests(time_s=5)
+    first = [reward(S(c, tests))["score"] for c in (good, bad, good, bad, f"```python\n{good}```")]
+    assert first == [1.0, 0.0, 1.0, 0.0, 1.0] and len(starts) == 2  # the fenced copy extracts to `good`
+    assert reward(S(good, tests + "assert add(2, 2) == 4\n"))["score"] == 1.0 and len(starts) == 3
+    uncached = CodeTests(time_s=5, cache_size=0)
+    assert [uncached(S(good, tests))["score"] for _ in range(2)] == [1.0, 1.0] and len(starts) == 5
+    small = CodeTests(time_s=5, cache_size=1)  # LRU of one: alternating programs always miss
+    assert [small(S(c, tests))["score"] for c in (good, bad, good)] == [1.0, 0.0, 1.0] and len(starts) == 8
