@@ -3,7 +3,9 @@
     math       `37+58=` -> `95`                      rule reward (math_answer) + format + length
     code       `f(0)=37 f(1)=42` -> `f=lambda x:5*x+37`   executed in the sandbox against hidden
                                                      points (code_tests) + format + length
-    retrieval  `abc:12 ... xyz:07\n?xyz:` -> `07`   exact match (needs attention to find the key)
+    retrieval  `qwe K3 rty ... Q7 ...\n?K` -> `3`      exact match (passkey: attention must find the
+                                                     needle K among 4; copying any digit seen
+                                                     scores ~1/4, looking it up scores 1)
 
 `DOMAINS` is the registry; `Domain.grpo_fields()` is what a specialist's GRPO config takes from it.
 Importing this module also registers two tasks in `dsarl.data.tasks`: `code_lambda` (the code
@@ -72,9 +74,9 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
            (RewardComponentConfig(name="code_tests", kwargs={"time_s": 5.0}), _format(r"f=lambda x:.+"),
             _length(26, 4)),
            accuracy_component="code_tests", max_new_tokens=26),
-    Domain("retrieval", "kv_retrieval", {"context_len": 128, "key_len": 3, "value_len": 2},
-           (RewardComponentConfig(name="exact_match", kwargs={"extract": False}), _length(8, 2)),
-           accuracy_component="exact_match", max_new_tokens=8),
+    Domain("retrieval", "passkey", {"context_len": 64, "n_needles": 4, "value_len": 1},
+           (RewardComponentConfig(name="exact_match", kwargs={"extract": False}), _length(6, 2)),
+           accuracy_component="exact_match", max_new_tokens=6),
 )}
 
 

@@ -66,6 +66,7 @@ class SFTConfig:
     samples_per_prompt: int = 4
     temperature: float = 1.0
     reward_threshold: float = 0.5  # keep samples whose total reward is strictly above it
+    min_samples: int = 16  # fewer kept samples over all domains: SFT is skipped (logged in the report)
     steps: int = 100
     batch_size: int = 32
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5, min_lr_ratio=0.1,
@@ -233,7 +234,7 @@ def run_opd(distiller: Distiller, engine: NativeEngine, tokenizer, teachers, dat
         t1 = time.perf_counter()
         teacher_logp = teachers.log_probs(domains, prompts, completions)
         t2 = time.perf_counter()
-        sft = mixed_batch(pools, cfg_sft_weights(cfg), cfg.sft.batch_size, rng) if opd.sft_coef > 0 and pools else None
+        sft = mixed_batch(pools, cfg_sft_weights(cfg), cfg.sft.batch_size, rng) if opd.sft_coef > 0 and any(pools.values()) else None
         m = distiller.step(lr_at(step, opd.steps, opd.optim), sft=sft, opd=Sequences(prompts, completions),
                            teacher_logp=teacher_logp, sft_coef=opd.sft_coef)
         logger.log(step0 + step + 1, {"phase": "opd", **m, "time/generate": t1 - t0, "time/teacher": t2 - t1,
@@ -387,7 +388,13 @@ def run_distill(cfg: DistillConfig, resume: bool = False, resolve=lambda p: p, s
                 sft_metrics.update(m)
             times["sft_data"] = time.perf_counter() - t
             t = time.perf_counter()
-            step = run_sft(distiller, pools, cfg_sft_weights(cfg), cfg.sft, cfg.seed, logger, step)
+            n_kept = sum(len(p) for p in pools.values())
+            if n_kept < cfg.sft.min_samples:  # a few samples would only be memorised: say so, go on
+                print(f"distill: SFT skipped, {n_kept} specialist samples passed the reward threshold "
+                      f"{cfg.sft.reward_threshold} (sft.min_samples: {cfg.sft.min_samples})")
+                sft_metrics["sft_skipped"] = 1
+            else:
+                step = run_sft(distiller, pools, cfg_sft_weights(cfg), cfg.sft, cfg.seed, logger, step)
             times["sft"] = time.perf_counter() - t
         if cfg.opd.enabled:
             t = time.perf_counter()

@@ -83,7 +83,7 @@ def test_specialist_config_takes_the_domains_task_rewards_and_overrides():
     assert [e.name for e in cfg.domains] == ["math", "code", "retrieval"]
     entry = DomainEntry("retrieval", task_kwargs={"context_len": 96}, grpo_overrides=["steps=3"])
     g = specialist_config(cfg, entry, "BASE")
-    assert g.data.task == "kv_retrieval" and g.data.task_kwargs["context_len"] == 96
+    assert g.data.task == "passkey" and g.data.task_kwargs["context_len"] == 96 and g.data.task_kwargs["n_needles"] == 4
     assert g.accuracy_component == "exact_match" and [c.name for c in g.rewards.components] == ["exact_match", "overlong"]
     assert g.steps == 3 and g.init_from == "BASE" and g.run_dir.endswith("specialists/retrieval")
 
@@ -173,7 +173,7 @@ def test_small_distill_run_writes_the_report(ray_local, tmp_path):
                               rollout=RolloutConfig(num_cpus_per_worker=0.25, max_batch_size=16),
                               steps=1, prompts_per_step=2, group_size=2, save_every=1, learner_num_cpus=0.5,
                               write_rollouts=False),
-        sft=SFTConfig(prompts=6, samples_per_prompt=2, reward_threshold=-1.0, steps=2, batch_size=4),
+        sft=SFTConfig(prompts=6, samples_per_prompt=2, reward_threshold=-1.0, steps=2, batch_size=4, min_samples=1),
         opd=OPDConfig(steps=2, prompts_per_step=3, samples_per_prompt=2, sft_coef=0.5),
         eval_samples=4, max_batch_size=16)
     cfg.specialist.rewards.num_cpus_per_worker = 0.25
