@@ -39,13 +39,13 @@ def kv_multi_query(rng: random.Random, context_len: int = 512, key_len: int = 3,
 
 
 def passkey_multi_query(rng: random.Random, context_len: int = 512, n_needles: int = 8, value_len: int = 2,
-                        min_context_len: int | None = None) -> list[tuple[str, bool]]:
+                        min_context_len: int | None = None, filler: str = "random") -> list[tuple[str, bool]]:
     """A passkey haystack (data/tasks.py passkey_haystack) of ~context_len bytes (drawn from
     [min_context_len, context_len] when that is set), then every needle asked once, in random order:
     `\n?K` -> vv. The first query reads exactly like a `passkey` eval prompt."""
     if min_context_len is not None:
         context_len = rng.randint(min_context_len, context_len)
-    text, keys, values = passkey_haystack(rng, context_len, n_needles, value_len)
+    text, keys, values = passkey_haystack(rng, context_len, n_needles, value_len, filler)
     segments = [(text, False)]
     for i in rng.sample(range(n_needles), n_needles):
         segments += [(f"\n?{keys[i]}", False), (values[i], True)]
@@ -101,14 +101,18 @@ def encode_document(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[i
 
 
 def packed_lm_batch_with_mask(tokenizer, task: str, task_kwargs: dict, batch_size: int, seq_len: int, seed: int,
-                              step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (ids [batch_size, seq_len + 1] long, is_answer [batch_size, seq_len + 1] bool).
+                              step: int, pack: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (ids [batch_size, seq_len + 1] long, is_answer, is_pad [batch_size, seq_len + 1] bool).
 
     Same packing and the same (seed, step) seeding as data.datasets.packed_lm_batch: for a task of
-    data/tasks.py the ids are identical to it."""
+    data/tasks.py the ids are identical to it. `pack=False` puts one document per row from position 0,
+    cut at seq_len + 1 or right-padded with pad tokens (is_pad): packed rows let a query see the
+    documents before its own, and retrieval documents reuse their keys (26 passkey letters), so
+    there a query can find a same-named needle of an earlier document."""
     rng = random.Random(f"{seed}/pretrain/{step}")
-    ids_out = torch.empty(batch_size, seq_len + 1, dtype=torch.long)
-    mask_out = torch.empty(batch_size, seq_len + 1, dtype=torch.bool)
+    ids_out = torch.full((batch_size, seq_len + 1), tokenizer.pad_id, dtype=torch.long)
+    mask_out = torch.zeros(batch_size, seq_len + 1, dtype=torch.bool)
+    pad_out = torch.ones(batch_size, seq_len + 1, dtype=torch.bool)
     for b in range(batch_size):
         ids: list[int] = []
         mask: list[bool] = []
@@ -116,25 +120,32 @@ def packed_lm_batch_with_mask(tokenizer, task: str, task_kwargs: dict, batch_siz
             i, m = encode_document(tokenizer, document_segments(task, rng, task_kwargs))
             ids += i
             mask += m
-        ids_out[b] = torch.tensor(ids[: seq_len + 1])
-        mask_out[b] = torch.tensor(mask[: seq_len + 1])
-    return ids_out, mask_out
+            if not pack:
+                break
+        n = min(len(ids), seq_len + 1)
+        ids_out[b, :n] = torch.tensor(ids[:n])
+        mask_out[b, :n] = torch.tensor(mask[:n])
+        pad_out[b, :n] = False
+    return ids_out, mask_out, pad_out
 
 
-def loss_weights(is_answer: torch.Tensor, non_answer_weight: float) -> torch.Tensor:
-    """Per-token loss weights: 1 on answer tokens, non_answer_weight elsewhere (fp32)."""
-    return torch.where(is_answer, 1.0, float(non_answer_weight)).float()
+def loss_weights(is_answer: torch.Tensor, non_answer_weight: float, is_pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token loss weights: 1 on answer tokens, non_answer_weight elsewhere, 0 on padding (fp32)."""
+    w = torch.where(is_answer, 1.0, float(non_answer_weight)).float()
+    return w if is_pad is None else w.masked_fill(is_pad, 0.0)
 
 
 def lm_batch(tokenizer, task: str, task_kwargs: dict, non_answer_weight: float, batch_size: int, seq_len: int,
-             seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+             seed: int, step: int, pack: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (ids [B, seq_len + 1], loss weights of the targets ids[:, 1:] [B, seq_len] or None).
 
-    None (plain LM loss, ids from data.datasets.packed_lm_batch, unchanged) for a task of data/tasks.py
-    with non_answer_weight 1; otherwise the masked packing and its weights."""
-    if task not in DOCUMENTS and non_answer_weight == 1.0:
+    None (plain LM loss, ids from data.datasets.packed_lm_batch, unchanged) for a packed task of
+    data/tasks.py with non_answer_weight 1; otherwise the masked packing and its weights (0 on padding:
+    the target of the last real token is its document's eos, then padding carries no loss)."""
+    if task not in DOCUMENTS and non_answer_weight == 1.0 and pack:
         from .datasets import packed_lm_batch
 
         return packed_lm_batch(tokenizer, task, task_kwargs, batch_size, seq_len, seed, step), None
-    ids, is_answer = packed_lm_batch_with_mask(tokenizer, task, task_kwargs, batch_size, seq_len, seed, step)
-    return ids, loss_weights(is_answer[:, 1:], non_answer_weight)
+    ids, is_answer, is_pad = packed_lm_batch_with_mask(tokenizer, task, task_kwargs, batch_size, seq_len, seed, step,
+                                                       pack)
+    return ids, loss_weights(is_answer[:, 1:], non_answer_weight, is_pad[:, 1:])

@@ -65,9 +65,20 @@ def kv_retrieval(rng: random.Random, context_len: int = 512, key_len: int = 4, v
     }
 
 
-def passkey_haystack(rng: random.Random, context_len: int, n_needles: int, value_len: int
+FILLER_WORDS = ("the of and to in is was for that with as on by at from his her but not are this have had "
+                "which one you were all they she there been their has when who will more would out into time "
+                "only after some what over about than them two may first then could these other like new "
+                "grass sky green blue sun water river stone hill tree field cloud wind light day night").split()
+
+
+def passkey_haystack(rng: random.Random, context_len: int, n_needles: int, value_len: int, filler: str = "random"
                      ) -> tuple[str, list[str], list[str]]:
-    """About context_len bytes of random lowercase words with n_needles `Kvv` needles at random depths.
+    """About context_len bytes of lowercase filler words with n_needles `Kvv` needles at random depths.
+
+    filler `random`: random letters (2-7 per word): nothing in it can be predicted, attention over it
+    has nothing to find. `words`: words drawn from FILLER_WORDS (the classic passkey haystack is
+    repeated prose): after a word's first letters its rest is known from the last few tokens, so the
+    model attends locally there, as language models do over most of real text.
 
     Each needle key K is a distinct uppercase letter (so at most 26), stated once; vv are random digits.
     Neither appears in the filler, so the key matches exactly one earlier token: the single-token
@@ -77,9 +88,12 @@ def passkey_haystack(rng: random.Random, context_len: int, n_needles: int, value
         raise ValueError(f"passkey: n_needles must be in 0..26, got {n_needles}")
     keys = rng.sample(string.ascii_uppercase, n_needles)
     values = [_random_token(rng, value_len, string.digits) for _ in keys]
+    if filler not in ("random", "words"):
+        raise ValueError(f"passkey: filler must be 'random' or 'words', got {filler!r}")
     words, size = [], 0
     while size < context_len:
-        words.append(_random_token(rng, rng.randint(2, 7), string.ascii_lowercase))
+        words.append(rng.choice(FILLER_WORDS) if filler == "words"
+                     else _random_token(rng, rng.randint(2, 7), string.ascii_lowercase))
         size += len(words[-1]) + 1
     slots = sorted(rng.randint(0, len(words)) for _ in range(n_needles))  # needle i goes before word slots[i]
     order = list(range(n_needles))
@@ -90,11 +104,14 @@ def passkey_haystack(rng: random.Random, context_len: int, n_needles: int, value
 
 
 @register_task("passkey")
-def passkey(rng: random.Random, context_len: int = 512, n_needles: int = 8, value_len: int = 2) -> dict:
+def passkey(rng: random.Random, context_len: int = 512, n_needles: int = 8, value_len: int = 2,
+            filler: str = "random") -> dict:
     """Passkey retrieval: `...filler Q37 filler ... K05 ...\n?Q` -> `37` (see passkey_haystack).
 
     The other needles are distractors; the asked one is at a uniformly random depth."""
-    text, keys, values = passkey_haystack(rng, context_len, n_needles, value_len)
+    if n_needles < 1:
+        raise ValueError(f"passkey: n_needles must be in 1..26, got {n_needles}")
+    text, keys, values = passkey_haystack(rng, context_len, n_needles, value_len, filler)
     i = rng.randrange(n_needles)
     return {
         "prompt": f"{text}\n?{keys[i]}",

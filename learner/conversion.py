@@ -139,7 +139,7 @@ def _setup(cfg, resolve):
         torch.set_num_threads(cfg.num_threads)
     model, tokenizer = load_model_from_spec(cfg.model, seed=cfg.seed, resolve=resolve)
     batch = lambda step: lm_batch(tokenizer, cfg.task.name, cfg.task.kwargs, cfg.task.non_answer_weight,  # noqa: E731
-                                  cfg.batch_size, cfg.seq_len, cfg.seed, step)
+                                  cfg.batch_size, cfg.seq_len, cfg.seed, step, cfg.task.pack)
     return model, tokenizer, batch
 
 

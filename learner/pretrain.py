@@ -32,6 +32,9 @@ class TaskSpec:
     # 0 trains on answers only (data/retrieval_docs.py; documents there, e.g. kv_multi_query, need it)
     non_answer_weight: float = 1.0
     eos_prob: float = 1.0  # share of documents ending with eos (else the next follows): < 1 = a base that rambles
+    # documents packed end to end (true), or one per sequence from position 0, right-padded (false): a
+    # query then sees only its own document (data/retrieval_docs.py packed_lm_batch_with_mask)
+    pack: bool = True
 
 
 @dataclass
@@ -94,7 +97,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, resolve=lambda p: p, sho
                                               cfg.seq_len, cfg.seed, step, cfg.task.eos_prob), None)
     else:
         batch = lambda step: lm_batch(tokenizer, cfg.task.name, cfg.task.kwargs, cfg.task.non_answer_weight,  # noqa: E731
-                                      cfg.batch_size, cfg.seq_len, cfg.seed, step)
+                                      cfg.batch_size, cfg.seq_len, cfg.seed, step, cfg.task.pack)
     baseline = unigram_entropy([batch(-1 - i)[0] for i in range(4)], model.config.vocab_size)
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", disable=not show_progress)

@@ -3,6 +3,7 @@ import torch
 from ..dispatch import use_triton
 from ..indexer_scores import indexer_scores
 from ..indexer_scores.reference import resolve_positions
+from .keyed import topk_indices_keyed
 from .reference import topk_indices_reference
 
 
@@ -12,7 +13,7 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
         from .triton import topk_indices_triton
 
         return topk_indices_triton(scores, k)
-    return topk_indices_reference(scores, k)
+    return topk_indices_keyed(scores, k)  # the reference's selection in one topk pass
 
 
 @torch.no_grad()
@@ -32,4 +33,4 @@ def indexer_topk(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, chunk
     return torch.cat(out, dim=1)
 
 
-__all__ = ["topk_indices", "indexer_topk", "topk_indices_reference"]
+__all__ = ["topk_indices", "indexer_topk", "topk_indices_keyed", "topk_indices_reference"]

@@ -70,3 +70,14 @@ def test_mixture_draws_parts_by_weight_with_their_kwargs():
     assert document_segments("mixture", random.Random(2), {"parts": parts}) == mixture(random.Random(2), parts)
     with pytest.raises(ValueError, match="unknown task"):
         mixture(random.Random(0), {"nope": {}})
+
+
+def test_word_filler_draws_from_the_word_list_and_keeps_the_needles():
+    from dsarl.data.tasks import FILLER_WORDS
+
+    text, keys, values = passkey_haystack(random.Random(9), 500, 10, 2, filler="words")
+    assert parse_needles(text) == dict(zip(keys, values))
+    filler = [w for w in text.split(" ") if not NEEDLE.fullmatch(w)]
+    assert set(filler) <= set(FILLER_WORDS) and len(set(filler)) > 20
+    with pytest.raises(ValueError, match="filler"):
+        passkey_haystack(random.Random(0), 50, 2, 2, filler="prose")

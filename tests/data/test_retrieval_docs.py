@@ -46,7 +46,8 @@ def test_mask_marks_exactly_the_answer_bytes():
 def test_packing_matches_packed_lm_batch_for_a_registered_task():
     tok = ByteTokenizer()
     kw = {"context_len": 30, "key_len": 2, "value_len": 3}
-    ids, mask = packed_lm_batch_with_mask(tok, "kv_retrieval", kw, 2, 100, 5, 7)
+    ids, mask, pad = packed_lm_batch_with_mask(tok, "kv_retrieval", kw, 2, 100, 5, 7)
+    assert not pad.any()  # packed rows are full
     assert torch.equal(ids, packed_lm_batch(tok, "kv_retrieval", kw, 2, 100, 5, 7))
     # every masked run is 3 digits right after "?xx:"
     for row, m in zip(ids.tolist(), mask.tolist()):
@@ -64,7 +65,7 @@ def test_lm_batch_default_is_the_unweighted_packing_and_weights_follow_the_mask(
     ids, w = lm_batch(tok, "arithmetic", {}, 1.0, 2, 50, 0, 3)
     assert w is None and torch.equal(ids, packed_lm_batch(tok, "arithmetic", {}, 2, 50, 0, 3))
     ids, w = lm_batch(tok, "kv_multi_query", {"context_len": 40, "n_queries": 4}, 0.25, 2, 80, 0, 3)
-    _, mask = packed_lm_batch_with_mask(tok, "kv_multi_query", {"context_len": 40, "n_queries": 4}, 2, 80, 0, 3)
+    _, mask, _ = packed_lm_batch_with_mask(tok, "kv_multi_query", {"context_len": 40, "n_queries": 4}, 2, 80, 0, 3)
     assert w.shape == (2, 80) and torch.equal(w, torch.where(mask[:, 1:], 1.0, 0.25))
     assert TaskSpec().non_answer_weight == 1.0  # default: plain LM loss, as before
 
@@ -82,3 +83,22 @@ def test_weighted_lm_loss_is_the_weighted_mean_of_token_losses():
     assert weighted_lm_loss(logits, targets, None).item() == pytest.approx(F.cross_entropy(
         logits.flatten(0, 1), targets.flatten()).item())
     assert weighted_lm_loss(logits, targets, torch.ones(2, 5)).item() == pytest.approx(lm_loss(logits, targets).item())
+
+
+def test_unpacked_rows_hold_one_document_from_position_zero_and_padding_weighs_nothing():
+    tok = ByteTokenizer()
+    kw = {"context_len": 60, "n_needles": 3, "value_len": 2}
+    ids, mask, pad = packed_lm_batch_with_mask(tok, "passkey_multi_query", kw, 4, 200, 1, 2, pack=False)
+    rng = random.Random("1/pretrain/2")  # the generator's own seeding: row b is the b-th document drawn
+    from dsarl.data.retrieval_docs import document_segments
+    for b in range(4):
+        doc, doc_mask = encode_document(tok, document_segments("passkey_multi_query", rng, kw))
+        n = len(doc)
+        assert ids[b, :n].tolist() == doc and mask[b, :n].tolist() == doc_mask
+        assert not pad[b, :n].any() and pad[b, n:].all() and (ids[b, n:] == tok.pad_id).all()
+    ids2, w = lm_batch(tok, "passkey_multi_query", kw, 0.5, 4, 200, 1, 2, pack=False)
+    assert torch.equal(ids2, ids) and torch.equal(w, loss_weights(mask[:, 1:], 0.5, pad[:, 1:]))
+    assert (w[pad[:, 1:]] == 0).all() and (w[mask[:, 1:]] == 1).all()
+    # a document longer than the row is cut, not padded
+    ids, _, pad = packed_lm_batch_with_mask(tok, "passkey_multi_query", kw, 2, 30, 1, 2, pack=False)
+    assert not pad.any() and (ids[:, 0] == tok.bos_id).all()

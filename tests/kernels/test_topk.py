@@ -64,3 +64,31 @@ def test_ties_at_the_threshold_go_to_the_latest_keys():
     assert set(topk_indices_reference(padded, 3)[0, 0].tolist()) == {0, 5, 7}
     few = torch.tensor([[[0.0, inf, 0.0]]])
     assert topk_indices_reference(few, 4)[0, 0].tolist().count(-1) == 2
+
+
+@pytest.mark.parametrize("B,T,S,k", [(1, 5, 5, 3), (2, 37, 61, 8), (1, 7, 7, 12), (3, 64, 300, 32)])
+def test_keyed_selection_equals_the_reference_with_many_ties(gen, B, T, S, k):
+    """Indexer-like scores: ReLU sums that are exactly 0 on many keys, rows of both signs (so -0.0
+    appears: a negative weight times a zero), repeated positive values, causal -inf."""
+    from dsarl.kernels.topk.keyed import topk_indices_keyed
+
+    relu = torch.relu(torch.randn(B, T, S, generator=gen)).round(decimals=1)  # many exact ties
+    sign = torch.where(torch.rand(B, T, 1, generator=gen) < 0.5, -1.0, 1.0)
+    scores = relu * sign
+    assert (scores.signbit() & (scores == 0)).any()  # -0.0 is present
+    q_pos = torch.arange(S - T, S).expand(B, T)
+    scores = scores.masked_fill(torch.arange(S)[None, None, :] > q_pos[:, :, None], float("-inf"))
+    got, ref = topk_indices_keyed(scores, k), topk_indices_reference(scores, k)
+    assert got.dtype == torch.int32 and got.shape == (B, T, k)
+    assert _as_sets(got) == _as_sets(ref)
+    valid = got >= 0  # best first: the selected scores never increase along the row
+    vals = scores.gather(-1, got.clamp(min=0).long()).masked_fill(~valid, float("-inf"))
+    assert (vals[..., 1:] <= vals[..., :-1]).all()
+
+
+def test_sortable_int32_orders_like_the_floats(gen):
+    from dsarl.kernels.topk.keyed import sortable_int32
+
+    x = torch.cat([torch.randn(1000, generator=gen) * 1e3, torch.tensor([0.0, float("inf"), float("-inf"), 1e-45])])
+    order_f = torch.argsort(x, stable=True)
+    assert torch.equal(torch.sort(sortable_int32(x)[order_f]).values, sortable_int32(x)[order_f])

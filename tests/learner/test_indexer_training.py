@@ -9,7 +9,7 @@ import torch
 
 from dsarl import kernels
 from dsarl.learner.conversion import OptimizerPair, freeze_all_but_indexer, sparse_step, split_parameters, warmup_step
-from dsarl.learner.diagnostics import layer_diagnostics, mass_recall, topk_overlap
+from dsarl.learner.diagnostics import layer_diagnostics, mass_recall, oracle_recall, topk_overlap
 from dsarl.learner.indexer_training import (absorbed_qkv, dense_target_chunk, lm_loss, rope_for_cfg, sparse_losses,
                                             warmup_losses)
 from dsarl.learner.optim import OptimConfig, build_optimizer
@@ -186,6 +186,9 @@ def test_mass_recall_and_overlap_against_plain_counts():
     a = torch.tensor([[[0, 1, 2], [3, 4, -1]]])
     b = torch.tensor([[[2, 1, 0], [4, 5, -1]]])
     torch.testing.assert_close(topk_overlap(a, b), torch.tensor([[1.0, 0.5]]))
+    # the k heaviest keys of each row: {0}, {1}, {2} at k = 1; all mass at k = 3
+    torch.testing.assert_close(oracle_recall(p, 1), torch.tensor([[1.0, 0.6 / 0.8, 0.6]]))
+    torch.testing.assert_close(oracle_recall(p, 3), torch.ones(1, 3))
 
 
 def test_layer_diagnostics_full_selection_recalls_everything():
@@ -196,6 +199,7 @@ def test_layer_diagnostics_full_selection_recalls_everything():
     assert abs(d.recall - 1.0) < 1e-5 and d.fp8_overlap == 1.0
     d4 = layer_diagnostics(model.model.layers[0].self_attn, aux[0], topk=4, chunk=7)
     assert d4.recall < 1.0 and d4.recall_long < d4.recall and 0.5 < d4.fp8_overlap <= 1.0
+    assert d4.recall <= d4.recall_oracle + 1e-6 < 1.0 and abs(d.recall_oracle - 1.0) < 1e-5  # the bound holds
 
 
 def test_sparse_lm_loss_weights_are_a_weighted_mean_over_targets():

@@ -1,0 +1,63 @@
+"""The whole DSA conversion path on the tiny model, timed: pretrain (short, then long context, dense)
+-> indexer warm-up -> sparse training -> retrieval eval. Prints one JSON line per stage and a summary
+line with the issue's numbers (warm-up recall at k = L/16, fp8 overlap, accuracy at 2048 by mode).
+
+    python bench/conversion_path.py [--skip pretrain_short pretrain_long ...] [--stages ...]
+
+Each stage is the CLI command a user runs, on the configs in configs/conversion/, in a subprocess.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = [
+    ("pretrain_short", ["pretrain", "configs/conversion/pretrain_short.yaml"]),
+    ("pretrain_long", ["pretrain", "configs/conversion/pretrain_long.yaml"]),
+    ("warmup", ["warmup", "configs/conversion/warmup.yaml"]),
+    ("sparse", ["sparse", "configs/conversion/sparse.yaml"]),
+    ("eval", ["eval", "configs/conversion/eval.yaml"]),
+]
+
+
+def last_with(path: Path, key: str) -> dict:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = [r for r in rows if key in r]
+    return rows[-1] if rows else {}
+
+
+def summary() -> dict:
+    runs = ROOT / "runs" / "conversion"
+    warm = last_with(runs / "warmup" / "metrics.jsonl", "recall")
+    sparse = last_with(runs / "sparse" / "metrics.jsonl", "recall")
+    evals = [json.loads(line) for line in (runs / "eval" / "eval.jsonl").read_text().splitlines()] \
+        if (runs / "eval" / "eval.jsonl").exists() else []
+    acc = {f"{r['label']}/{r['mode']}@{r['context_len']}": r["accuracy"] for r in evals}
+    return {"warmup_recall": warm.get("recall"), "warmup_recall_long": warm.get("recall_long"),
+            "warmup_fp8_overlap": warm.get("fp8_topk_overlap"), "warmup_kl": warm.get("indexer_kl"),
+            "sparse_recall": sparse.get("recall"), "sparse_kl": sparse.get("indexer_kl"), "accuracy": acc}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip", nargs="*", default=[], help="stages to skip (their outputs exist)")
+    args = ap.parse_args()
+    dsarl = [sys.executable, "-m", "dsarl.launch.cli"]
+    total = 0.0
+    for name, cmd in STAGES:
+        if name in args.skip:
+            continue
+        t0 = time.perf_counter()
+        subprocess.run(dsarl + cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        dt = time.perf_counter() - t0
+        total += dt
+        print(json.dumps({"bench": "conversion_path", "stage": name, "seconds": round(dt, 1)}), flush=True)
+    print(json.dumps({"bench": "conversion_path", "total_seconds": round(total, 1),
+                      "skipped": args.skip, **summary()}))
+
+
+if __name__ == "__main__":
+    main()
