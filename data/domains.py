@@ -1,7 +1,7 @@
 """Domains for specialist distillation: a task generator, a reward mix and an accuracy component each.
 
     math       `37+58=` -> `95`                      rule reward (math_answer) + format + length
-    code       `f(0)=37 f(1)=42` -> `f=lambda x:5*x+37`   executed in the sandbox against hidden
+    code       `f(x)=5x+37` -> `f=lambda x:5*x+37`     executed in the sandbox against hidden
                                                      points (code_tests) + format + length
     retrieval  `qwe K3 rty ... Q7 ...\n?K` -> `3`      exact match (passkey: attention must find the
                                                      needle K among 4; copying any digit seen
@@ -22,16 +22,21 @@ from .tasks import TASKS, register_task
 
 
 @register_task("code_lambda")
-def code_lambda(rng: random.Random, min_slope: int = 2, max_slope: int = 9, max_intercept: int = 99) -> dict:
-    """Two points of a line -> a Python lambda through them; checked on a hidden third point.
+def code_lambda(rng: random.Random, min_slope: int = 2, max_slope: int = 9, max_intercept: int = 99,
+                given: str = "points") -> dict:
+    """A line -> a Python lambda for it; checked on the given and a hidden point.
 
-    The answer is one of many programs that pass (`x*5+37`, `37+5*x` ... count too): the reward
-    runs the completion, it never compares text.
+    given `points`: `f(0)=37 f(1)=42` (the slope must be worked out); `formula`: `f(x)=5x+37` (a
+    translation into Python). The answer is one of many programs that pass (`x*5+37`, `37+5*x` ...
+    count too): the reward runs the completion, it never compares text.
     """
     a = rng.randint(min_slope, max_slope)
     b = rng.randint(0, max_intercept)
     x = rng.randint(2, 9)
-    return {"prompt": f"f(0)={b} f(1)={a + b}\n", "answer": f"f=lambda x:{a}*x+{b}",
+    if given not in ("points", "formula"):
+        raise ValueError(f"code_lambda: given must be 'points' or 'formula', got {given!r}")
+    prompt = f"f(0)={b} f(1)={a + b}\n" if given == "points" else f"f(x)={a}x+{b}\n"
+    return {"prompt": prompt, "answer": f"f=lambda x:{a}*x+{b}",
             "tests": f"assert f(0)=={b} and f(1)=={a + b} and f({x})=={a * x + b}",
             "task": "code_lambda", "language": "en"}
 
@@ -70,7 +75,7 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
     Domain("math", "arithmetic", {"min_digits": 1, "max_digits": 2, "ops": "+-"},
            (RewardComponentConfig(name="math_answer"), _format(r"-?\d+"), _length(10, 4)),
            accuracy_component="math_answer", max_new_tokens=10),
-    Domain("code", "code_lambda", {},
+    Domain("code", "code_lambda", {"given": "formula"},
            (RewardComponentConfig(name="code_tests", kwargs={"time_s": 5.0}), _format(r"f=lambda x:.+"),
             _length(26, 4)),
            accuracy_component="code_tests", max_new_tokens=26),

@@ -67,6 +67,10 @@ def test_code_domain_is_checked_by_running_the_program():
     wrong_off_the_two_points = f"f=lambda x:{b}+{a}*x*x"  # agrees on f(0), f(1), not on the hidden point
     assert _score("code", row, other_form)["code_tests"] == 1.0
     assert _score("code", row, wrong_off_the_two_points)["code_tests"] == 0.0
+    # the formula form states the same line: the prompt's coefficients are the reference program's
+    for row in make_rows("code_lambda", 20, 4, "test", given="formula"):
+        a, b = row["prompt"].strip()[len("f(x)="):].split("x+")
+        assert row["answer"] == f"f=lambda x:{a}*x+{b}" and _score("code", row, row["answer"])["code_tests"] == 1.0
 
 
 def test_mixed_task_draws_every_domain_by_weight_with_its_kwargs():
