@@ -22,14 +22,14 @@ index_n_heads: 2
 index_head_dim: 16
 index_topk: 16
 """
-TASK = ["task.name=kv_multi_query", "task.kwargs.context_len=40", "task.kwargs.min_context_len=20",
-        "task.kwargs.n_queries=3", "task.non_answer_weight=0.1", "batch_size=2", "seq_len=64", "tensorboard=false"]
+TASK = ["task.name=passkey_multi_query", "task.kwargs.context_len=40", "task.kwargs.min_context_len=20",
+        "task.kwargs.n_needles=3", "task.non_answer_weight=0.1", "batch_size=2", "seq_len=64", "tensorboard=false"]
 
 
 def test_pretrain_warmup_sparse_eval_through_the_cli(tmp_path):
     (tmp_path / "m.yaml").write_text(MODEL)
     pre, warm, sparse, ev = (str(tmp_path / n) for n in ("pre", "warm", "sparse", "eval"))
-    assert main(["pretrain", "configs/conversion/pretrain_kv.yaml", f"model.config={tmp_path}/m.yaml", "steps=3",
+    assert main(["pretrain", "configs/conversion/pretrain_short.yaml", f"model.config={tmp_path}/m.yaml", "steps=3",
                  f"run_dir={pre}", *TASK]) == 0
     assert main(["warmup", "configs/conversion/warmup.yaml", f"model.init_from={pre}/final", "steps=2",
                  "chunk=16", "diag_topk=4", "diag_every=1", "save_every=1", f"run_dir={warm}", *TASK]) == 0
