@@ -36,7 +36,8 @@ def summary() -> dict:
     evals = [json.loads(line) for line in (runs / "eval" / "eval.jsonl").read_text().splitlines()] \
         if (runs / "eval" / "eval.jsonl").exists() else []
     acc = {f"{r['label']}/{r['mode']}@{r['context_len']}": r["accuracy"] for r in evals}
-    return {"warmup_recall": warm.get("recall"), "warmup_recall_long": warm.get("recall_long"),
+    return {"warmup_recall": warm.get("recall"), "warmup_recall_oracle": warm.get("recall_oracle"),
+            "warmup_recall_long": warm.get("recall_long"),
             "warmup_fp8_overlap": warm.get("fp8_topk_overlap"), "warmup_kl": warm.get("indexer_kl"),
             "sparse_recall": sparse.get("recall"), "sparse_kl": sparse.get("indexer_kl"), "accuracy": acc}
 
