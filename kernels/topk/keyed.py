@@ -23,7 +23,8 @@ def topk_indices_keyed(scores: torch.Tensor, k: int) -> torch.Tensor:
     B, T, S = scores.shape
     kk = min(k, S)
     ordered = sortable_int32(scores.float() + 0.0)  # + 0.0: -0.0 becomes +0.0
-    key = (ordered.to(torch.int64) << 32) | torch.arange(S, device=scores.device, dtype=torch.int64)
+    key = ordered.to(torch.int64)  # in place from here: [B, T, S] int64 temporaries are the cost on CPU
+    key.bitwise_left_shift_(32).bitwise_or_(torch.arange(S, device=scores.device, dtype=torch.int64))
     top = key.topk(kk, dim=-1).indices  # [B, T, kk]
     values = scores.gather(-1, top)
     idx = top.to(torch.int32).masked_fill(torch.isinf(values) & (values < 0), -1)
