@@ -17,6 +17,7 @@ from tqdm import tqdm
 from dsarl.data.datasets import packed_lm_batch
 from dsarl.data.retrieval_docs import lm_batch
 from dsarl.models import save_pretrained
+from dsarl.models.doc_mask import document_ids
 
 from .checkpointing import latest_checkpoint, load_model_weights, load_training_state, save_training_checkpoint
 from .metrics import MetricsLogger
@@ -35,6 +36,9 @@ class TaskSpec:
     # documents packed end to end (true), or one per sequence from position 0, right-padded (false): a
     # query then sees only its own document (data/retrieval_docs.py packed_lm_batch_with_mask)
     pack: bool = True
+    # packed documents see only themselves, from position 0, as at inference (models/doc_mask.py);
+    # dense attention only
+    doc_mask: bool = False
 
 
 @dataclass
@@ -106,7 +110,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, resolve=lambda p: p, sho
         lr = lr_at(step, cfg.steps, cfg.optim)
         set_lr(optimizer, lr)
         ids, weights = batch(step)
-        loss = weighted_lm_loss(model(ids[:, :-1]).logits, ids[:, 1:], weights)
+        inputs = ids[:, :-1]
+        doc_ids = document_ids(inputs, tokenizer.bos_id) if cfg.task.doc_mask else None
+        loss = weighted_lm_loss(model(inputs, doc_ids=doc_ids).logits, ids[:, 1:], weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = clip_grad(model.parameters(), cfg.optim.grad_clip)

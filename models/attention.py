@@ -59,10 +59,11 @@ class MLA(nn.Module):
         return self.cfg.index_dense_when_all_fit and int(positions.max()) < self.cfg.index_topk
 
     def forward(self, x, cos, sin, positions, layer_idx: int, cache=None, attention: str = "dense",
-                indices: torch.Tensor | None = None, collect_aux: bool = False):
+                indices: torch.Tensor | None = None, collect_aux: bool = False, doc_mask: torch.Tensor | None = None):
         """x [B, T, hidden] -> (out [B, T, hidden], indices [B, T, K] | None, aux | None).
 
         `indices`: precomputed top-k selection (e.g. the sampler's) used instead of the indexer's.
+        `doc_mask` [B, T, T] bool: packed documents (models/doc_mask.py); dense, cache-free only.
         """
         B, T, _ = x.shape
         c_q = self.q_a_layernorm(self.q_a_proj(x))  # [B, T, q_rank]
@@ -112,6 +113,7 @@ class MLA(nn.Module):
             # same tokens from position 0: training, and a prefill into an empty cache. Right padding
             # needs no mask there: a real query never sees a later (padded) key.
             same = T == S and (cache is None or bool((positions[:, 0] == 0).all()))
-            out = kernels.dense_mha_attention(qf, k, v, scale, None if same else positions, None if same else k_pos)
+            out = kernels.dense_mha_attention(qf, k, v, scale, None if same else positions, None if same else k_pos,
+                                              mask=doc_mask)
         aux = IndexerAux(x, c_q, positions, indices, probs) if collect_aux else None
         return self.o_proj(out.reshape(B, T, -1)), indices, aux

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .attention import MLA, IndexerAux
 from .config import DSAConfig
+from .doc_mask import document_causal_mask, document_positions
 from .layers import RMSNorm, SwiGLU
 from .rope import rope_angles
 
@@ -32,9 +33,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, positions, cache, attention, indices, collect_aux):
+    def forward(self, x, cos, sin, positions, cache, attention, indices, collect_aux, doc_mask=None):
         h, indices, aux = self.self_attn(self.input_layernorm(x), cos, sin, positions, self.layer_idx, cache,
-                                         attention, indices, collect_aux)
+                                         attention, indices, collect_aux, doc_mask)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), indices, aux
 
@@ -81,11 +82,21 @@ class DSAForCausalLM(nn.Module):
         return_indices: bool = False,
         collect_aux: bool = False,
         logits_slice: slice | None = None,  # compute logits only for these positions (saves the V matmul)
+        doc_ids: torch.Tensor | None = None,  # [B, T] packed documents (models/doc_mask.py): each token
+        # sees only its own document, whose positions restart at 0
     ) -> DecoderOutput:
         B, T = input_ids.shape
         attention = attention or self.config.attention
         if attention not in ("dense", "sparse"):
             raise ValueError(f"attention must be 'dense' or 'sparse', got {attention!r}")
+        doc_mask = None
+        if doc_ids is not None:
+            if attention != "dense" or cache is not None or collect_aux or positions is not None:
+                # the sparse kernels and the indexer take causal positions, not a document mask
+                raise ValueError("doc_ids (packed documents) needs dense attention, no cache, no aux and no "
+                                 "explicit positions")
+            positions = document_positions(doc_ids)
+            doc_mask = document_causal_mask(doc_ids)
         if positions is None:
             positions = (cache.next_positions(T) if cache is not None else torch.arange(T)[None]).to(input_ids.device)
             positions = positions.expand(B, T)
@@ -94,7 +105,7 @@ class DSAForCausalLM(nn.Module):
         all_indices, all_aux = [], []
         for i, layer in enumerate(self.model.layers):
             x, idx, aux = layer(x, cos, sin, positions, cache, attention, None if indices is None else indices[i],
-                                collect_aux)
+                                collect_aux, doc_mask)
             all_indices.append(idx)
             all_aux.append(aux)
         if cache is not None:
