@@ -51,6 +51,15 @@ class Domain:
     max_new_tokens: int  # generation budget: the longest answer, a newline and eos fit, and the
     # length penalty (which counts those tokens too) starts only beyond them
     reward_timeout_s: float = 5.0
+    # what pretraining on the domain reads (data/retrieval_docs.py DOCUMENTS, the task's kwargs); None:
+    # the task's rows. A passkey row holds one answer token in ~70; its multi-query document asks
+    # every needle (the first query reads like the row's prompt): four times the retrieval signal.
+    pretrain_document: str | None = None
+
+    def pretrain_part(self, weight: float = 1.0, task_kwargs: dict | None = None) -> dict:
+        """This domain as a part of a `mixture` pretraining task (data/retrieval_docs.py)."""
+        return {"document": self.pretrain_document or self.task, "weight": float(weight),
+                "kwargs": {**self.task_kwargs, **(task_kwargs or {})}}
 
     def grpo_fields(self, task_kwargs: dict | None = None) -> dict:
         """The GRPOConfig fields this domain sets (data, rewards, accuracy, generation length)."""
@@ -81,7 +90,7 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
            accuracy_component="code_tests", max_new_tokens=26),
     Domain("retrieval", "passkey", {"context_len": 64, "n_needles": 4, "value_len": 1},
            (RewardComponentConfig(name="exact_match", kwargs={"extract": False}), _length(6, 2)),
-           accuracy_component="exact_match", max_new_tokens=6),
+           accuracy_component="exact_match", max_new_tokens=6, pretrain_document="passkey_multi_query"),
 )}
 
 

@@ -64,14 +64,16 @@ def repeat_copy(rng: random.Random, length: int = 128, min_length: int | None = 
 
 
 def mixture(rng: random.Random, parts: dict[str, dict] | None = None) -> list[tuple[str, bool]]:
-    """One document of a part drawn by weight: parts = {document or task name: {weight, kwargs}}."""
+    """One document of a part drawn by weight: parts = {name: {weight, kwargs, document}}; `document`
+    (a document or task name) defaults to the part's name, so two parts can share a generator."""
     if not parts:
         raise ValueError("mixture: `parts` must name at least one document, e.g. {repeat_copy: {weight: 1}}")
     names = sorted(parts)
     name = rng.choices(names, weights=[float(parts[n].get("weight", 1.0)) for n in names])[0]
-    if name == "mixture":
+    document = parts[name].get("document", name)
+    if document == "mixture":
         raise ValueError("mixture: a part cannot be another mixture")
-    return document_segments(name, rng, dict(parts[name].get("kwargs") or {}))
+    return document_segments(document, rng, dict(parts[name].get("kwargs") or {}))
 
 
 DOCUMENTS = {"kv_multi_query": kv_multi_query, "passkey_multi_query": passkey_multi_query,
@@ -101,10 +103,11 @@ def encode_document(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[i
 
 
 def packed_lm_batch_with_mask(tokenizer, task: str, task_kwargs: dict, batch_size: int, seq_len: int, seed: int,
-                              step: int, pack: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              step: int, pack: bool = True, eos_prob: float = 1.0
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (ids [batch_size, seq_len + 1] long, is_answer, is_pad [batch_size, seq_len + 1] bool).
 
-    Same packing and the same (seed, step) seeding as data.datasets.packed_lm_batch: for a task of
+    Same packing, eos_prob and (seed, step) seeding as data.datasets.packed_lm_batch: for a task of
     data/tasks.py the ids are identical to it. `pack=False` puts one document per row from position 0,
     cut at seq_len + 1 or right-padded with pad tokens (is_pad): packed rows let a query see the
     documents before its own, and retrieval documents reuse their keys (26 passkey letters), so
@@ -118,6 +121,8 @@ def packed_lm_batch_with_mask(tokenizer, task: str, task_kwargs: dict, batch_siz
         mask: list[bool] = []
         while len(ids) < seq_len + 1:
             i, m = encode_document(tokenizer, document_segments(task, rng, task_kwargs))
+            if not (eos_prob >= 1.0 or rng.random() < eos_prob):  # no eos: the next document follows
+                i, m = i[:-1], m[:-1]
             ids += i
             mask += m
             if not pack:
@@ -136,7 +141,7 @@ def loss_weights(is_answer: torch.Tensor, non_answer_weight: float, is_pad: torc
 
 
 def lm_batch(tokenizer, task: str, task_kwargs: dict, non_answer_weight: float, batch_size: int, seq_len: int,
-             seed: int, step: int, pack: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+             seed: int, step: int, pack: bool = True, eos_prob: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (ids [B, seq_len + 1], loss weights of the targets ids[:, 1:] [B, seq_len] or None).
 
     None (plain LM loss, ids from data.datasets.packed_lm_batch, unchanged) for a packed task of
@@ -145,7 +150,7 @@ def lm_batch(tokenizer, task: str, task_kwargs: dict, non_answer_weight: float, 
     if task not in DOCUMENTS and non_answer_weight == 1.0 and pack:
         from .datasets import packed_lm_batch
 
-        return packed_lm_batch(tokenizer, task, task_kwargs, batch_size, seq_len, seed, step), None
+        return packed_lm_batch(tokenizer, task, task_kwargs, batch_size, seq_len, seed, step, eos_prob), None
     ids, is_answer, is_pad = packed_lm_batch_with_mask(tokenizer, task, task_kwargs, batch_size, seq_len, seed, step,
-                                                       pack)
+                                                       pack, eos_prob)
     return ids, loss_weights(is_answer[:, 1:], non_answer_weight, is_pad[:, 1:])

@@ -1,6 +1,7 @@
 """`dsarl distill CONFIG`: specialist distillation (DESIGN.md section 5, DSA.md 4.2) on a local Ray.
 
-1. base        a checkpoint from the config, or `pretrain` on the `mixed` task (every domain's text)
+1. base        a checkpoint from the config, or `pretrain` on the `mixed` task: a `mixture` of every
+               domain's pretraining document (data/domains.py Domain.pretrain_document)
 2. specialists one GRPO run per domain from the base (data/domains.py gives its task, reward mix and
                accuracy component), or an existing checkpoint per domain; their GRPO evals are kept
 3. teachers    one pool of rollout workers per specialist (actors/teacher_pool.py)
@@ -147,6 +148,20 @@ def domain_data(g: GRPOConfig, name: str, reward_num_cpus: float, resolve) -> Do
     rewards = RewardPool(RewardConfig(components=g.rewards.components, timeout_s=g.rewards.timeout_s,
                                       num_workers=1, num_cpus_per_worker=reward_num_cpus))
     return DomainData(name, train, test, rewards, g.accuracy_component, g.rollout.max_new_tokens)
+
+
+def mixed_pretrain_kwargs(domains: list[DomainEntry], kwargs: dict) -> dict:
+    """`pretrain.task: mixed` -> the `mixture` of every configured domain's pretraining document (with
+    the domain's task_kwargs), drawn by `kwargs.weights` (default 1 each)."""
+    unknown = set(kwargs) - {"weights"}
+    if unknown:
+        raise ValueError(f"pretrain.task.kwargs of the mixed task: unknown keys {sorted(unknown)} (takes: weights)")
+    weights = kwargs.get("weights") or {}
+    if set(weights) - {e.name for e in domains}:
+        raise ValueError(f"pretrain.task.kwargs.weights names {sorted(set(weights) - {e.name for e in domains})}, "
+                         f"not configured domains {[e.name for e in domains]}")
+    return {"parts": {e.name: get_domain(e.name).pretrain_part(weights.get(e.name, 1.0), e.task_kwargs)
+                      for e in domains}}
 
 
 def split_by_weight(total: int, weights: dict[str, float]) -> dict[str, int]:
@@ -349,7 +364,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, resolve=lambda p: p, s
         p = copy.deepcopy(cfg.pretrain)
         p.run_dir, p.seed, p.tensorboard = str(root / "base"), cfg.seed, cfg.tensorboard
         if p.task.name == "mixed":
-            p.task.kwargs = {"domains": {e.name: dict(e.task_kwargs) for e in cfg.domains}, **p.task.kwargs}
+            p.task.name, p.task.kwargs = "mixture", mixed_pretrain_kwargs(cfg.domains, p.task.kwargs)
         pretrain(p, resolve=resolve, show_progress=show_progress)
     times["pretrain"] = time.perf_counter() - t
 

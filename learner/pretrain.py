@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dsarl.data.datasets import packed_lm_batch
 from dsarl.data.retrieval_docs import lm_batch
 from dsarl.models import save_pretrained
 from dsarl.models.doc_mask import document_ids
@@ -96,12 +95,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, resolve=lambda p: p, sho
     torch.manual_seed(cfg.seed + start)
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                            mlflow_experiment=cfg.mlflow_experiment, resume_step=start if ckpt else None)
-    if cfg.task.eos_prob < 1.0:
-        batch = lambda step: (packed_lm_batch(tokenizer, cfg.task.name, cfg.task.kwargs, cfg.batch_size,  # noqa: E731
-                                              cfg.seq_len, cfg.seed, step, cfg.task.eos_prob), None)
-    else:
-        batch = lambda step: lm_batch(tokenizer, cfg.task.name, cfg.task.kwargs, cfg.task.non_answer_weight,  # noqa: E731
-                                      cfg.batch_size, cfg.seq_len, cfg.seed, step, cfg.task.pack)
+    batch = lambda step: lm_batch(tokenizer, cfg.task.name, cfg.task.kwargs, cfg.task.non_answer_weight,  # noqa: E731
+                                  cfg.batch_size, cfg.seq_len, cfg.seed, step, cfg.task.pack, cfg.task.eos_prob)
     baseline = unigram_entropy([batch(-1 - i)[0] for i in range(4)], model.config.vocab_size)
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", disable=not show_progress)

@@ -102,3 +102,28 @@ def test_unpacked_rows_hold_one_document_from_position_zero_and_padding_weighs_n
     # a document longer than the row is cut, not padded
     ids, _, pad = packed_lm_batch_with_mask(tok, "passkey_multi_query", kw, 2, 30, 1, 2, pack=False)
     assert not pad.any() and (ids[:, 0] == tok.bos_id).all()
+
+
+@pytest.mark.parametrize("eos_prob", [0.0, 0.3, 1.0])
+def test_eos_prob_packing_matches_packed_lm_batch_and_keeps_the_answer_mask(eos_prob):
+    tok = ByteTokenizer()
+    seed = random.SystemRandom().randrange(2**31)
+    ids, mask, _ = packed_lm_batch_with_mask(tok, "arithmetic", {}, 3, 120, seed, 2, eos_prob=eos_prob)
+    assert torch.equal(ids, packed_lm_batch(tok, "arithmetic", {}, 3, 120, seed, 2, eos_prob=eos_prob)), seed
+    # the answer mask still marks exactly the digits after "=" (an eos dropped or not)
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        for i, on in enumerate(m):
+            if on:
+                assert chr(row[i]).isdigit() or chr(row[i]) == "-", seed
+                j = i
+                while m[j - 1]:
+                    j -= 1
+                assert row[j - 1] == ord("="), seed
+
+
+def test_eos_prob_of_multi_query_documents():
+    tok = ByteTokenizer()
+    kw = {"context_len": 40, "n_needles": 3, "value_len": 1}
+    ids, _, _ = packed_lm_batch_with_mask(tok, "passkey_multi_query", kw, 16, 400, 0, 0, eos_prob=0.3)
+    share = int((ids == tok.eos_id).sum()) / int((ids == tok.bos_id).sum())
+    assert 0.15 < share < 0.45  # ~100 documents

@@ -196,3 +196,27 @@ def test_small_distill_run_writes_the_report(ray_local, tmp_path):
     assert phases == ["sft", "sft", "opd", "opd"]
     last = json.loads((root / "student" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["opd/reverse_kl"] >= 0 and "sft/loss" in last  # sft_coef > 0: both terms in one step
+
+
+def test_mixed_pretraining_reads_each_domains_document_with_its_kwargs():
+    from dsarl.data.retrieval_docs import document_segments
+    from dsarl.launch.distill_pipeline import mixed_pretrain_kwargs
+
+    entries = [DomainEntry("math", task_kwargs={"ops": "+"}), DomainEntry("retrieval")]
+    kw = mixed_pretrain_kwargs(entries, {"weights": {"math": 3}})
+    assert kw["parts"]["math"] == {"document": "arithmetic", "weight": 3.0,
+                                   "kwargs": {**DOMAINS["math"].task_kwargs, "ops": "+"}}
+    assert kw["parts"]["retrieval"]["document"] == "passkey_multi_query"
+    rng = random.Random(random.SystemRandom().randrange(2**31))
+    docs = ["".join(t for t, _ in document_segments("mixture", rng, kw)) for _ in range(400)]
+    math_docs = [d for d in docs if "=" in d]
+    assert 250 < len(math_docs) < 350  # 3:1 of 400
+    assert all("-" not in d for d in math_docs)  # the entry's ops override
+    for d in docs:
+        if "?" in d:  # every needle asked once, each answered by its own value
+            hay, *queries = d.rstrip("\n").split("\n?")
+            assert len(queries) == DOMAINS["retrieval"].task_kwargs["n_needles"]
+            for q in queries:
+                assert f" {q[0]}{q[1:]} " in f" {hay} "
+    with pytest.raises(ValueError, match="weights"):
+        mixed_pretrain_kwargs(entries, {"weights": {"cod": 1}})
