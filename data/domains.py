@@ -55,11 +55,12 @@ class Domain:
     # the task's rows. A passkey row holds one answer token in ~70; its multi-query document asks
     # every needle (the first query reads like the row's prompt): four times the retrieval signal.
     pretrain_document: str | None = None
+    pretrain_kwargs: dict[str, Any] = field(default_factory=dict)  # the document's own kwargs, beside the task's
 
     def pretrain_part(self, weight: float = 1.0, task_kwargs: dict | None = None) -> dict:
         """This domain as a part of a `mixture` pretraining task (data/retrieval_docs.py)."""
         return {"document": self.pretrain_document or self.task, "weight": float(weight),
-                "kwargs": {**self.task_kwargs, **(task_kwargs or {})}}
+                "kwargs": {**self.task_kwargs, **(task_kwargs or {}), **self.pretrain_kwargs}}
 
     def grpo_fields(self, task_kwargs: dict | None = None) -> dict:
         """The GRPOConfig fields this domain sets (data, rewards, accuracy, generation length)."""
@@ -90,7 +91,8 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
            accuracy_component="code_tests", max_new_tokens=26),
     Domain("retrieval", "passkey", {"context_len": 64, "n_needles": 4, "value_len": 1},
            (RewardComponentConfig(name="exact_match", kwargs={"extract": False}), _length(6, 2)),
-           accuracy_component="exact_match", max_new_tokens=6, pretrain_document="passkey_multi_query"),
+           accuracy_component="exact_match", max_new_tokens=6,
+           pretrain_document="passkey_multi_query", pretrain_kwargs={"min_queries": 1}),
 )}
 
 

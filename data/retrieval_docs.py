@@ -39,15 +39,22 @@ def kv_multi_query(rng: random.Random, context_len: int = 512, key_len: int = 3,
 
 
 def passkey_multi_query(rng: random.Random, context_len: int = 512, n_needles: int = 8, value_len: int = 2,
-                        min_context_len: int | None = None, filler: str = "random") -> list[tuple[str, bool]]:
+                        min_context_len: int | None = None, filler: str = "random",
+                        min_queries: int | None = None) -> list[tuple[str, bool]]:
     """A passkey haystack (data/tasks.py passkey_haystack) of ~context_len bytes (drawn from
     [min_context_len, context_len] when that is set), then every needle asked once, in random order:
-    `\n?K` -> vv. The first query reads exactly like a `passkey` eval prompt."""
+    `\n?K` -> vv. The first query reads exactly like a `passkey` eval prompt.
+
+    `min_queries`: ask a random number of the needles, from min_queries to all. With every needle
+    asked, the document never ends after its first answer, and a model trained on it (with eos) never
+    stops after answering a single passkey prompt: a GRPO specialist then finds no exact answer to
+    reward (measured: it learnt `7\n?` + eos). A random count leaves some chance of an end after any answer."""
     if min_context_len is not None:
         context_len = rng.randint(min_context_len, context_len)
     text, keys, values = passkey_haystack(rng, context_len, n_needles, value_len, filler)
+    n_queries = n_needles if min_queries is None else rng.randint(max(1, min(min_queries, n_needles)), n_needles)
     segments = [(text, False)]
-    for i in rng.sample(range(n_needles), n_needles):
+    for i in rng.sample(range(n_needles), n_queries):
         segments += [(f"\n?{keys[i]}", False), (values[i], True)]
     segments.append(("\n", False))
     return segments

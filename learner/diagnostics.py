@@ -93,4 +93,6 @@ def model_diagnostics(model, aux_list, topk: int, chunk: int, indices_list=None)
         "fp8_topk_overlap": sum(d.fp8_overlap for d in per_layer) / n,
     }
     out.update({f"recall/layer{i}": d.recall for i, d in enumerate(per_layer)})
+    # per layer bound: a layer whose heads spread attention over many keys caps recall at any indexer
+    out.update({f"recall_oracle/layer{i}": d.recall_oracle for i, d in enumerate(per_layer)})
     return out

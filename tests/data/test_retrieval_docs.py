@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dsarl.data.datasets import packed_lm_batch
-from dsarl.data.retrieval_docs import (encode_document, kv_multi_query, lm_batch, loss_weights,
+from dsarl.data.retrieval_docs import (encode_document, kv_multi_query, lm_batch, loss_weights, passkey_multi_query,
                                        packed_lm_batch_with_mask)
 from dsarl.learner.pretrain import TaskSpec, lm_loss, weighted_lm_loss
 from dsarl.models import ByteTokenizer
@@ -127,3 +127,16 @@ def test_eos_prob_of_multi_query_documents():
     ids, _, _ = packed_lm_batch_with_mask(tok, "passkey_multi_query", kw, 16, 400, 0, 0, eos_prob=0.3)
     share = int((ids == tok.eos_id).sum()) / int((ids == tok.bos_id).sum())
     assert 0.15 < share < 0.45  # ~100 documents
+
+
+def test_passkey_multi_query_min_queries_asks_a_random_number_of_distinct_needles():
+    rng = random.Random(random.SystemRandom().randrange(2**31))
+    counts = set()
+    for _ in range(200):
+        segs = passkey_multi_query(rng, context_len=60, n_needles=4, value_len=1, min_queries=2)
+        queries = [t for t, _ in segs if t.startswith("\n?")]
+        assert len({q for q in queries}) == len(queries)
+        counts.add(len(queries))
+    assert counts == {2, 3, 4}
+    segs = passkey_multi_query(rng, context_len=60, n_needles=4, value_len=1)
+    assert sum(t.startswith("\n?") for t, _ in segs) == 4  # default: every needle
