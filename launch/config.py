@@ -36,6 +36,18 @@ def _describe(e: OmegaConfBaseException) -> str:
     return f"key '{key}': {msg}" if key else msg
 
 
+def _apply_override(base, override: str):
+    """One `key=value` (value in OmegaConf's dotlist grammar) set into `base`. Unlike merging a
+    dotlist, a key may index a list: `domains.0.opd_weight=2`."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"command-line override {override!r}: expected key=value")
+    if any(part.isdigit() for part in key.split(".")):
+        OmegaConf.update(base, key, OmegaConf.from_dotlist([f"value={value}"]).value, merge=True)
+        return base
+    return OmegaConf.merge(base, OmegaConf.from_dotlist([override]))
+
+
 def load_config(schema, path: str | Path | None, overrides: list[str] | tuple = ()):
     """-> an instance of the dataclass `schema` from YAML `path` (None: defaults) and overrides."""
     base = OmegaConf.structured(schema)
@@ -50,7 +62,8 @@ def load_config(schema, path: str | Path | None, overrides: list[str] | tuple = 
             raise ConfigError(f"{path}: {_describe(e)}") from None
     if overrides:
         try:
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+            for override in overrides:
+                base = _apply_override(base, override)
         except OmegaConfBaseException as e:
             raise ConfigError(f"command-line override: {_describe(e)}") from None
     try:

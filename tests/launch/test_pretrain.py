@@ -59,3 +59,20 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     assert main(["pretrain", "configs/pretrain_tiny.yaml", "optim.lrr=3"]) == 2
     err = capsys.readouterr().err
     assert "optim.lrr" in err and "command-line" in err
+
+
+def test_overrides_index_lists_and_may_follow_flags():
+    from dsarl.launch.cli import parse_args
+    from dsarl.launch.distill_pipeline import DistillConfig
+
+    cfg = load_config(DistillConfig, "configs/distill.yaml", ["domains.1.opd_weight=3.5", "opd.steps=7"])
+    assert cfg.domains[1].opd_weight == 3.5 and cfg.opd.steps == 7
+    assert cfg.domains[0].opd_weight == load_config(DistillConfig, "configs/distill.yaml").domains[0].opd_weight
+    with pytest.raises(ConfigError, match="opd_wieght"):
+        load_config(DistillConfig, "configs/distill.yaml", ["domains.1.opd_wieght=3"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(DistillConfig, "configs/distill.yaml", ["opd.steps"])
+    args = parse_args(["distill", "configs/distill.yaml", "a.b=1", "--resume", "c.d=2"])
+    assert args.resume and args.config == "configs/distill.yaml" and args.overrides == ["a.b=1", "c.d=2"]
+    with pytest.raises(SystemExit):
+        parse_args(["distill", "configs/distill.yaml", "--resume", "--bogus"])
