@@ -14,6 +14,7 @@ import json
 import torch
 
 from dsarl.data.retrieval_docs import packed_lm_batch_with_mask
+from dsarl.learner.diagnostics import oracle_recall
 from dsarl.learner.indexer_training import absorbed_qkv, rope_for_cfg
 from dsarl.models import from_pretrained
 
@@ -28,10 +29,9 @@ def layer_spread(mla, aux, topk: int, q0: int, q1: int) -> dict:
     p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
     k = min(topk, p.shape[-1])
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)  # [H, T]
-    summed = p.sum(0) / p.shape[0]
-    return {"topk_mass_per_head": [round(float(v), 3) for v in p.topk(k, -1).values.sum(-1).mean(-1)],
+    return {"topk_mass_per_head": [round(float(v), 3) for v in oracle_recall(p, k).mean(-1)],
             "effective_keys_per_head": [round(float(v)) for v in entropy.exp().mean(-1)],
-            "head_summed_bound": round(float(summed.topk(k, -1).values.sum(-1).mean()), 3)}
+            "head_summed_bound": round(float(oracle_recall(p.sum(0, keepdim=True), k).mean()), 3)}
 
 
 def main() -> None:

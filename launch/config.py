@@ -42,10 +42,8 @@ def _apply_override(base, override: str):
     key, sep, value = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"command-line override {override!r}: expected key=value")
-    if any(part.isdigit() for part in key.split(".")):
-        OmegaConf.update(base, key, OmegaConf.from_dotlist([f"value={value}"]).value, merge=True)
-        return base
-    return OmegaConf.merge(base, OmegaConf.from_dotlist([override]))
+    OmegaConf.update(base, key, OmegaConf.from_dotlist([f"value={value}"]).value, merge=True)
+    return base
 
 
 def load_config(schema, path: str | Path | None, overrides: list[str] | tuple = ()):

@@ -23,6 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# a private head's temp dir: short, because Ray's socket paths in it must fit 107 bytes
+PRIVATE_HEAD_DIR, PRIVATE_HEAD_PREFIX = "/tmp", "dsray"
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -133,7 +136,7 @@ def start_local_head(num_cpus: int | None = 2, num_gpus: int | None = 0, resourc
     from ray.job_submission import JobSubmissionClient
 
     use_ray_auth_token()
-    temp_dir = tempfile.mkdtemp(prefix="dsray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    temp_dir = tempfile.mkdtemp(prefix=PRIVATE_HEAD_PREFIX, dir=PRIVATE_HEAD_DIR)
     gcs_port, dash_port = free_port(), free_port()
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
            f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}", f"--temp-dir={temp_dir}",

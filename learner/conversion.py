@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dsarl.data.retrieval_docs import lm_batch
 from dsarl.models import save_pretrained
 
 from .checkpointing import latest_checkpoint, load_model_weights, load_training_state, save_training_checkpoint
@@ -26,7 +25,7 @@ from .indexer_training import sparse_losses, warmup_losses
 from .metrics import MetricsLogger
 from .model_spec import ModelSpec, load_model_from_spec
 from .optim import OptimConfig, build_optimizer, clip_grad, lr_at, set_lr
-from .pretrain import TaskSpec
+from .pretrain import TaskSpec, task_batches
 
 
 @dataclass
@@ -135,12 +134,13 @@ def sparse_step(model, opt: OptimizerPair, ids: torch.Tensor, chunk: int, lrs: t
 
 
 def _setup(cfg, resolve):
+    if cfg.task.doc_mask:  # the stages run sparse attention and the indexer, which take causal positions only
+        raise ValueError("task.doc_mask is for dense pretraining; the conversion stages take one document per "
+                         "sequence instead (task.pack: false)")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     model, tokenizer = load_model_from_spec(cfg.model, seed=cfg.seed, resolve=resolve)
-    batch = lambda step: lm_batch(tokenizer, cfg.task.name, cfg.task.kwargs, cfg.task.non_answer_weight,  # noqa: E731
-                                  cfg.batch_size, cfg.seq_len, cfg.seed, step, cfg.task.pack)
-    return model, tokenizer, batch
+    return model, tokenizer, task_batches(tokenizer, cfg.task, cfg.batch_size, cfg.seq_len, cfg.seed)
 
 
 def _resume(cfg, model, optimizer, resume: bool) -> int:

@@ -40,6 +40,12 @@ class TaskSpec:
     doc_mask: bool = False
 
 
+def task_batches(tokenizer, task: TaskSpec, batch_size: int, seq_len: int, seed: int):
+    """step -> (ids [B, seq_len + 1], loss weights or None): the task's batches, each fixed by (seed, step)."""
+    return lambda step: lm_batch(tokenizer, task.name, task.kwargs, task.non_answer_weight, batch_size, seq_len,
+                                 seed, step, task.pack, task.eos_prob)
+
+
 @dataclass
 class PretrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -95,8 +101,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, resolve=lambda p: p, sho
     torch.manual_seed(cfg.seed + start)
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                            mlflow_experiment=cfg.mlflow_experiment, resume_step=start if ckpt else None)
-    batch = lambda step: lm_batch(tokenizer, cfg.task.name, cfg.task.kwargs, cfg.task.non_answer_weight,  # noqa: E731
-                                  cfg.batch_size, cfg.seq_len, cfg.seed, step, cfg.task.pack, cfg.task.eos_prob)
+    batch = task_batches(tokenizer, cfg.task, cfg.batch_size, cfg.seq_len, cfg.seed)
     baseline = unigram_entropy([batch(-1 - i)[0] for i in range(4)], model.config.vocab_size)
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", disable=not show_progress)

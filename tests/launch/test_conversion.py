@@ -2,6 +2,7 @@
 with the metrics each stage must log, the checkpoints' attention mode, resume, and config errors."""
 import json
 
+import pytest
 import torch
 
 from dsarl.launch.cli import main
@@ -65,3 +66,9 @@ def test_pretrain_warmup_sparse_eval_through_the_cli(tmp_path):
 def test_conversion_config_typo_names_key_and_file(capsys):
     assert main(["warmup", "configs/conversion/warmup.yaml", "optim.lrr=3"]) == 2
     assert "optim.lrr" in capsys.readouterr().err
+
+
+def test_conversion_stages_refuse_document_masking():
+    for stage, cfg in (("warmup", "configs/conversion/warmup.yaml"), ("sparse", "configs/conversion/sparse.yaml")):
+        with pytest.raises(ValueError, match="doc_mask"):
+            main([stage, cfg, "task.doc_mask=true"])

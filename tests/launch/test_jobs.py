@@ -164,8 +164,11 @@ def _private_head_processes(exclude: str) -> list[int]:
     import ray  # noqa: F401  (Ray's vendored psutil)
     import psutil
 
+    from dsarl.launch.ray_setup import PRIVATE_HEAD_DIR, PRIVATE_HEAD_PREFIX
+
+    prefix = f"{PRIVATE_HEAD_DIR}/{PRIVATE_HEAD_PREFIX}"
     return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("/tmp/dsray" in a and exclude not in a for a in (p.info["cmdline"] or []))]
+            if any(prefix in a and exclude not in a for a in (p.info["cmdline"] or []))]
 
 
 def test_submit_without_address_runs_on_a_private_head_and_stops_it(head, in_repo, tmp_path, capsys):
