@@ -3,6 +3,7 @@ import torch
 from ..dispatch import use_triton
 from ..indexer_scores import indexer_scores
 from ..indexer_scores.reference import resolve_positions
+from .float_first import topk_indices_float_first
 from .keyed import topk_indices_keyed
 from .reference import topk_indices_reference
 
@@ -13,7 +14,7 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
         from .triton import topk_indices_triton
 
         return topk_indices_triton(scores, k)
-    return topk_indices_keyed(scores, k)  # the reference's selection in one topk pass
+    return topk_indices_float_first(scores, k)  # the reference's selection: float topk, keyed on boundary ties
 
 
 @torch.no_grad()
@@ -28,9 +29,19 @@ def indexer_topk(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, chunk
     out = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        scores = indexer_scores(q[:, t0:t1], w[:, t0:t1], k, q_pos[:, t0:t1], k_pos, k_scale)
+        s1 = _visible_prefix(q_pos[:, t0:t1], k_pos)
+        scores = indexer_scores(q[:, t0:t1], w[:, t0:t1], k[:, :s1], q_pos[:, t0:t1], k_pos[:, :s1],
+                                None if k_scale is None else k_scale[:, :s1])
         out.append(topk_indices(scores, topk))
     return torch.cat(out, dim=1)
 
 
-__all__ = ["topk_indices", "indexer_topk", "topk_indices_keyed", "topk_indices_reference"]
+def _visible_prefix(q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
+    """Key slots [0, s1) hold every key some query of the chunk can see. In causal prefill a chunk of
+    queries sees only the keys up to its last position: scoring the rest (all -inf) doubled the cost."""
+    visible = (k_pos >= 0) & (k_pos <= q_pos.max(dim=1, keepdim=True).values)  # [B, S]
+    slots = torch.arange(1, k_pos.shape[1] + 1, device=k_pos.device)
+    return max(1, int((visible * slots).max()))
+
+
+__all__ = ["topk_indices", "indexer_topk", "topk_indices_float_first", "topk_indices_keyed", "topk_indices_reference"]

@@ -66,10 +66,13 @@ def test_ties_at_the_threshold_go_to_the_latest_keys():
     assert topk_indices_reference(few, 4)[0, 0].tolist().count(-1) == 2
 
 
-@pytest.mark.parametrize("B,T,S,k", [(1, 5, 5, 3), (2, 37, 61, 8), (1, 7, 7, 12), (3, 64, 300, 32)])
-def test_keyed_selection_equals_the_reference_with_many_ties(gen, B, T, S, k):
+@pytest.mark.parametrize("impl", ["keyed", "float_first"])
+@pytest.mark.parametrize("B,T,S,k", [(1, 5, 5, 3), (2, 37, 61, 8), (1, 7, 7, 12), (3, 64, 300, 32),
+                                     (2, 40, 2003, 8)])  # long rows: block-pruned, ragged tail
+def test_fast_selections_equal_the_reference_with_many_ties(gen, impl, B, T, S, k):
     """Indexer-like scores: ReLU sums that are exactly 0 on many keys, rows of both signs (so -0.0
     appears: a negative weight times a zero), repeated positive values, causal -inf."""
+    from dsarl.kernels.topk.float_first import topk_indices_float_first
     from dsarl.kernels.topk.keyed import topk_indices_keyed
 
     relu = torch.relu(torch.randn(B, T, S, generator=gen)).round(decimals=1)  # many exact ties
@@ -78,7 +81,8 @@ def test_keyed_selection_equals_the_reference_with_many_ties(gen, B, T, S, k):
     assert (scores.signbit() & (scores == 0)).any()  # -0.0 is present
     q_pos = torch.arange(S - T, S).expand(B, T)
     scores = scores.masked_fill(torch.arange(S)[None, None, :] > q_pos[:, :, None], float("-inf"))
-    got, ref = topk_indices_keyed(scores, k), topk_indices_reference(scores, k)
+    fast = {"keyed": topk_indices_keyed, "float_first": topk_indices_float_first}[impl]
+    got, ref = fast(scores, k), topk_indices_reference(scores, k)
     assert got.dtype == torch.int32 and got.shape == (B, T, k)
     assert _as_sets(got) == _as_sets(ref)
     valid = got >= 0  # best first: the selected scores never increase along the row
@@ -92,3 +96,55 @@ def test_sortable_int32_orders_like_the_floats(gen):
     x = torch.cat([torch.randn(1000, generator=gen) * 1e3, torch.tensor([0.0, float("inf"), float("-inf"), 1e-45])])
     order_f = torch.argsort(x, stable=True)
     assert torch.equal(torch.sort(sortable_int32(x)[order_f]).values, sortable_int32(x)[order_f])
+
+
+def test_float_first_repairs_only_boundary_ties(gen):
+    """Ties inside the selected set need no tie-break; a tie across the k-th/(k+1)-th boundary does,
+    and must follow recency (the later slots), as the reference does."""
+    from dsarl.kernels.topk.float_first import topk_indices_float_first
+
+    scores = torch.randn(2, 6, 40, generator=gen)
+    scores[0, 0, [3, 9]] = 50.0  # tied, both inside the top 4
+    scores[1, 2, [5, 17, 30]] = 40.0  # with k = 2, after the 60 one of three tied keys fits: the latest
+    scores[1, 2, 36] = 60.0
+    got = topk_indices_float_first(scores, 4)
+    assert _as_sets(got) == _as_sets(topk_indices_reference(scores, 4))
+    assert {3, 9} <= set(got[0, 0].tolist())
+    top2 = topk_indices_float_first(scores, 2)
+    assert set(top2[1, 2].tolist()) == {36, 30}
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_indexer_topk_chunks_with_arbitrary_positions(gen, chunk):
+    """Each chunk scores only the key slots some query of it can see: with padded keys (-1), keys in
+    no particular order and queries that see nothing, the selection is still the unchunked one."""
+    B, T, S, H, D, k = 2, 23, 31, 3, 8, 5
+    q = torch.randn(B, T, H, D, generator=gen)
+    w = torch.randn(B, T, H, generator=gen)
+    keys = torch.randn(B, S, D, generator=gen)
+    q_pos = torch.randint(-1, 40, (B, T), generator=gen)
+    k_pos = torch.randint(-1, 40, (B, S), generator=gen)
+    q_pos[1, :3] = -1  # no visible key: all -1
+    ref = topk_indices_reference(indexer_scores_reference(q, w, keys, q_pos, k_pos), k)
+    got = indexer_topk(q, w, keys, k, q_pos, k_pos, chunk=chunk)
+    assert _as_sets(got) == _as_sets(ref)
+    assert (got[1, :3] == -1).all()
+    causal = indexer_topk(q, w, keys[:, :T], k, chunk=chunk)  # default positions: prefill, sliced per chunk
+    assert _as_sets(causal) == _as_sets(topk_indices_reference(indexer_scores_reference(q, w, keys[:, :T]), k))
+
+
+@pytest.mark.parametrize("S", [4000, 4005])
+def test_block_pruned_selection_on_distinct_scores(gen, S):
+    """Long rows take the block-pruned path; with distinct scores the set is unique. The best keys are
+    packed into few blocks in some rows and spread one per block in others (tau then sits just
+    below the k-th score), with a ragged tail holding some of them."""
+    from dsarl.kernels.topk import float_first
+
+    k = 16
+    assert S // float_first.BLOCK >= float_first.MIN_BLOCKS_PER_PICK * (k + 1)  # the pruned path runs
+    scores = _distinct_scores(gen, 1, 64, S)
+    scores[0, -1, :k] += 1e6  # packed (exact in fp32: below 2**24): the whole top-k in the first two blocks
+    scores[0, -2, torch.arange(k) * float_first.BLOCK] += 1e6  # spread: one per block
+    scores[0, -3, S - 3:] += 1e6  # three of the best in the tail
+    got = float_first.topk_indices_float_first(scores, k)
+    assert _as_sets(got) == _as_sets(topk_indices_reference(scores, k))
