@@ -77,11 +77,17 @@ def test_fp8_topk_overlap(gen):
     assert overlap >= 0.99
 
 
+@pytest.mark.parametrize("tiles", [None, (4, 8), (5, 3)])  # None: the default tiles, larger than these shapes
 @pytest.mark.parametrize("shape", [(2, 7, 3, 16, 11), (1, 33, 5, 8, 40)])
-def test_matmul_cpu_path_matches_reference(shape):
+def test_matmul_cpu_path_matches_reference(shape, tiles, monkeypatch):
     import random
 
+    from dsarl.kernels.indexer_scores import matmul
     from dsarl.kernels.indexer_scores.matmul import indexer_scores_matmul
+
+    if tiles is not None:  # several query and key tiles, ragged at both ends
+        monkeypatch.setattr(matmul, "QUERY_TILE", tiles[0])
+        monkeypatch.setattr(matmul, "KEY_TILE", tiles[1])
 
     B, T, H, D, S = shape
     g = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
