@@ -97,7 +97,8 @@ def main() -> None:
                 for attention in ("dense", "sparse"):
                     model.zero_grad(set_to_none=True)
                     fn = builders[scope](model, L, attention, backward)
-                    times = timed(fn, args.reps, warmup=1 if L <= 4096 else 0)
+                    # One warm-up run (allocator, first-touch pages) except for whole-model runs past 4k (~1 min each)
+                    times = timed(fn, args.reps, warmup=1 if scope == "layer" or L <= 4096 else 0)
                     medians[attention] = statistics.median(times)
                     line = {"bench": "prefill", "scope": scope, "seq_len": L, "attention": attention,
                             "pass": "fwd+bwd" if backward else "fwd",
