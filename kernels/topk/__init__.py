@@ -29,7 +29,8 @@ def indexer_topk(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, chunk
     out = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        s1 = _visible_prefix(q_pos[:, t0:t1], k_pos)
+        # On CUDA the Triton scores skip masked tiles, and reading s1 would sync the stream per chunk
+        s1 = S if q.is_cuda else _visible_prefix(q_pos[:, t0:t1], k_pos)
         scores = indexer_scores(q[:, t0:t1], w[:, t0:t1], k[:, :s1], q_pos[:, t0:t1], k_pos[:, :s1],
                                 None if k_scale is None else k_scale[:, :s1])
         out.append(topk_indices(scores, topk))
