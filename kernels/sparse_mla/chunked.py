@@ -84,19 +84,20 @@ def sparse_mla_chunked_bwd(q, kv, indices, out, lse, dout, dlse, sm_scale, d_v, 
         delta = delta - dlse.to(ct)  # d lse / d score = p: same (dP - delta) form
     dout_padded = torch.nn.functional.pad(dout.to(ct), (0, D - d_v))  # [B, T, H, D]: zero key tail
     q_do = torch.cat([q.to(ct), dout_padded], dim=2)  # [B, T, 2H, D]
-    do_q = torch.cat([dout_padded, q.to(ct)], dim=2)  # [B, T, 2H, D], pairs with [p ; ds]
     rows_all, valid_all = _flat_rows(indices, S), indices >= 0
     for t0 in range(0, T, c):
         t1 = min(T, t0 + c)
         n = B * (t1 - t0)
         rows = rows_all[:, t0:t1]  # [B, c, K]; -1 entries gather row 0 and add zeros back to it
         kv_sel = _gather(kvf, rows)  # [n, K, D]
-        s_dp = torch.bmm(q_do[:, t0:t1].reshape(n, 2 * H, D), kv_sel.transpose(1, 2))  # [n, 2H, K]
+        q_do_c = q_do[:, t0:t1].reshape(n, 2 * H, D)
+        s_dp = torch.bmm(q_do_c, kv_sel.transpose(1, 2))  # [n, 2H, K]
         s = _masked_scores(s_dp[:, :H], valid_all[:, t0:t1].reshape(n, K), sm_scale)
         p = s.sub_(lse[:, t0:t1].reshape(n, H, 1).clamp(min=-1e30)).exp_()  # p, in the top half
         ds = s_dp[:, H:].sub_(delta[:, t0:t1].reshape(n, H, 1)).mul_(p).mul_(sm_scale)  # scaled dL/ds
         dq[:, t0:t1] = torch.bmm(ds, kv_sel).view(B, t1 - t0, H, D)
-        dsel = torch.bmm(s_dp.transpose(1, 2), do_q[:, t0:t1].reshape(n, 2 * H, D))  # [n, K, D]
+        do_q_c = torch.cat([q_do_c[:, H:], q_do_c[:, :H]], dim=1)  # [dout ; q]: pairs with [p ; ds]
+        dsel = torch.bmm(s_dp.transpose(1, 2), do_q_c)  # [n, K, D]
         dkv.index_add_(0, rows.reshape(-1), dsel.view(-1, D))
     return dq.to(q.dtype), dkv.view(B, S, D).to(kv.dtype)
 

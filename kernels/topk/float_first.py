@@ -39,9 +39,10 @@ def topk_indices_float_first(scores: torch.Tensor, k: int) -> torch.Tensor:
         top = slots.gather(1, top)
     idx = top[:, :k].to(torch.int32).masked_fill_(torch.isneginf(values[:, :k]), -1)
     kth = values[:, k - 1]
-    redo = torch.isfinite(kth) & (kth == values[:, k])  # tied at the boundary: recency decides
+    redo = kth == values[:, k]  # tied at the boundary: recency decides
     if tau is not None:
-        redo |= torch.isfinite(kth) & (kth <= tau)  # a score equal to tau may lie outside the candidates
+        redo |= kth <= tau  # a score equal to tau may lie outside the candidates
+    redo &= torch.isfinite(kth)  # fewer than k visible keys: all are selected, no tie to break
     if redo.any():
         idx[redo] = topk_indices_keyed(rows[redo][None], k)[0]
     return idx.view(B, T, k)
