@@ -61,19 +61,30 @@ def save_pretrained(model: DSAForCausalLM, directory: str | Path, tokenizer=None
     return atomic_directory_write(directory, write)
 
 
-def from_pretrained(directory: str | Path, device=None, **config_overrides):
-    """-> (model, tokenizer). config_overrides change runtime keys such as attention or index_topk."""
+def from_pretrained(directory: str | Path, device=None, new_indexer: bool = False, seed: int | None = None,
+                    **config_overrides):
+    """-> (model, tokenizer). config_overrides change runtime keys such as attention or index_topk.
+
+    new_indexer: ignore the checkpoint's indexer weights (if any) and start freshly initialised indexers
+    (seeded by `seed`), so config_overrides may also change the indexer's shape (index_n_heads,
+    index_head_dim). This is DeepSeek-V3.2's conversion: a dense model gets an indexer it never had."""
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory} is not a checkpoint: config.json is missing")
     cfg = DSAConfig.from_file(directory / "config.json")
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
     model = DSAForCausalLM(cfg)
     state = load_file(str(directory / "model.safetensors"))
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    if new_indexer:
+        state = {k: v for k, v in state.items() if ".indexer." not in k}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if new_indexer:
+        missing = [k for k in missing if ".indexer." not in k]
     if missing or unexpected:
         raise ValueError(f"{directory}/model.safetensors: missing weights {missing}, unexpected weights {unexpected}")
     if cfg.tie_word_embeddings:

@@ -148,6 +148,35 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         assert cfg["model_type"] == "deepseek_v32" and cfg["kv_lora_rank"] == 24
 
 
+def test_new_indexer_keeps_the_dense_model_and_reshapes_only_the_indexer(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = small_cfg()
+    model = build_model(cfg, seed=fresh_seed())
+    save_pretrained(model, tmp_path / "ck")
+    heads = cfg.index_n_heads * 2
+    with pytest.raises(RuntimeError, match="size mismatch"):  # without new_indexer a new shape cannot load
+        from_pretrained(tmp_path / "ck", index_n_heads=heads)
+    a, _ = from_pretrained(tmp_path / "ck", new_indexer=True, seed=3, index_n_heads=heads)
+    b, _ = from_pretrained(tmp_path / "ck", new_indexer=True, seed=3, index_n_heads=heads)
+    old, new = model.state_dict(), a.state_dict()
+    for name, value in new.items():
+        if ".indexer." in name:
+            assert torch.equal(value, b.state_dict()[name])  # seeded: the same fresh indexer twice
+            if name.endswith("weights_proj.weight"):
+                assert value.shape[0] == heads
+        else:
+            assert torch.equal(value, old[name])  # every main-model weight is the checkpoint's, bit for bit
+    assert a.config.index_n_heads == heads
+    # a dense checkpoint with no indexer at all (DeepSeek-V3.1's case) loads the same way
+    state = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if ".indexer." not in k}, str(tmp_path / "ck" / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing weights"):
+        from_pretrained(tmp_path / "ck")
+    c, _ = from_pretrained(tmp_path / "ck", new_indexer=True, seed=3, index_n_heads=heads)
+    assert all(torch.equal(v, new[k]) for k, v in c.state_dict().items())
+
+
 def test_checkpoint_weight_names_follow_hf_layout(tmp_path):
     from safetensors import safe_open
 
