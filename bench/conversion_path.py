@@ -3,9 +3,10 @@
 line with the issue's numbers (warm-up recall at k = L/16, fp8 overlap, accuracy by mode and length,
 and at 2048 on 1000 prompts; training_seconds is the path without the evals).
 
-    python bench/conversion_path.py [--skip pretrain_short pretrain_long ...] [--stages ...]
+    python bench/conversion_path.py [--skip pretrain_short pretrain_long ...]
 
-Each stage is the CLI command a user runs, on the configs in configs/conversion/, in a subprocess.
+Each stage is the CLI command a user runs, on the configs in configs/conversion/, in a subprocess;
+`recall` measures the warmed-up indexer on 16 held-out documents (bench/indexer_recall.py).
 """
 import argparse
 import json
@@ -19,6 +20,7 @@ STAGES = [
     ("pretrain_short", ["pretrain", "configs/conversion/pretrain_short.yaml"]),
     ("pretrain_long", ["pretrain", "configs/conversion/pretrain_long.yaml"]),
     ("warmup", ["warmup", "configs/conversion/warmup.yaml"]),
+    ("recall", ["bench/indexer_recall.py", "runs/conversion/warmup/final"]),  # 16 held-out documents
     ("sparse", ["sparse", "configs/conversion/sparse.yaml"]),
     ("eval", ["eval", "configs/conversion/eval.yaml"]),
     ("eval_parity", ["eval", "configs/conversion/eval_parity.yaml"]),  # 1000 prompts at 2048: ~23 min
@@ -53,18 +55,25 @@ def main() -> None:
     args = ap.parse_args()
     dsarl = [sys.executable, "-m", "dsarl.launch.cli"]
     total = training = 0.0
+    recall = {}
     for name, cmd in STAGES:
         if name in args.skip:
             continue
         t0 = time.perf_counter()
-        subprocess.run(dsarl + cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        if cmd[0].endswith(".py"):  # a bench script: its last line is its JSON result
+            lines = subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True, capture_output=True,
+                                   text=True).stdout.strip().splitlines()
+            recall = json.loads(lines[-1])
+        else:
+            subprocess.run(dsarl + cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         dt = time.perf_counter() - t0
         total += dt
         training += dt if name in TRAINING else 0.0
         print(json.dumps({"bench": "conversion_path", "stage": name, "seconds": round(dt, 1)}), flush=True)
     print(json.dumps({"bench": "conversion_path", "total_seconds": round(total, 1),
                       "training_seconds": round(training, 1),
-                      "skipped": args.skip, **summary()}))
+                      "skipped": args.skip, **summary(),
+                      "held_out_recall": {k: v for k, v in recall.items() if "recall" in k or "fp8" in k}}))
 
 
 if __name__ == "__main__":

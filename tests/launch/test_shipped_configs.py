@@ -17,8 +17,6 @@ def _schemas():
         "conversion/pretrain_short.yaml": PretrainConfig, "conversion/pretrain_long.yaml": PretrainConfig,
         "conversion/warmup.yaml": WarmupConfig, "conversion/sparse.yaml": SparseConfig,
         "conversion/eval.yaml": EvalConfig, "conversion/eval_parity.yaml": EvalConfig,
-        "conversion/copy_mix/pretrain_short.yaml": PretrainConfig,
-        "conversion/copy_mix/pretrain_long.yaml": PretrainConfig, "conversion/copy_mix/warmup.yaml": WarmupConfig,
         "pretrain_tiny.yaml": PretrainConfig, "grpo_tiny.yaml": GRPOConfig, "quickstart.yaml": PipelineConfig,
         "distill.yaml": DistillConfig,
     }
