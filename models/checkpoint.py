@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import DSAConfig
-from .model import DTYPES, DSAForCausalLM
+from .model import DTYPES, DSAForCausalLM, is_indexer_weight
 from .tokenizer import ByteTokenizer, load_tokenizer
 
 
@@ -81,10 +81,10 @@ def from_pretrained(directory: str | Path, device=None, new_indexer: bool = Fals
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     if new_indexer:
-        state = {k: v for k, v in state.items() if ".indexer." not in k}
+        state = {k: v for k, v in state.items() if not is_indexer_weight(k)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if new_indexer:
-        missing = [k for k in missing if ".indexer." not in k]
+        missing = [k for k in missing if not is_indexer_weight(k)]
     if missing or unexpected:
         raise ValueError(f"{directory}/model.safetensors: missing weights {missing}, unexpected weights {unexpected}")
     if cfg.tie_word_embeddings:

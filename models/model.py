@@ -48,6 +48,12 @@ class DSAModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def is_indexer_weight(name: str) -> bool:
+    """Whether a state-dict / parameter name belongs to a layer's lightning indexer (HF layout:
+    model.layers.N.self_attn.indexer.*): the part the warm-up trains and new_indexer replaces."""
+    return ".indexer." in name
+
+
 class DSAForCausalLM(nn.Module):
     def __init__(self, cfg: DSAConfig):
         super().__init__()
@@ -70,7 +76,7 @@ class DSAForCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def indexer_parameters(self):
-        return [p for n, p in self.named_parameters() if ".indexer." in n]
+        return [p for n, p in self.named_parameters() if is_indexer_weight(n)]
 
     def forward(
         self,
