@@ -8,8 +8,10 @@ run, which defines `configure(parser)` (its arguments) and `run(args) -> int` (e
 """
 import argparse
 import importlib
+import os
 import sys
 
+from dsarl.launch.jobs import EXIT_WITH_PARENT_ENV, exit_with_parent
 from dsarl.models.config import ConfigError
 
 # name -> (module, one-line help)
@@ -61,6 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and os.environ.get(EXIT_WITH_PARENT_ENV) == "1":  # run as a Ray job's entrypoint
+        exit_with_parent()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:

@@ -28,6 +28,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,28 @@ STAGES = ("pretrain", "warmup", "sparse", "eval", "grpo", "run", "distill")
 EXCLUDES = ["/dsarl/", "**/__pycache__", "*.pyc", "*.egg-info", "runs/", ".pytest_cache"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ENV_ADDRESSES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's own order for the job API
+EXIT_WITH_PARENT_ENV = "DSARL_EXIT_WITH_PARENT"  # set in every job's environment; `dsarl` then calls exit_with_parent
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """Ends this process (exit status 143, as for SIGTERM) soon after its parent process exits.
+
+    Ray stops a job by signalling the entrypoint's process and the children it lists at that moment. A
+    `dsarl stop` once left a training driver running at 100% CPU with parent 1 (orphaned, its working_dir
+    already deleted), never stopped. Whatever the race, a job driver whose parent is gone has lost its
+    supervisor, so it exits; checkpoints are atomic, so a resume loses at most the steps since the last one.
+    Not for interactive use: a `nohup dsarl ... &` is meant to outlive its shell."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                print(f"dsarl: parent process {parent} is gone (job stopped or its supervisor died); exiting",
+                      file=sys.stderr, flush=True)
+                os._exit(143)
+
+    threading.Thread(target=watch, name="dsarl-exit-with-parent", daemon=True).start()
 
 
 # ---------------------------------------------------------------- packaging
@@ -59,7 +82,8 @@ def build_package(dest: str | Path) -> Path:
 
 def runtime_env(package: Path, working_dir: Path, pip: list[str] = (), env_vars: dict | None = None) -> dict:
     env = {"working_dir": str(working_dir), "py_modules": [str(package)], "excludes": list(EXCLUDES),
-           "env_vars": {"PYTHONUNBUFFERED": "1", **(env_vars or {})}}  # unbuffered: --follow sees lines live
+           # unbuffered: --follow sees lines live; EXIT_WITH_PARENT_ENV: a stopped job's driver never outlives it
+           "env_vars": {"PYTHONUNBUFFERED": "1", EXIT_WITH_PARENT_ENV: "1", **(env_vars or {})}}
     if pip:
         env["pip"] = list(pip)
     return env

@@ -6,6 +6,11 @@ ends only its own process tree (never `ray stop`, which would kill other users' 
 import ast
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +58,7 @@ def test_job_imports_dsarl_from_the_shipped_package_not_this_checkout(head, in_r
     """On this machine the editable install would also work; the job must not rely on it."""
     client = job_client(head.dashboard_url)
     probe = ("python -c 'import dsarl, dsarl.launch.cli, dsarl.models, dsarl.kernels, dsarl.configs; "
+             "import os; print(\"GUARD\", os.environ.get(\"DSARL_EXIT_WITH_PARENT\")); "
              "print(\"ORIGIN\", dsarl.__file__, dsarl.launch.cli.__file__, dsarl.models.__file__)'")
     job_id = submit_job(client, probe, REPO)
     out = io.StringIO()
@@ -62,6 +68,7 @@ def test_job_imports_dsarl_from_the_shipped_package_not_this_checkout(head, in_r
     for path in origins:
         assert not path.startswith(str(REPO)), path
         assert "runtime_resources" in path and "/dsarl/" in path, path
+    assert "GUARD 1" in out.getvalue()  # the driver's environment turns on exit_with_parent in `dsarl`
 
 
 def test_submit_pretrain_follows_logs_to_success(head, in_repo, tmp_path, capsys):
@@ -118,7 +125,55 @@ def test_submit_without_follow_prints_the_id_then_stop_ends_the_job(head, in_rep
     assert job_id.startswith("raysubmit_")
     assert main(["stop", "--address", head.dashboard_url, job_id, "--wait"]) == 0
     assert f"{job_id} STOPPED" in capsys.readouterr().err
+    # Stopped means the training process is gone (one once ran on as an orphan): allow the exit-with-parent
+    # guard its poll interval in case Ray's stop missed it, then no live process may name this run_dir
+    assert _wait_gone(lambda: _live_processes_naming(str(tmp_path / "long")), timeout_s=15) == []
     assert main(["logs", "--address", head.dashboard_url, "--follow", job_id]) == 1  # stopped is not success
+
+
+def _live_processes_naming(text: str) -> list[int]:
+    import ray  # noqa: F401  (Ray's vendored psutil)
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and any(text in a for a in (p.info["cmdline"] or [])):
+            found.append(p.pid)
+    return found
+
+
+def _wait_gone(list_fn, timeout_s: float) -> list[int]:
+    """list_fn() once it is empty, or its last value after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while (found := list_fn()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
+def test_a_job_driver_whose_parent_dies_exits_and_an_unguarded_one_does_not(tmp_path):
+    """exit_with_parent, the guard every job's `dsarl` driver runs: SIGKILL the driver's parent (as a dead
+    supervisor would leave it) and the guarded driver exits; the same driver without the guard lives on."""
+    drivers = {}
+    for name, guard in (("guarded", "exit_with_parent(0.1)"), ("unguarded", "pass")):
+        ready = tmp_path / f"{name}.ready"
+        driver = (f"import pathlib, time; from dsarl.launch.jobs import exit_with_parent; {guard}; "
+                  f"pathlib.Path({str(ready)!r}).touch(); time.sleep(120)  # {tmp_path}")
+        # the parent starts the driver, prints its pid, and sleeps until killed
+        parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                                   f"p = subprocess.Popen([sys.executable, '-c', {driver!r}]); "
+                                   "print(p.pid, flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+        drivers[name] = (parent, int(parent.stdout.readline()), ready)
+    try:
+        for parent, _, ready in drivers.values():
+            assert _wait_gone(lambda: [] if ready.exists() else [0], timeout_s=60) == []
+            parent.kill()
+            parent.wait()
+        guarded_pid, unguarded_pid = drivers["guarded"][1], drivers["unguarded"][1]
+        assert _wait_gone(lambda: [p for p in _live_processes_naming(str(tmp_path)) if p == guarded_pid], 15) == []
+        assert unguarded_pid in _live_processes_naming(str(tmp_path))  # orphaned, still running: what the guard ends
+    finally:
+        for pid in _live_processes_naming(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_address_flag_beats_the_environment_and_the_environment_beats_nothing(head, in_repo, monkeypatch, capsys):
