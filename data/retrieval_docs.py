@@ -14,11 +14,10 @@ tokens are answers, so pretraining can weight the loss towards them (learner/pre
 Any task of data/tasks.py is a document too: prompt (not answer), answer, newline.
 """
 import random
-import string
 
 import torch
 
-from .tasks import TASKS, get_task, passkey_haystack, random_kv_pairs, random_words
+from .tasks import TASKS, get_task, passkey_haystack, random_kv_pairs
 
 
 def kv_multi_query(rng: random.Random, context_len: int = 512, key_len: int = 3, value_len: int = 2,
@@ -61,23 +60,13 @@ def passkey_multi_query(rng: random.Random, context_len: int = 512, n_needles: i
     return segments
 
 
-def repeat_copy(rng: random.Random, length: int = 128, min_length: int | None = None,
-                n_letters: int = 26) -> list[tuple[str, bool]]:
+def repeat_copy(rng: random.Random, length: int = 128, min_length: int | None = None) -> list[tuple[str, bool]]:
     """Random lowercase words (~length bytes), a newline, the same words again (the answer). Predicting
     the copy needs an induction head (find the current token earlier, read what followed it): the
-    circuit retrieval needs, formed quickly here because every copied token trains it.
-
-    `n_letters` < 26 draws the words from the first n_letters letters only. Then a single earlier token,
-    or a pair, matches in many places, and finding where the copy is needs the last several tokens:
-    heads that attend a fixed few positions back."""
-    if not 2 <= n_letters <= 26:
-        raise ValueError(f"repeat_copy: n_letters must be in 2..26, got {n_letters}")
+    circuit retrieval needs, formed quickly here because every copied token trains it."""
     if min_length is not None:
         length = rng.randint(min_length, length)
-    if n_letters == 26:
-        text, _, _ = passkey_haystack(rng, length, 0, 0)
-    else:
-        text = random_words(rng, length, string.ascii_lowercase[:n_letters])
+    text, _, _ = passkey_haystack(rng, length, 0, 0)
     return [(text, False), ("\n", False), (text, True), ("\n", False)]
 
 

@@ -32,15 +32,6 @@ def _random_token(rng: random.Random, length: int, alphabet: str) -> str:
     return "".join(rng.choice(alphabet) for _ in range(length))
 
 
-def random_words(rng: random.Random, n_bytes: int, alphabet: str) -> str:
-    """Space-separated random words of 2-7 letters from `alphabet`, about n_bytes long."""
-    words, size = [], 0
-    while size < n_bytes:
-        words.append(_random_token(rng, rng.randint(2, 7), alphabet))
-        size += len(words[-1]) + 1
-    return " ".join(words)
-
-
 def random_kv_pairs(rng: random.Random, n_pairs: int, key_len: int, value_len: int) -> tuple[list[str], list[str]]:
     """n_pairs unique lowercase keys in random order, each with a random digit value."""
     keys: set[str] = set()

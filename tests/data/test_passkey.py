@@ -61,19 +61,6 @@ def test_repeat_copy_answer_is_the_text_again():
     assert set(text) <= set(string.ascii_lowercase + " ")
 
 
-@pytest.mark.parametrize("n_letters", [2, 4, 25])
-def test_repeat_copy_with_few_letters_uses_exactly_those(n_letters):
-    rng = random.Random(n_letters)
-    texts = [repeat_copy(rng, length=200, min_length=150, n_letters=n_letters) for _ in range(20)]
-    for (text, _), _, (copy, _), _ in texts:
-        assert copy == text and 150 - 1 <= len(text) <= 200 + 6  # whole words: up to a word past length, minus the last space
-        assert all(2 <= len(w) <= 7 for w in text.split(" "))
-    used = set("".join(t[0][0] for t in texts).replace(" ", ""))
-    assert used == set(string.ascii_lowercase[:n_letters])  # all of them, and no other
-    with pytest.raises(ValueError, match="n_letters"):
-        repeat_copy(rng, n_letters=27)
-
-
 def test_mixture_draws_parts_by_weight_with_their_kwargs():
     parts = {"repeat_copy": {"weight": 3, "kwargs": {"length": 30}},
              "passkey_multi_query": {"weight": 1, "kwargs": {"context_len": 30, "n_needles": 2}}}
