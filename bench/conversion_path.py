@@ -23,7 +23,7 @@ STAGES = [
     ("recall", ["bench/indexer_recall.py", "runs/conversion/warmup/final"]),  # 16 held-out documents
     ("sparse", ["sparse", "configs/conversion/sparse.yaml"]),
     ("eval", ["eval", "configs/conversion/eval.yaml"]),
-    ("eval_parity", ["eval", "configs/conversion/eval_parity.yaml"]),  # 1000 prompts at 2048: ~23 min
+    ("eval_parity", ["eval", "configs/conversion/eval_parity.yaml"]),  # 1000 prompts at 2048: ~26 min
 ]
 TRAINING = ("pretrain_short", "pretrain_long", "warmup", "sparse")  # the path the 30-minute goal is about
 
