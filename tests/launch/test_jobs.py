@@ -127,22 +127,11 @@ def test_submit_without_follow_prints_the_id_then_stop_ends_the_job(head, in_rep
     assert f"{job_id} STOPPED" in capsys.readouterr().err
     # Stopped means the training process is gone (one once ran on as an orphan): allow the exit-with-parent
     # guard its poll interval in case Ray's stop missed it, then no live process may name this run_dir
-    assert _wait_gone(lambda: _live_processes_naming(str(tmp_path / "long")), timeout_s=15) == []
+    assert _poll_until_empty(lambda: _live_processes_naming(str(tmp_path / "long")), timeout_s=15) == []
     assert main(["logs", "--address", head.dashboard_url, "--follow", job_id]) == 1  # stopped is not success
 
 
-def _live_processes_naming(text: str) -> list[int]:
-    import ray  # noqa: F401  (Ray's vendored psutil)
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        if p.info["status"] != psutil.STATUS_ZOMBIE and any(text in a for a in (p.info["cmdline"] or [])):
-            found.append(p.pid)
-    return found
-
-
-def _wait_gone(list_fn, timeout_s: float) -> list[int]:
+def _poll_until_empty(list_fn, timeout_s: float) -> list:
     """list_fn() once it is empty, or its last value after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while (found := list_fn()) and time.monotonic() < deadline:
@@ -165,11 +154,11 @@ def test_a_job_driver_whose_parent_dies_exits_and_an_unguarded_one_does_not(tmp_
         drivers[name] = (parent, int(parent.stdout.readline()), ready)
     try:
         for parent, _, ready in drivers.values():
-            assert _wait_gone(lambda: [] if ready.exists() else [0], timeout_s=60) == []
+            assert _poll_until_empty(lambda: [] if ready.exists() else [0], timeout_s=60) == []
             parent.kill()
             parent.wait()
         guarded_pid, unguarded_pid = drivers["guarded"][1], drivers["unguarded"][1]
-        assert _wait_gone(lambda: [p for p in _live_processes_naming(str(tmp_path)) if p == guarded_pid], 15) == []
+        assert _poll_until_empty(lambda: [p for p in _live_processes_naming(str(tmp_path)) if p == guarded_pid], 15) == []
         assert unguarded_pid in _live_processes_naming(str(tmp_path))  # orphaned, still running: what the guard ends
     finally:
         for pid in _live_processes_naming(str(tmp_path)):
@@ -215,15 +204,25 @@ def test_ray_address_env_joins_that_cluster(head, monkeypatch):
         resolve_address(None)
 
 
-def _private_head_processes(exclude: str) -> list[int]:
+def _processes_with_arg(match, skip_zombies: bool = False) -> list[int]:
+    """Pids of processes with a command-line argument for which match(arg) holds."""
     import ray  # noqa: F401  (Ray's vendored psutil)
     import psutil
 
+    return [p.pid for p in psutil.process_iter(["cmdline", "status"])
+            if not (skip_zombies and p.info["status"] == psutil.STATUS_ZOMBIE)
+            and any(match(a) for a in (p.info["cmdline"] or []))]
+
+
+def _live_processes_naming(text: str) -> list[int]:
+    return _processes_with_arg(lambda arg: text in arg, skip_zombies=True)
+
+
+def _private_head_processes(exclude: str) -> list[int]:
     from dsarl.launch.ray_setup import PRIVATE_HEAD_DIR, PRIVATE_HEAD_PREFIX
 
     prefix = f"{PRIVATE_HEAD_DIR}/{PRIVATE_HEAD_PREFIX}"
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any(prefix in a and exclude not in a for a in (p.info["cmdline"] or []))]
+    return _processes_with_arg(lambda arg: prefix in arg and exclude not in arg)
 
 
 def test_submit_without_address_runs_on_a_private_head_and_stops_it(head, in_repo, tmp_path, capsys):
