@@ -45,22 +45,38 @@ EXIT_WITH_PARENT_ENV = "DSARL_EXIT_WITH_PARENT"  # set in every job's environmen
 
 
 def exit_with_parent(poll_s: float = 1.0) -> None:
-    """Ends this process (exit status 143, as for SIGTERM) soon after its parent process exits.
+    """Ends this process (exit status 143, as for SIGTERM) once the job's entrypoint is gone.
 
     Ray stops a job by signalling the entrypoint's process and the children it lists at that moment. A
-    `dsarl stop` once left a training driver running at 100% CPU with parent 1 (orphaned, its working_dir
-    already deleted), never stopped. Whatever the race, a job driver whose parent is gone has lost its
-    supervisor, so it exits; checkpoints are atomic, so a resume loses at most the steps since the last one.
+    `dsarl stop` left a training driver running at 100% CPU with parent 1 (orphaned, its working_dir
+    already deleted): the entrypoint shell had not exec'd python but forked it, and died before python
+    was listed. Ray starts each entrypoint as a session leader, so the job is over for this process when
+    its parent changes, or when it is not that leader and the leader no longer exists. The second test
+    also covers a driver orphaned before this guard started (it then sees parent 1 from the start).
+    Checkpoints are atomic, so a resume loses at most the steps since the last one.
     Not for interactive use: a `nohup dsarl ... &` is meant to outlive its shell."""
     parent = os.getppid()
 
+    def entrypoint_gone() -> bool:
+        if os.getppid() != parent:
+            return True
+        leader = os.getsid(0)
+        if leader == os.getpid():
+            return False
+        try:
+            os.kill(leader, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, owned by another user
+            pass
+        return False
+
     def watch() -> None:
-        while True:
+        while not entrypoint_gone():
             time.sleep(poll_s)
-            if os.getppid() != parent:
-                print(f"dsarl: parent process {parent} is gone (job stopped or its supervisor died); exiting",
-                      file=sys.stderr, flush=True)
-                os._exit(143)
+        print(f"dsarl: this job's entrypoint is gone (parent was {parent}, session {os.getsid(0)}); exiting",
+              file=sys.stderr, flush=True)
+        os._exit(143)
 
     threading.Thread(target=watch, name="dsarl-exit-with-parent", daemon=True).start()
 

@@ -139,27 +139,41 @@ def _poll_until_empty(list_fn, timeout_s: float) -> list:
     return found
 
 
-def test_a_job_driver_whose_parent_dies_exits_and_an_unguarded_one_does_not(tmp_path):
-    """exit_with_parent, the guard every job's `dsarl` driver runs: SIGKILL the driver's parent (as a dead
-    supervisor would leave it) and the guarded driver exits; the same driver without the guard lives on."""
+def test_a_job_driver_whose_entrypoint_dies_exits_and_an_unguarded_one_does_not(tmp_path):
+    """exit_with_parent, the guard every job's `dsarl` driver runs. Each driver's parent is a session
+    leader, as Ray starts an entrypoint; SIGKILL it (what a stop that misses the driver leaves behind):
+    - `guarded` started the guard before: it exits;
+    - `late` starts the guard only after its parent died, already orphaned (how the driver Ray's stop
+      missed in CI looked: python forked by the entrypoint shell, still importing): it exits;
+    - `unguarded` lives on, which is the failure the guard prevents."""
     drivers = {}
-    for name, guard in (("guarded", "exit_with_parent(0.1)"), ("unguarded", "pass")):
-        ready = tmp_path / f"{name}.ready"
-        driver = (f"import pathlib, time; from dsarl.launch.jobs import exit_with_parent; {guard}; "
-                  f"pathlib.Path({str(ready)!r}).touch(); time.sleep(120)  # {tmp_path}")
+    for name, guard in (("guarded", "exit_with_parent(0.1)"), ("late", "exit_with_parent(0.1)"), ("unguarded", "")):
+        ready, go = tmp_path / f"{name}.ready", tmp_path / f"{name}.go"
+        wait_for_go = f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.05)\n" if name == "late" else ""
+        driver = (f"import pathlib, time\nfrom dsarl.launch.jobs import exit_with_parent\n{wait_for_go}{guard}\n"
+                  f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(120)  # {tmp_path}")
         # the parent starts the driver, prints its pid, and sleeps until killed
         parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
                                    f"p = subprocess.Popen([sys.executable, '-c', {driver!r}]); "
-                                   "print(p.pid, flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
-        drivers[name] = (parent, int(parent.stdout.readline()), ready)
+                                   "print(p.pid, flush=True); time.sleep(120)"],
+                                  stdout=subprocess.PIPE, text=True, start_new_session=True)
+        drivers[name] = (parent, int(parent.stdout.readline()), ready, go)
+
+    def running(pid: int) -> list[int]:
+        return [p for p in _live_processes_naming(str(tmp_path)) if p == pid]
+
     try:
-        for parent, _, ready in drivers.values():
-            assert _poll_until_empty(lambda: [] if ready.exists() else [0], timeout_s=60) == []
+        for name, (parent, pid, ready, go) in drivers.items():
+            if name != "late":
+                assert _poll_until_empty(lambda: [] if ready.exists() else [0], timeout_s=60) == []
             parent.kill()
             parent.wait()
-        guarded_pid, unguarded_pid = drivers["guarded"][1], drivers["unguarded"][1]
-        assert _poll_until_empty(lambda: [p for p in _live_processes_naming(str(tmp_path)) if p == guarded_pid], 15) == []
-        assert unguarded_pid in _live_processes_naming(str(tmp_path))  # orphaned, still running: what the guard ends
+            if name == "late":
+                go.touch()
+                assert _poll_until_empty(lambda: [] if ready.exists() or not running(pid) else [0], 60) == []
+        assert _poll_until_empty(lambda: running(drivers["guarded"][1]), timeout_s=15) == []
+        assert _poll_until_empty(lambda: running(drivers["late"][1]), timeout_s=15) == []
+        assert running(drivers["unguarded"][1])  # orphaned and still running: what the guard ends
     finally:
         for pid in _live_processes_naming(str(tmp_path)):
             os.kill(pid, signal.SIGKILL)
