@@ -3,6 +3,7 @@ import torch
 from ..dispatch import use_triton
 from ..indexer_scores import indexer_scores
 from ..indexer_scores.reference import resolve_positions
+from . import cpu
 from .float_first import topk_indices_float_first
 from .keyed import topk_indices_keyed
 from .reference import topk_indices_reference
@@ -14,6 +15,8 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
         from .triton import topk_indices_triton
 
         return topk_indices_triton(scores, k)
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and cpu.available():
+        return cpu.topk_indices_cpu(scores, k)  # one heap scan per row in C
     return topk_indices_float_first(scores, k)  # the reference's selection: float topk, keyed on boundary ties
 
 

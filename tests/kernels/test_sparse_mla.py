@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dsarl.kernels import sparse_mla_attention
+from dsarl.kernels.sparse_mla import cpu as sparse_cpu
 from dsarl.kernels.sparse_mla.chunked import sparse_mla_attention_chunked
 from dsarl.kernels.sparse_mla.reference import sparse_mla_attention_reference
 from dsarl.kernels.sparse_mla.triton import sparse_mla_attention_triton, sparse_mla_fwd
@@ -33,21 +34,45 @@ SHAPES = [  # B, T, S, H, Dqk, d_v, K
     (1, 1, 1, 1, 16, 16, 1),
     (2, 7, 23, 5, 40, 24, 9),
     (1, 19, 19, 3, 33, 16, 37),  # K > S, Dqk - d_v = 17 (tail padded to 32)
+    (2, 9, 40, 6, 80, 64, 33),  # the C kernel's vector paths: 4 + 2 heads, 2 x 32 + 16 columns
+    (1, 6, 70, 4, 160, 128, 64),  # the bench model's latent width
 ]
+needs_native = pytest.mark.skipif(not sparse_cpu.available(), reason="the C kernels need a C compiler (cc/gcc/clang)")
 
 
 @pytest.mark.parametrize("B,T,S,H,Dqk,d_v,K", SHAPES)
-@pytest.mark.parametrize("impl", ["triton", "chunked"])
+@pytest.mark.parametrize("impl", ["triton", "chunked", pytest.param("cpu", marks=needs_native)])
 def test_matches_reference(gen, impl, B, T, S, H, Dqk, d_v, K):
+    if impl == "cpu" and DEVICE != "cpu":
+        pytest.skip("the C kernel takes CPU tensors")
     q, kv, idx = _inputs(gen, B, T, S, H, Dqk, K)
     do = torch.randn(B, T, H, d_v, generator=gen).to(DEVICE)
     dlse = torch.randn(B, T, H, generator=gen).to(DEVICE)
-    fn = sparse_mla_attention_triton if impl == "triton" else (
-        lambda *a: sparse_mla_attention_chunked(*a, chunk=3))
+    fn = {"triton": sparse_mla_attention_triton, "cpu": sparse_cpu.sparse_mla_attention_cpu,
+          "chunked": lambda *a: sparse_mla_attention_chunked(*a, chunk=3)}[impl]
     got = _run(fn, q, kv, idx, 0.17, d_v, do, dlse)
     ref = _run(sparse_mla_attention_reference, q, kv, idx, 0.17, d_v, do, dlse)
     for name, a, b, tol in zip(("out", "lse", "probs", "dq", "dkv"), got, ref, (1e-5, 1e-5, 1e-5, 1e-4, 1e-4)):
         assert rel_err(a, b) <= tol, name
+
+
+@needs_native
+def test_cpu_kernel_threads(gen, monkeypatch):
+    """Rows split over threads: each thread adds its kv gradient into its own buffer, so two runs on
+    two threads are bitwise equal, and one thread agrees within fp32 rounding."""
+    if DEVICE != "cpu":
+        pytest.skip("the C kernel takes CPU tensors")
+    q, kv, idx = _inputs(gen, 2, 31, 50, 6, 48, 20)
+    do, dlse = torch.randn(2, 31, 6, 32, generator=gen), torch.randn(2, 31, 6, generator=gen)
+    runs = {}
+    for threads in (2, 2, 1):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
+        got = _run(sparse_cpu.sparse_mla_attention_cpu, q, kv, idx, 0.2, 32, do, dlse)
+        if threads in runs:
+            assert all(torch.equal(a, b) for a, b in zip(got, runs[threads]))
+        runs[threads] = got
+    for a, b in zip(runs[1], runs[2]):
+        assert rel_err(a, b) <= 1e-5
 
 
 def test_head_blocks_and_small_key_blocks(gen):
@@ -60,7 +85,7 @@ def test_head_blocks_and_small_key_blocks(gen):
 
 
 def test_public_op_backends(gen, monkeypatch):
-    """STYLE rule 21: default (chunked on CPU / Triton on CUDA), reference and triton agree."""
+    """STYLE rule 21: default (the C kernel or chunked on CPU / Triton on CUDA), reference and triton agree."""
     q, kv, idx = _inputs(gen, 1, 6, 11, 3, 20, 5)
     outs = {}
     for backend in ("", "reference", "triton"):

@@ -3,6 +3,7 @@ import torch
 
 from dsarl.kernels import indexer_topk, topk_indices
 from dsarl.kernels.indexer_scores.reference import indexer_scores_reference
+from dsarl.kernels.topk import cpu as topk_cpu
 from dsarl.kernels.topk.reference import topk_indices_reference
 from dsarl.kernels.topk.triton import topk_indices_chunked, topk_indices_triton
 from kernel_utils import DEVICE
@@ -66,9 +67,13 @@ def test_ties_at_the_threshold_go_to_the_latest_keys():
     assert topk_indices_reference(few, 4)[0, 0].tolist().count(-1) == 2
 
 
-@pytest.mark.parametrize("impl", ["keyed", "float_first"])
+needs_native = pytest.mark.skipif(not topk_cpu.available(), reason="the C kernels need a C compiler (cc/gcc/clang)")
+
+
+@pytest.mark.parametrize("impl", ["keyed", "float_first", pytest.param("cpu", marks=needs_native)])
 @pytest.mark.parametrize("B,T,S,k", [(1, 5, 5, 3), (2, 37, 61, 8), (1, 7, 7, 12), (3, 64, 300, 32),
-                                     (2, 40, 2003, 8)])  # long rows: block-pruned, ragged tail
+                                     (2, 40, 2003, 8),  # long rows: block-pruned, ragged tail
+                                     (2, 30, 3000, 64)])  # the C kernel's sampled threshold at k / 8 = 8
 def test_fast_selections_equal_the_reference_with_many_ties(gen, impl, B, T, S, k):
     """Indexer-like scores: ReLU sums that are exactly 0 on many keys, rows of both signs (so -0.0
     appears: a negative weight times a zero), repeated positive values, causal -inf."""
@@ -81,13 +86,27 @@ def test_fast_selections_equal_the_reference_with_many_ties(gen, impl, B, T, S, 
     assert (scores.signbit() & (scores == 0)).any()  # -0.0 is present
     q_pos = torch.arange(S - T, S).expand(B, T)
     scores = scores.masked_fill(torch.arange(S)[None, None, :] > q_pos[:, :, None], float("-inf"))
-    fast = {"keyed": topk_indices_keyed, "float_first": topk_indices_float_first}[impl]
+    fast = {"keyed": topk_indices_keyed, "float_first": topk_indices_float_first,
+            "cpu": topk_cpu.topk_indices_cpu}[impl]
     got, ref = fast(scores, k), topk_indices_reference(scores, k)
     assert got.dtype == torch.int32 and got.shape == (B, T, k)
     assert _as_sets(got) == _as_sets(ref)
     valid = got >= 0  # best first: the selected scores never increase along the row
     vals = scores.gather(-1, got.clamp(min=0).long()).masked_fill(~valid, float("-inf"))
     assert (vals[..., 1:] <= vals[..., :-1]).all()
+
+
+@needs_native
+def test_cpu_topk_when_the_sampled_threshold_is_too_high(gen):
+    """The C kernel guesses a threshold from every 8th score; when fewer than k scores reach the guess
+    (the best scores all sit on sampled slots) it must fall back to the whole row, not return fewer."""
+    S, k = 400, 16  # the guess is the 3rd best sampled score
+    scores = torch.rand(1, 3, S, generator=gen)
+    scores[0, :, [0, 8, 16]] = 10.0  # exactly 3 scores reach the guess: 3 < k
+    scores[0, 2, 200:] = float("-inf")  # and a row with a causal tail
+    got = topk_cpu.topk_indices_cpu(scores, k)
+    assert _as_sets(got) == _as_sets(topk_indices_reference(scores, k))
+    assert (got >= 0).all()
 
 
 def test_sortable_int32_orders_like_the_floats(gen):

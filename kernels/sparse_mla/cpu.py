@@ -1,0 +1,109 @@
+"""Sparse MLA attention through the C kernel of cpu.c: the CPU path for fp32 when a C compiler exists.
+
+Same contract and maths as reference.py and chunked.py (the backward recomputes from q, kv, indices,
+out, lse). Rows of queries are split over torch.get_num_threads() threads; each thread's backward
+adds its kv gradient into its own buffer and the buffers are summed, so results do not depend on
+thread timing. `available()` is False without a compiler (or with DSARL_NATIVE=0); callers then use
+chunked.py.
+"""
+import ctypes
+from pathlib import Path
+
+import torch
+
+from .. import native
+
+SOURCE = Path(__file__).with_name("cpu.c")
+_I64, _F32 = ctypes.c_int64, ctypes.c_float
+
+
+def _lib():
+    lib = native.load(SOURCE)
+    if lib is None:
+        raise RuntimeError(f"the C sparse attention kernel is unavailable: {native.unavailable_reason(SOURCE)}")
+    if not getattr(lib, "_dsarl_typed", False):
+        p = ctypes.c_void_p
+        lib.sparse_mla_fwd.argtypes = [p, p, p, p, p, p, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32]
+        lib.sparse_mla_bwd.argtypes = [p, p, p, p, p, p, p, p, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32]
+        lib._dsarl_typed = True
+    return lib
+
+
+def available() -> bool:
+    return native.load(SOURCE) is not None
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise MemoryError(f"sparse_mla {what}: the C kernel could not allocate its scratch rows")
+
+
+def sparse_mla_cpu_fwd(q, kv, indices, sm_scale, d_v, return_probs):
+    lib = _lib()
+    B, T, H, D = q.shape
+    S, K = kv.shape[1], indices.shape[-1]
+    qc, kvc = q.float().contiguous(), kv.float().contiguous()
+    idx = indices.to(torch.int32).contiguous()
+    out = torch.empty((B, T, H, d_v), dtype=torch.float32)
+    lse = torch.empty((B, T, H), dtype=torch.float32)
+    probs = torch.empty((B, T, K), dtype=torch.float32) if return_probs else None
+
+    def run(_, n0, n1):
+        _check(lib.sparse_mla_fwd(native.ptr(qc), native.ptr(kvc), native.ptr(idx), native.ptr(out),
+                                  native.ptr(lse), native.ptr(probs), n0, n1, T, S, H, K, D, d_v, sm_scale), "fwd")
+
+    native.parallel(run, B * T)
+    return out.to(q.dtype), lse, probs
+
+
+def sparse_mla_cpu_bwd(q, kv, indices, out, lse, dout, dlse, sm_scale, d_v):
+    lib = _lib()
+    B, T, H, D = q.shape
+    S, K = kv.shape[1], indices.shape[-1]
+    qc, kvc = q.float().contiguous(), kv.float().contiguous()
+    idx = indices.to(torch.int32).contiguous()
+    doutc = dout.float().contiguous()
+    delta = (out.float() * doutc).sum(-1)  # [B, T, H] rowsum(O * dO)
+    if dlse is not None:
+        delta = delta - dlse.float()  # d lse / d score = p: the same (dP - delta) form
+    delta = delta.contiguous()
+    lsec = lse.float().contiguous()
+    dq = torch.empty((B, T, H, D), dtype=torch.float32)
+    ranges = native.split_rows(B * T, torch.get_num_threads())
+    dkv_parts = [torch.zeros((B * S, D), dtype=torch.float32) for _ in ranges]
+
+    def run(part, n0, n1):
+        _check(lib.sparse_mla_bwd(native.ptr(qc), native.ptr(kvc), native.ptr(idx), native.ptr(lsec),
+                                  native.ptr(doutc), native.ptr(delta), native.ptr(dq), native.ptr(dkv_parts[part]),
+                                  n0, n1, T, S, H, K, D, d_v, sm_scale), "bwd")
+
+    native.parallel(run, B * T, len(ranges))
+    dkv = dkv_parts[0]
+    for extra in dkv_parts[1:]:
+        dkv += extra
+    return dq.to(q.dtype), dkv.view(B, S, D).to(kv.dtype)
+
+
+class SparseMLACPUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, indices, sm_scale, d_v, return_probs):
+        out, lse, probs = sparse_mla_cpu_fwd(q, kv, indices, sm_scale, d_v, return_probs)
+        ctx.save_for_backward(q, kv, indices, out, lse)
+        ctx.sm_scale, ctx.d_v = sm_scale, d_v
+        if return_probs:
+            ctx.mark_non_differentiable(probs)  # the indexer KL target is detached
+            return out, lse, probs
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse, *_):
+        q, kv, indices, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dkv = sparse_mla_cpu_bwd(q, kv, indices, out, lse, dout, dlse, ctx.sm_scale, ctx.d_v)
+        return dq, dkv, None, None, None, None
+
+
+def sparse_mla_attention_cpu(q, kv, indices, sm_scale: float, d_v: int, return_probs: bool = False):
+    """Same contract as `dsarl.kernels.sparse_mla_attention`; fp32 maths (bf16 inputs are upcast)."""
+    return SparseMLACPUFunction.apply(q, kv, indices, sm_scale, d_v, return_probs)

@@ -1,0 +1,39 @@
+"""The C kernels' build and fallback (kernels/native.py), in fresh interpreters: the library is loaded
+once per process, so switching it off or breaking the compiler needs a new one."""
+import os
+import subprocess
+import sys
+
+PROBE = r"""
+import torch
+from dsarl.kernels import native, sparse_mla_attention
+from dsarl.kernels.sparse_mla import cpu
+from dsarl.kernels.sparse_mla.reference import sparse_mla_attention_reference
+g = torch.Generator().manual_seed(0)
+q, kv = torch.randn(1, 9, 3, 24, generator=g), torch.randn(1, 9, 24, generator=g)
+idx = torch.randint(-1, 9, (1, 9, 5), generator=g, dtype=torch.int32)
+got, ref = sparse_mla_attention(q, kv, idx, 0.3, 16)[0], sparse_mla_attention_reference(q, kv, idx, 0.3, 16)[0]
+print("AVAILABLE", cpu.available())
+print("REASON", str(native.unavailable_reason(cpu.SOURCE)).replace("\n", " "))
+print("ERR", float((got - ref).abs().max()))
+"""
+
+
+def _probe(tmp_path, **env) -> dict[str, str]:
+    full = {**os.environ, "DSARL_NATIVE_CACHE": str(tmp_path / "cache"), **env}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=full, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return dict(line.split(" ", 1) for line in out.stdout.splitlines())
+
+
+def test_switched_off_falls_back_to_torch(tmp_path):
+    got = _probe(tmp_path, DSARL_NATIVE="0")
+    assert got["AVAILABLE"] == "False" and got["REASON"] == "DSARL_NATIVE=0"
+    assert float(got["ERR"]) <= 1e-5  # the public op still answers, through chunked.py
+    assert not (tmp_path / "cache").exists()  # nothing was built
+
+
+def test_a_failing_compiler_is_reported_and_the_op_still_works(tmp_path):
+    got = _probe(tmp_path, CC="false")  # /bin/false: a compiler that always fails
+    assert got["AVAILABLE"] == "False" and "false failed" in got["REASON"]
+    assert float(got["ERR"]) <= 1e-5
