@@ -1,9 +1,9 @@
 """Sparse MLA attention through the C kernel of cpu.c: the CPU path for fp32 when a C compiler exists.
 
 Same contract and maths as reference.py and chunked.py (the backward recomputes from q, kv, indices,
-out, lse). Rows of queries are split over torch.get_num_threads() threads; each thread's backward
-adds its kv gradient into its own buffer and the buffers are summed, so results do not depend on
-thread timing. `available()` is False without a compiler (or with DSARL_NATIVE=0); callers then use
+out, lse). Rows of queries are split over up to torch.get_num_threads() threads (one for small calls,
+native.thread_count); each thread's backward adds its kv gradient into its own buffer and the buffers
+are summed, so results do not depend on thread timing. `available()` is False without a compiler (or with DSARL_NATIVE=0); callers then use
 chunked.py.
 """
 import ctypes
@@ -52,7 +52,7 @@ def sparse_mla_cpu_fwd(q, kv, indices, sm_scale, d_v, return_probs):
         _check(lib.sparse_mla_fwd(native.ptr(qc), native.ptr(kvc), native.ptr(idx), native.ptr(out),
                                   native.ptr(lse), native.ptr(probs), n0, n1, T, S, H, K, D, d_v, sm_scale), "fwd")
 
-    native.parallel(run, B * T)
+    native.parallel(run, B * T, native.thread_count(B * T, H * K * D))
     return out.to(q.dtype), lse, probs
 
 
@@ -69,7 +69,7 @@ def sparse_mla_cpu_bwd(q, kv, indices, out, lse, dout, dlse, sm_scale, d_v):
     delta = delta.contiguous()
     lsec = lse.float().contiguous()
     dq = torch.empty((B, T, H, D), dtype=torch.float32)
-    ranges = native.split_rows(B * T, torch.get_num_threads())
+    ranges = native.split_rows(B * T, native.thread_count(B * T, 3 * H * K * D))
     dkv_parts = [torch.zeros((B * S, D), dtype=torch.float32) for _ in ranges]
 
     def run(part, n0, n1):

@@ -1,8 +1,8 @@
 """Top-k selection through the C kernel of cpu.c: the CPU path for fp32 scores when a C compiler exists.
 
 Same contract and selected sets as reference.py (ties at the k-th score to the later slots), best
-first. Rows are split over torch.get_num_threads() threads. `available()` is False without a
-compiler (or with DSARL_NATIVE=0); callers then use float_first.py.
+first. Rows are split over up to torch.get_num_threads() threads (native.thread_count).
+`available()` is False without a compiler (or with DSARL_NATIVE=0); callers then use float_first.py.
 """
 import ctypes
 from pathlib import Path
@@ -40,5 +40,5 @@ def topk_indices_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
         if lib.topk_rows(native.ptr(rows), native.ptr(out), n0, n1, S, k) != 0:
             raise MemoryError("topk: the C kernel could not allocate its heap")
 
-    native.parallel(run, B * T)
+    native.parallel(run, B * T, native.thread_count(B * T, S))
     return out

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dsarl.kernels import sparse_mla_attention
+from dsarl.kernels import native
 from dsarl.kernels.sparse_mla import cpu as sparse_cpu
 from dsarl.kernels.sparse_mla.chunked import sparse_mla_attention_chunked
 from dsarl.kernels.sparse_mla.reference import sparse_mla_attention_reference
@@ -64,6 +65,7 @@ def test_cpu_kernel_threads(gen, monkeypatch):
         pytest.skip("the C kernel takes CPU tensors")
     q, kv, idx = _inputs(gen, 2, 31, 50, 6, 48, 20)
     do, dlse = torch.randn(2, 31, 6, 32, generator=gen), torch.randn(2, 31, 6, generator=gen)
+    monkeypatch.setattr(native, "MIN_WORK_PER_THREAD", 1)  # split even this small call
     runs = {}
     for threads in (2, 2, 1):
         monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
