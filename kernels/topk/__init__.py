@@ -1,6 +1,6 @@
 import torch
 
-from ..dispatch import use_triton
+from ..dispatch import forced_backend, use_triton
 from ..indexer_scores import indexer_scores
 from ..indexer_scores.reference import resolve_positions
 from . import cpu
@@ -24,11 +24,14 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 def indexer_topk(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, chunk: int = 1024):
     """Scores and selection fused per chunk of queries: memory O(chunk * S), never O(T * S).
 
-    Same arguments as `indexer_scores`; returns int32 indices [B, T, topk] (-1 padded).
+    Same arguments as `indexer_scores`; returns int32 indices [B, T, topk] (-1 padded). On CPU the
+    C kernel (cpu.c) fuses both per query row instead, when a compiler exists (not for fp64).
     """
     B, T = q.shape[:2]
     S = k.shape[1]
     q_pos, k_pos = resolve_positions(B, T, S, q.device, q_pos, k_pos)
+    if q.device.type == "cpu" and q.dtype != torch.float64 and forced_backend() is None and cpu.available():
+        return cpu.indexer_topk_cpu(q, w, k, topk, q_pos, k_pos, k_scale)  # scores never leave the C row buffer
     out = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)

@@ -77,42 +77,190 @@ static int64_t heap_select(uint64_t *heap, int64_t k, const float *row, const in
  * among them, so only those candidates go through the heap; otherwise the whole row does. */
 #define STRIDE 8
 
-int topk_rows(const float *scores, int32_t *out, int64_t n0, int64_t n1, int64_t S, int64_t k) {
-    uint64_t *heap = malloc(sizeof(uint64_t) * (k > 0 ? k : 1));
-    int32_t *cand = malloc(sizeof(int32_t) * (S > 0 ? S : 1));
-    float *sample = malloc(sizeof(float) * (S / STRIDE + 1));
-    if (!heap || !cand || !sample) { free(heap); free(cand); free(sample); return 1; }
+/* Scratch for select_row: the heap, candidate slots, every STRIDE-th score, and radix-sort buffers. */
+typedef struct {
+    uint64_t *heap;
+    int32_t *cand;
+    float *sample;
+    uint64_t *keys, *keys_tmp;
+} scratch_t;
+
+#define RADIX_MAX (1 << 14)  /* candidates sorted by radix; more go through the heap */
+
+static int scratch_alloc(scratch_t *w, int64_t S, int64_t k) {
+    w->heap = malloc(sizeof(uint64_t) * (k > 0 ? k : 1));
+    w->cand = malloc(sizeof(int32_t) * (S > 0 ? S : 1));
+    w->sample = malloc(sizeof(float) * (S / STRIDE + 1));
+    w->keys = malloc(sizeof(uint64_t) * RADIX_MAX);
+    w->keys_tmp = malloc(sizeof(uint64_t) * RADIX_MAX);
+    return w->heap && w->cand && w->sample && w->keys && w->keys_tmp;
+}
+
+static void scratch_free(scratch_t *w) {
+    free(w->heap);
+    free(w->cand);
+    free(w->sample);
+    free(w->keys);
+    free(w->keys_tmp);
+}
+
+/* Sorts a[0:n) ascending by the low `bits` bits (LSD radix, 8 bits a pass); tmp has room for n. */
+static void radix_sort(uint64_t *a, uint64_t *tmp, int64_t n, int bits) {
+    for (int shift = 0; shift < bits; shift += 8) {
+        int64_t count[257] = {0};
+        for (int64_t i = 0; i < n; i++) count[((a[i] >> shift) & 255) + 1]++;
+        for (int d = 0; d < 256; d++) count[d + 1] += count[d];
+        for (int64_t i = 0; i < n; i++) tmp[count[(a[i] >> shift) & 255]++] = a[i];
+        uint64_t *t = a;
+        a = tmp, tmp = t;
+    }
+    if (((bits + 7) / 8) % 2) memcpy(tmp, a, sizeof(uint64_t) * n);  /* odd pass count: copy back to the caller's a */
+}
+
+/* The top k of row[0:S) (non-finite = not visible) into o[0:k), best first, -1 padded. */
+static void select_row(const float *row, int64_t S, int64_t k, scratch_t *w, int32_t *o) {
+    uint64_t *heap = w->heap;
     const int64_t ks = k / STRIDE + k / (2 * STRIDE);
-    for (int64_t n = n0; n < n1; n++) {
-        const float *row = scores + n * S;
-        int64_t size = -1;
-        if (ks >= 1 && S >= 4 * k) {
-            int64_t m = 0;
-            for (int64_t s = 0; s < S; s += STRIDE) sample[m++] = row[s];
-            if (heap_select(heap, ks, sample, NULL, m) == ks) {
-                uint32_t b = (uint32_t)(heap[0] >> 32);
-                b = (b & 0x80000000u) ? (b & 0x7fffffffu) : ~b;
-                float guess;
-                memcpy(&guess, &b, sizeof guess);
-                int64_t c = 0;
-                for (int64_t s = 0; s < S; s++) {
-                    cand[c] = (int32_t)s;
-                    c += row[s] >= guess;  /* branch-free: -inf and NaN never pass */
-                }
-                if (c >= k) size = heap_select(heap, k, row, cand, c);
+    int64_t size = -1;
+    if (ks >= 1 && S >= 4 * k) {
+        int64_t m = 0;
+        for (int64_t s = 0; s < S; s += STRIDE) w->sample[m++] = row[s];
+        if (heap_select(heap, ks, w->sample, NULL, m) == ks) {
+            uint32_t b = (uint32_t)(heap[0] >> 32);
+            b = (b & 0x80000000u) ? (b & 0x7fffffffu) : ~b;
+            float guess;
+            memcpy(&guess, &b, sizeof guess);
+            int64_t c = 0;
+            for (int64_t s = 0; s < S; s++) {
+                w->cand[c] = (int32_t)s;
+                c += row[s] >= guess;  /* branch-free: -inf and NaN never pass */
             }
-        }
-        if (size < 0) size = heap_select(heap, k, row, NULL, S);
-        int32_t *o = out + n * k;
-        for (int64_t i = size; i < k; i++) o[i] = -1;
-        for (int64_t i = size - 1; i >= 0; i--) {  /* pop the minimum into the last free place */
-            o[i] = (int32_t)(heap[0] & 0xffffffffu);
-            heap[0] = heap[i];
-            sift_down(heap, i, 0);
+            if (c >= k && c <= RADIX_MAX) {
+                /* keys = (order-preserving float bits << slot_bits) | slot: one radix sort of the few
+                 * candidates gives the top k in order, where a heap paid a mispredicted branch per level */
+                int slot_bits = 1;
+                while (slot_bits < 32 && ((int64_t)1 << slot_bits) < S) slot_bits++;
+                for (int64_t i = 0; i < c; i++) {
+                    const uint64_t key = key_of(row[w->cand[i]], w->cand[i]);
+                    w->keys[i] = ((key >> 32) << slot_bits) | (key & 0xffffffffu);
+                }
+                radix_sort(w->keys, w->keys_tmp, c, 32 + slot_bits);
+                for (int64_t i = 0; i < k; i++)
+                    o[i] = (int32_t)(w->keys[c - 1 - i] & (((uint64_t)1 << slot_bits) - 1));
+                return;
+            }
+            if (c >= k) size = heap_select(heap, k, row, w->cand, c);
         }
     }
-    free(heap);
-    free(cand);
-    free(sample);
+    if (size < 0) size = heap_select(heap, k, row, NULL, S);
+    for (int64_t i = size; i < k; i++) o[i] = -1;
+    for (int64_t i = size - 1; i >= 0; i--) {  /* pop the minimum into the last free place */
+        o[i] = (int32_t)(heap[0] & 0xffffffffu);
+        heap[0] = heap[i];
+        sift_down(heap, i, 0);
+    }
+}
+
+int topk_rows(const float *scores, int32_t *out, int64_t n0, int64_t n1, int64_t S, int64_t k) {
+    scratch_t w;
+    if (!scratch_alloc(&w, S, k)) { scratch_free(&w); return 1; }
+    for (int64_t n = n0; n < n1; n++) select_row(scores + n * S, S, k, &w, out + n * k);
+    scratch_free(&w);
+    return 0;
+}
+
+/* ---- Lightning-indexer scores fused with the selection: the [T, S] score matrix is never written. ----
+ *
+ *   I[t, s] = k_scale[s] * sum_h w[t, h] * ReLU(q[t, h] . k[s])   if 0 <= k_pos[s] <= q_pos[t], else -inf
+ *
+ * q [N, H, D] (N = B * T rows), w [N, H], kT [B, S_pad / KB, D, KB] (keys in blocks of KB = 2 LANES
+ * slots, each block transposed: a vector of LANES keys is one load, the dot products run across keys
+ * with no horizontal sums, and a block's D x KB floats are contiguous; S_pad = S rounded up to KB, the
+ * padding keys zero), k_scale [B, S] or NULL,
+ * q_pos [N], k_pos [B, S] int64, out [N, k]. When a batch's k_pos is non-decreasing, a query scores only
+ * the slots up to its last visible one (binary search): the causal half of prefill is skipped. */
+#define LANES 16
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+
+static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf vsplat(float x) { return (vf){0} + x; }
+static inline vf vrelu(vf x) {
+    const vf zero = {0};
+    typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+    const vi pos = x > zero;
+    return (vf)((vi)x & pos);
+}
+
+#define KB (2 * LANES)
+
+/* Scores of slots [s0, s0 + KB) for one query, up to 4 of its heads at a time (8 FMA chains);
+ * kblk is that block of keys, [D, KB]. */
+static inline __attribute__((always_inline)) void score_block(float *restrict dst, const float *restrict qn,
+                                                             const float *restrict wn, const float *restrict kblk,
+                                                             int64_t H, int64_t D, int64_t s0) {
+    vf out0 = {0}, out1 = {0};
+    for (int64_t h = 0; h < H; h += 4) {
+        const int64_t g = H - h < 4 ? H - h : 4;
+        const float *q0 = qn + h * D, *q1 = q0 + (g > 1) * D, *q2 = q0 + (g > 2) * 2 * D, *q3 = q0 + (g > 3) * 3 * D;
+        vf a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
+        for (int64_t d = 0; d < D; d++) {
+            const vf k0 = vload(kblk + d * KB), k1 = vload(kblk + d * KB + LANES);
+            vf x = vsplat(q0[d]);
+            a0 += x * k0, b0 += x * k1;
+            x = vsplat(q1[d]), a1 += x * k0, b1 += x * k1;
+            x = vsplat(q2[d]), a2 += x * k0, b2 += x * k1;
+            x = vsplat(q3[d]), a3 += x * k0, b3 += x * k1;
+        }
+        /* heads past g were computed on a repeated head: weight them 0 */
+        out0 += vsplat(wn[h]) * vrelu(a0), out1 += vsplat(wn[h]) * vrelu(b0);
+        if (g > 1) out0 += vsplat(wn[h + 1]) * vrelu(a1), out1 += vsplat(wn[h + 1]) * vrelu(b1);
+        if (g > 2) out0 += vsplat(wn[h + 2]) * vrelu(a2), out1 += vsplat(wn[h + 2]) * vrelu(b2);
+        if (g > 3) out0 += vsplat(wn[h + 3]) * vrelu(a3), out1 += vsplat(wn[h + 3]) * vrelu(b3);
+    }
+    vstore(dst + s0, out0);
+    vstore(dst + s0 + LANES, out1);
+}
+
+static int64_t visible_end(const int64_t *kp, int64_t S, int sorted, int64_t qp) {
+    if (!sorted) return S;
+    int64_t lo = 0, hi = S;  /* first slot with k_pos > qp */
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (kp[mid] <= qp) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+int indexer_topk_rows(const float *q, const float *w, const float *kT, const float *k_scale, const int64_t *q_pos,
+                      const int64_t *k_pos, int32_t *out, int64_t n0, int64_t n1, int64_t T, int64_t S, int64_t H,
+                      int64_t D, int64_t k) {
+    scratch_t ws;
+    const int64_t S_pad = (S + KB - 1) / KB * KB;
+    float *row = malloc(sizeof(float) * (S_pad > 0 ? S_pad : 1));
+    if (!scratch_alloc(&ws, S, k) || !row) { scratch_free(&ws); free(row); return 1; }
+    int64_t sorted_b = -1;
+    int sorted = 0;
+    for (int64_t n = n0; n < n1; n++) {
+        const int64_t b = n / T;
+        const int64_t *kp = k_pos + b * S;
+        if (b != sorted_b) {
+            sorted = 1;
+            for (int64_t s = 1; s < S; s++) sorted &= kp[s] >= kp[s - 1];
+            sorted_b = b;
+        }
+        const int64_t end = visible_end(kp, S, sorted, q_pos[n]);
+        const float *qn = q + n * H * D, *wn = w + n * H, *kTb = kT + b * D * S_pad;
+        for (int64_t s0 = 0; s0 < end; s0 += KB)  /* the last block may run into padding: row has room */
+            score_block(row, qn, wn, kTb + s0 * D, H, D, s0);
+        const float *ks = k_scale ? k_scale + b * S : NULL;
+        for (int64_t s = 0; s < end; s++) {
+            if (ks) row[s] *= ks[s];
+            if (kp[s] < 0 || kp[s] > q_pos[n]) row[s] = -INFINITY;
+        }
+        select_row(row, end, k, &ws, out + n * k);
+    }
+    scratch_free(&ws);
+    free(row);
     return 0;
 }

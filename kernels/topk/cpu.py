@@ -12,6 +12,7 @@ import torch
 from .. import native
 
 SOURCE = Path(__file__).with_name("cpu.c")
+KEY_BLOCK = 32  # cpu.c's KB: keys per transposed block
 
 
 def _lib():
@@ -21,6 +22,7 @@ def _lib():
     if not getattr(lib, "_dsarl_typed", False):
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.topk_rows.argtypes = [p, p, i64, i64, i64, i64]
+        lib.indexer_topk_rows.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64]
         lib._dsarl_typed = True
     return lib
 
@@ -41,4 +43,30 @@ def topk_indices_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
             raise MemoryError("topk: the C kernel could not allocate its heap")
 
     native.parallel(run, B * T, native.thread_count(B * T, S))
+    return out
+
+
+def indexer_topk_cpu(q, w, k, topk: int, q_pos, k_pos, k_scale=None) -> torch.Tensor:
+    """Lightning-indexer scores and their top-k fused per query row (`indexer_topk`'s contract):
+    q [B, T, H, D], w [B, T, H], k [B, S, D] (any float dtype, fp32 maths), q_pos [B, T], k_pos [B, S],
+    k_scale [B, S] or None -> int32 [B, T, topk]. Memory O(threads * S): no [T, S] score matrix."""
+    lib = _lib()
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    qc, wc = q.float().contiguous(), w.float().contiguous()
+    kb = KEY_BLOCK
+    S_pad = -(-S // kb) * kb
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, S_pad - S))  # zero keys past S: scored, never visible
+    kT = kf.view(B, S_pad // kb, kb, D).transpose(2, 3).contiguous()  # [B, S_pad / kb, D, kb]
+    ks = None if k_scale is None else k_scale.float().contiguous()
+    qp, kp = q_pos.long().contiguous(), k_pos.long().contiguous()
+    out = torch.empty((B, T, topk), dtype=torch.int32)
+
+    def run(_, n0, n1):
+        rc = lib.indexer_topk_rows(native.ptr(qc), native.ptr(wc), native.ptr(kT), native.ptr(ks), native.ptr(qp),
+                                   native.ptr(kp), native.ptr(out), n0, n1, T, S, H, D, topk)
+        if rc != 0:
+            raise MemoryError("indexer_topk: the C kernel could not allocate its row buffers")
+
+    native.parallel(run, B * T, native.thread_count(B * T, S * H * D // 2))
     return out

@@ -109,6 +109,32 @@ def test_cpu_topk_when_the_sampled_threshold_is_too_high(gen):
     assert (got >= 0).all()
 
 
+@needs_native
+@pytest.mark.parametrize("B,T,S,H,D,k,scaled,shuffled", [
+    (1, 5, 5, 3, 8, 3, False, False),  # k > visible keys for early queries
+    (2, 37, 61, 4, 32, 8, True, False),  # fp8-style k_scale
+    (2, 40, 300, 5, 24, 16, False, True),  # k_pos out of order with an invalid (-1) slot: no prefix cut
+    (1, 64, 700, 8, 32, 32, True, False),  # two groups of 4 heads, S not a multiple of the key block
+    (1, 50, 3000, 6, 20, 64, False, False),  # long rows: the sampled threshold and radix sort
+])
+def test_cpu_fused_indexer_topk_matches_scores_then_reference(gen, B, T, S, H, D, k, scaled, shuffled):
+    from dsarl.kernels.indexer_scores.reference import resolve_positions
+
+    q, w = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, H, generator=gen)
+    keys = torch.randn(B, S, D, generator=gen)
+    k_scale = torch.rand(B, S, generator=gen) if scaled else None
+    q_pos, k_pos = resolve_positions(B, T, S, "cpu")
+    if shuffled:
+        k_pos = k_pos.clone()
+        k_pos[:, 5] = -1
+        k_pos = k_pos[:, torch.randperm(S, generator=gen)]
+    got = topk_cpu.indexer_topk_cpu(q, w, keys, k, q_pos, k_pos, k_scale)
+    scores = indexer_scores_reference(q, w, keys, q_pos, k_pos, k_scale)
+    assert _as_sets(got) == _as_sets(topk_indices_reference(scores, k))
+    vals = scores.gather(-1, got.clamp(min=0).long()).masked_fill(got < 0, float("-inf"))
+    assert (vals[..., 1:] <= vals[..., :-1]).all()  # best first
+
+
 def test_sortable_int32_orders_like_the_floats(gen):
     from dsarl.kernels.topk.keyed import sortable_int32
 
