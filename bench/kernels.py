@@ -7,7 +7,8 @@ On CUDA: TFLOP/s counting only the selected keys (sparse fwd 2*T*K*H*(Dqk+d_v); 
 2*H*K*(2*d_v + 3*Dqk), DSA.md 6.3; indexer 2*visible_pairs*H_I*D_I), and GB/s from the bytes each
 kernel must move at least (gathered kv rows, q, out, scores). Baselines: torch SDPA dense causal
 attention at the same L in MLA's MHA form (128 heads, qk 192, v 128), torch.topk per chunk, and the
-torch reference where its memory allows. On CPU: the reference against the query-chunked path.
+torch reference where its memory allows. On CPU: the reference against the query-chunked torch path
+and the C kernels (`cpu.c`), up to the bench model's 16k-token layer.
 """
 import argparse
 import json
@@ -128,18 +129,56 @@ def bench_kl(impls, B, T, K, device, reps):
         emit(op="indexer_kl", impl=name, B=B, T=T, K=K, fwd_bwd_ms=1e3 * t, gbps=12 * B * T * K / t / 1e9)
 
 
+def bench_indexer_topk(impls, B, T, H, D, K, reps):
+    """Scores and selection together (what a sparse layer runs), causal, T queries over T keys."""
+    q, w, k = torch.randn(B, T, H, D), torch.randn(B, T, H), torch.randn(B, T, D)
+    for name, fn in impls.items():
+        t = timeit(lambda: fn(q, w, k, K), reps)
+        emit(op="indexer_topk", impl=name, B=B, T=T, H=H, D=D, K=K, ms=1e3 * t)
+
+
 def run_cpu(quick: bool):
+    from dsarl.kernels.sparse_mla import cpu as sparse_cpu
+    from dsarl.kernels.topk import cpu as topk_cpu
+
     reps = 2 if quick else 3
     shapes = [(1, 256, 256, 8, 96, 64, 64)] if quick else [(1, 512, 512, 16, 576, 512, 256),
-                                                          (1, 2048, 2048, 16, 576, 512, 256)]
+                                                          (1, 2048, 2048, 16, 576, 512, 256),
+                                                          (1, 16384, 16384, 6, 160, 128, 256)]  # bench model
     impls = {"reference": sparse_mla_attention_reference, "chunked": sparse_mla_attention_chunked}
+    if sparse_cpu.available():
+        impls["c"] = sparse_cpu.sparse_mla_attention_cpu
     for B, T, S, H, Dqk, d_v, K in shapes:
-        bench_sparse(impls, B, T, S, H, Dqk, d_v, K, torch.float32, "cpu", reps)
+        # the reference gathers [T, K, Dqk] at once: 16k x 256 x 160 floats x autograd copies is too big
+        run = {n: f for n, f in impls.items() if n != "reference" or T <= 2048}
+        bench_sparse(run, B, T, S, H, Dqk, d_v, K, torch.float32, "cpu", reps)
     L = 256 if quick else 1024
     bench_indexer({"reference": indexer_scores_reference}, 1, L, L, 8 if quick else 16, 64, "cpu",
                   torch.float32, reps)
     from dsarl.kernels.topk.triton import topk_indices_chunked
-    bench_topk({"reference": topk_indices_reference, "chunked": topk_indices_chunked}, 1, L, L, 64, "cpu", reps)
+    from dsarl.kernels.topk.float_first import topk_indices_float_first
+    topk_impls = {"reference": topk_indices_reference, "chunked": topk_indices_chunked,
+                  "float_first": topk_indices_float_first}
+    if topk_cpu.available():
+        topk_impls["c"] = topk_cpu.topk_indices_cpu
+    bench_topk(topk_impls, 1, L, L, 64, "cpu", reps)
+    if topk_cpu.available():
+        from dsarl.kernels.indexer_scores.matmul import indexer_scores_matmul
+        from dsarl.kernels.indexer_scores.reference import resolve_positions
+
+        def torch_path(q, w, k, K, chunk=1024):  # matmul scores per chunk, then float_first: the fallback
+            T = q.shape[1]
+            q_pos, k_pos = resolve_positions(1, T, T, "cpu")
+            return torch.cat([topk_indices_float_first(indexer_scores_matmul(
+                q[:, a:a + chunk], w[:, a:a + chunk], k[:, :a + chunk], q_pos[:, a:a + chunk], k_pos[:, :a + chunk]), K)
+                for a in range(0, T, chunk)], dim=1)
+
+        def fused(q, w, k, K):
+            T = q.shape[1]
+            return topk_cpu.indexer_topk_cpu(q, w, k, K, *resolve_positions(1, T, T, "cpu"))
+
+        for T in ([2048] if quick else [2048, 16384]):  # the conversion path's and the prefill bench's lengths
+            bench_indexer_topk({"torch": torch_path, "c_fused": fused}, 1, T, 4, 32, 128 if T == 2048 else 256, reps)
     bench_kl({"reference": indexer_kl_loss_reference}, 1, L, 256, "cpu", reps)
 
 
