@@ -5,12 +5,12 @@ Imports nothing else of dsarl. `DSARL_KERNELS=reference|triton` forces a backend
 from .dense_mla import dense_mha_attention, dense_mla_attention
 from .fp8 import fp8_quant_dequant, fp8_quantize
 from .indexer_kl import indexer_kl_loss
-from .indexer_scores import default_positions, indexer_scores, visibility
+from .indexer_scores import default_positions, indexer_scores, indexer_scores_selected, visibility
 from .sparse_mla import gather_rows, sparse_mla_attention
 from .topk import indexer_topk, topk_indices
 
 __all__ = [
     "dense_mha_attention", "dense_mla_attention", "fp8_quant_dequant", "fp8_quantize", "indexer_kl_loss",
-    "default_positions", "indexer_scores", "visibility", "gather_rows", "sparse_mla_attention",
-    "indexer_topk", "topk_indices",
+    "default_positions", "indexer_scores", "indexer_scores_selected", "visibility", "gather_rows",
+    "sparse_mla_attention", "indexer_topk", "topk_indices",
 ]

@@ -3,6 +3,7 @@ import torch
 from ..dispatch import forced_backend, use_triton
 from .matmul import indexer_scores_matmul
 from .reference import default_positions, indexer_scores_reference, visibility
+from .selected import indexer_scores_selected
 
 
 def indexer_scores(q, w, k, q_pos=None, k_pos=None, k_scale=None):
@@ -24,4 +25,5 @@ def indexer_scores(q, w, k, q_pos=None, k_pos=None, k_scale=None):
     return indexer_scores_matmul(q, w, k, q_pos, k_pos, k_scale)
 
 
-__all__ = ["indexer_scores", "indexer_scores_reference", "default_positions", "visibility"]
+__all__ = ["indexer_scores", "indexer_scores_reference", "indexer_scores_selected", "default_positions",
+           "visibility"]

@@ -100,3 +100,25 @@ def test_matmul_cpu_path_matches_reference(shape, tiles, monkeypatch):
     assert torch.equal(torch.isinf(ref), torch.isinf(out))
     finite = torch.isfinite(ref)
     assert ((out[finite] - ref[finite]).abs() <= 1e-5 * ref[finite].abs().clamp(min=1)).all()
+
+
+def test_selected_scores_equal_the_full_scores_gathered(gen):
+    """indexer_scores_selected (the sparse stage's KL input) against gathering the reference's full
+    scores on the same indices: values and the gradients of q, w, k; k_scale included."""
+    from dsarl.kernels import indexer_scores_selected
+
+    B, T, S, H, D, K = 2, 9, 13, 3, 8, 5
+    q = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(B, T, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, S, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    k_scale = torch.rand(B, S, generator=gen, dtype=torch.float64)
+    t = torch.arange(S - T, S)[None, :, None]
+    idx = (torch.rand(B, T, K, generator=gen) * (t + 1)).long().to(torch.int32)  # visible keys only
+    weights = torch.randn(B, T, K, generator=gen, dtype=torch.float64)
+    got = indexer_scores_selected(q, w, k, idx, k_scale)
+    ref = indexer_scores_reference(q, w, k, k_scale=k_scale).gather(-1, idx.long())
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad((got * weights).sum(), (q, w, k))
+    g_ref = torch.autograd.grad((ref * weights).sum(), (q, w, k))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
