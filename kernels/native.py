@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def load(source: Path) -> ctypes.CDLL | None:
                     _libs[key] = ctypes.CDLL(str(_build(source)))
                 except (RuntimeError, OSError) as e:
                     _libs[key], _errors[key] = None, str(e)
+                    # said once per process: the torch path still gives the same results, but sparse
+                    # attention on CPU is ~2x slower, and a user should know why
+                    warnings.warn(f"dsarl: C kernel {source.parent.name}/{source.name} unavailable, using the torch "
+                                  f"path (set DSARL_NATIVE=0 to silence): {str(e).splitlines()[0]}", stacklevel=2)
         return _libs[key]
 
 

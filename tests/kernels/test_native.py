@@ -23,12 +23,13 @@ def _probe(tmp_path, **env) -> dict[str, str]:
     full = {**os.environ, "DSARL_NATIVE_CACHE": str(tmp_path / "cache"), **env}
     out = subprocess.run([sys.executable, "-c", PROBE], env=full, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    return dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    return {**dict(line.split(" ", 1) for line in out.stdout.splitlines()), "STDERR": out.stderr}
 
 
 def test_switched_off_falls_back_to_torch(tmp_path):
     got = _probe(tmp_path, DSARL_NATIVE="0")
     assert got["AVAILABLE"] == "False" and got["REASON"] == "DSARL_NATIVE=0"
+    assert "unavailable" not in got["STDERR"]  # switched off on purpose: no warning
     assert float(got["ERR"]) <= 1e-5  # the public op still answers, through chunked.py
     assert not (tmp_path / "cache").exists()  # nothing was built
 
@@ -36,4 +37,5 @@ def test_switched_off_falls_back_to_torch(tmp_path):
 def test_a_failing_compiler_is_reported_and_the_op_still_works(tmp_path):
     got = _probe(tmp_path, CC="false")  # /bin/false: a compiler that always fails
     assert got["AVAILABLE"] == "False" and "false failed" in got["REASON"]
+    assert got["STDERR"].count("sparse_mla/cpu.c unavailable, using the torch path") == 1  # once, not per call
     assert float(got["ERR"]) <= 1e-5
