@@ -41,15 +41,6 @@ static inline float vsum(vf v) {  /* halves added as a tree: 16 -> 8 -> 4 -> sca
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
-    vf acc = {0};
-    int64_t d = 0;
-    for (; d + LANES <= n; d += LANES) acc += vload(a + d) * vload(b + d);
-    float tail = 0.f;
-    for (; d < n; d++) tail += a[d] * b[d];
-    return vsum(acc) + tail;
-}
-
 /* Each FMA depends on the last one into the same accumulator (4 cycles), so the loops below keep
  * G heads x 2 accumulators (or column chunks) independent: 8 chains in flight at G = 4, where one or two
  * chains left the FMA units idle most of the time. G is a literal at every call, so the arrays of
@@ -192,10 +183,10 @@ static inline float exp_nonpositive(float x) {
     return x < -87.f ? 0.f : r * two_n;
 }
 
-/* p[i] = exp(s[i] - m) for i < n, with s[i] <= m; s = -inf gives 0 (m finite). */
-static inline void exp_shifted(float *restrict p, const float *restrict s, float m, int64_t n) {
+/* s[i] = exp(s[i] - m) in place for i < n, with s[i] <= m; s = -inf gives 0 (m finite). */
+static inline void exp_shifted(float *s, float m, int64_t n) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) p[i] = exp_nonpositive(s[i] - m);
+    for (int64_t i = 0; i < n; i++) s[i] = exp_nonpositive(s[i] - m);
 }
 
 static inline float row_max(const float *x, int64_t n) {
@@ -247,7 +238,7 @@ int sparse_mla_fwd(const float *q, const float *kv, const int32_t *idx, float *o
                 memset(sh, 0, sizeof(float) * K);
                 continue;
             }
-            exp_shifted(sh, sh, m, K);
+            exp_shifted(sh, m, K);
             const float l = row_sum(sh, K);
             float inv = 1.f / l;
 #pragma omp simd
@@ -298,7 +289,7 @@ int sparse_mla_bwd(const float *q, const float *kv, const int32_t *idx, const fl
                 memset(dsh, 0, sizeof(float) * K);
                 continue;
             }
-            exp_shifted(ph, ph, m, K);
+            exp_shifted(ph, m, K);
 #pragma omp simd
             for (int64_t j = 0; j < K; j++) dsh[j] = ph[j] * (dsh[j] - dl) * scale;
         }
