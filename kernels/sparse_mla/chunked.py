@@ -14,7 +14,11 @@ cache, so chunks are small (~2 MB gathered, ~12 queries). The backward stacks wh
 [q ; dout] against the gathered rows gives scores and dP in one product, and [p ; ds] against
 [dout ; q] gives the value and key parts of the row gradient in one product (dout zero-padded to Dqk).
 """
+import functools
+
 import torch
+
+from .function import sparse_mla_autograd
 
 CHUNK_ELEMENTS = 1 << 19  # gathered floats per chunk (2 MB fp32): cache-resident, still a useful GEMM
 
@@ -102,28 +106,10 @@ def sparse_mla_chunked_bwd(q, kv, indices, out, lse, dout, dlse, sm_scale, d_v, 
     return dq.to(q.dtype), dkv.view(B, S, D).to(kv.dtype)
 
 
-class SparseMLAChunkedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, kv, indices, sm_scale, d_v, return_probs, chunk):
-        out, lse, probs = sparse_mla_chunked_fwd(q, kv, indices, sm_scale, d_v, return_probs, chunk)
-        ctx.save_for_backward(q, kv, indices, out, lse)
-        ctx.sm_scale, ctx.d_v, ctx.chunk = sm_scale, d_v, chunk
-        if return_probs:
-            ctx.mark_non_differentiable(probs)  # the indexer KL target is detached
-            return out, lse, probs
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse, *_):
-        q, kv, indices, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dkv = sparse_mla_chunked_bwd(q, kv, indices, out, lse, dout, dlse, ctx.sm_scale, ctx.d_v, ctx.chunk)
-        return dq, dkv, None, None, None, None, None
-
-
 def sparse_mla_attention_chunked(q, kv, indices, sm_scale: float, d_v: int, return_probs: bool = False,
                                  chunk: int | None = None):
     """Same contract as `dsarl.kernels.sparse_mla_attention`; `chunk` = query rows per chunk
     (default: about CHUNK_ELEMENTS gathered floats per chunk)."""
-    return SparseMLAChunkedFunction.apply(q, kv, indices, sm_scale, d_v, return_probs, chunk)
+    return sparse_mla_autograd(functools.partial(sparse_mla_chunked_fwd, chunk=chunk),
+                               functools.partial(sparse_mla_chunked_bwd, chunk=chunk),
+                               q, kv, indices, sm_scale, d_v, return_probs)

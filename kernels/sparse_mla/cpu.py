@@ -3,8 +3,8 @@
 Same contract and maths as reference.py and chunked.py (the backward recomputes from q, kv, indices,
 out, lse). Rows of queries are split over up to torch.get_num_threads() threads (one for small calls,
 native.thread_count); each thread's backward adds its kv gradient into its own buffer and the buffers
-are summed, so results do not depend on thread timing. `available()` is False without a compiler (or with DSARL_NATIVE=0); callers then use
-chunked.py.
+are summed, so results do not depend on thread timing. `available()` is False without a compiler
+(or with DSARL_NATIVE=0); callers then use chunked.py.
 """
 import ctypes
 from pathlib import Path
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import native
+from .function import sparse_mla_autograd
 
 SOURCE = Path(__file__).with_name("cpu.c")
 _I64, _F32 = ctypes.c_int64, ctypes.c_float
@@ -84,26 +85,6 @@ def sparse_mla_cpu_bwd(q, kv, indices, out, lse, dout, dlse, sm_scale, d_v):
     return dq.to(q.dtype), dkv.view(B, S, D).to(kv.dtype)
 
 
-class SparseMLACPUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, kv, indices, sm_scale, d_v, return_probs):
-        out, lse, probs = sparse_mla_cpu_fwd(q, kv, indices, sm_scale, d_v, return_probs)
-        ctx.save_for_backward(q, kv, indices, out, lse)
-        ctx.sm_scale, ctx.d_v = sm_scale, d_v
-        if return_probs:
-            ctx.mark_non_differentiable(probs)  # the indexer KL target is detached
-            return out, lse, probs
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse, *_):
-        q, kv, indices, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dkv = sparse_mla_cpu_bwd(q, kv, indices, out, lse, dout, dlse, ctx.sm_scale, ctx.d_v)
-        return dq, dkv, None, None, None, None
-
-
 def sparse_mla_attention_cpu(q, kv, indices, sm_scale: float, d_v: int, return_probs: bool = False):
     """Same contract as `dsarl.kernels.sparse_mla_attention`; fp32 maths (bf16 inputs are upcast)."""
-    return SparseMLACPUFunction.apply(q, kv, indices, sm_scale, d_v, return_probs)
+    return sparse_mla_autograd(sparse_mla_cpu_fwd, sparse_mla_cpu_bwd, q, kv, indices, sm_scale, d_v, return_probs)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .function import sparse_mla_autograd
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -229,26 +231,6 @@ def sparse_mla_bwd(q, kv, indices, out, lse, dout, dlse, sm_scale: float, d_v: i
     return dq.to(q.dtype), dkv.to(kv.dtype)
 
 
-class SparseMLAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, kv, indices, sm_scale, d_v, return_probs):
-        out, lse, probs = sparse_mla_fwd(q, kv, indices, sm_scale, d_v, return_probs)
-        ctx.save_for_backward(q, kv, indices, out, lse)
-        ctx.sm_scale, ctx.d_v = sm_scale, d_v
-        if return_probs:
-            ctx.mark_non_differentiable(probs)  # probs feed the indexer KL target, which is detached
-            return out, lse, probs
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse, *_):
-        q, kv, indices, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dkv = sparse_mla_bwd(q, kv, indices, out, lse, dout, dlse, ctx.sm_scale, ctx.d_v)
-        return dq, dkv, None, None, None, None
-
-
 def sparse_mla_attention_triton(q, kv, indices, sm_scale: float, d_v: int, return_probs: bool = False):
     """Same contract as `dsarl.kernels.sparse_mla_attention` (see reference.py).
 
@@ -267,4 +249,4 @@ def sparse_mla_attention_triton(q, kv, indices, sm_scale: float, d_v: int, retur
         raise ValueError(f"kv.dtype={kv.dtype} differs from q.dtype={q.dtype}")
     if not math.isfinite(sm_scale):
         raise ValueError(f"sm_scale={sm_scale} is not finite")
-    return SparseMLAFunction.apply(q, kv, indices, sm_scale, d_v, return_probs)
+    return sparse_mla_autograd(sparse_mla_fwd, sparse_mla_bwd, q, kv, indices, sm_scale, d_v, return_probs)
