@@ -34,6 +34,7 @@ _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL | None] = {}
 _errors: dict[str, str] = {}
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_pid = -1  # a forked child inherits the pool object but none of its threads
 
 
@@ -86,6 +87,19 @@ def load(source: Path) -> ctypes.CDLL | None:
         return _libs[key]
 
 
+def require(source: Path, signatures: dict[str, list]) -> ctypes.CDLL:
+    """The library of `source` with ctypes argtypes set from `signatures` (once); a RuntimeError that
+    says why when it is unavailable (callers check `load(source) is not None` to choose a path)."""
+    lib = load(source)
+    if lib is None:
+        raise RuntimeError(f"C kernel {source} is unavailable: {unavailable_reason(source)}")
+    if not getattr(lib, "_dsarl_typed", False):
+        for name, argtypes in signatures.items():
+            getattr(lib, name).argtypes = argtypes
+        lib._dsarl_typed = True
+    return lib
+
+
 def unavailable_reason(source: Path) -> str | None:
     load(source)
     return _errors.get(str(source))
@@ -119,13 +133,13 @@ def thread_count(n: int, work_per_row: int, threads: int | None = None) -> int:
 
 def parallel(fn, n: int, threads: int = 1) -> list:
     """fn(part, row0, row1) over `threads` disjoint row ranges of [0, n), concurrently; -> results."""
-    global _pool, _pool_pid
+    global _pool, _pool_size, _pool_pid
     ranges = split_rows(n, threads)
     if len(ranges) <= 1:
         return [fn(i, a, b) for i, (a, b) in enumerate(ranges)]
     with _lock:
-        if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < len(ranges):
+        if _pool is None or _pool_pid != os.getpid() or _pool_size < len(ranges):
             _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="dsarl-native")
-            _pool_pid = os.getpid()
+            _pool_size, _pool_pid = len(ranges), os.getpid()
         pool = _pool
     return [f.result() for f in [pool.submit(fn, i, a, b) for i, (a, b) in enumerate(ranges)]]

@@ -15,19 +15,12 @@ from .. import native
 from .function import sparse_mla_autograd
 
 SOURCE = Path(__file__).with_name("cpu.c")
-_I64, _F32 = ctypes.c_int64, ctypes.c_float
+_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+SIGNATURES = {"sparse_mla_fwd": [_P] * 6 + [_I64] * 8 + [_F32], "sparse_mla_bwd": [_P] * 8 + [_I64] * 8 + [_F32]}
 
 
 def _lib():
-    lib = native.load(SOURCE)
-    if lib is None:
-        raise RuntimeError(f"the C sparse attention kernel is unavailable: {native.unavailable_reason(SOURCE)}")
-    if not getattr(lib, "_dsarl_typed", False):
-        p = ctypes.c_void_p
-        lib.sparse_mla_fwd.argtypes = [p, p, p, p, p, p, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32]
-        lib.sparse_mla_bwd.argtypes = [p, p, p, p, p, p, p, p, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32]
-        lib._dsarl_typed = True
-    return lib
+    return native.require(SOURCE, SIGNATURES)
 
 
 def available() -> bool:

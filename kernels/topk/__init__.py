@@ -16,7 +16,7 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
         return topk_indices_triton(scores, k)
     if scores.device.type == "cpu" and scores.dtype == torch.float32 and cpu.available():
-        return cpu.topk_indices_cpu(scores, k)  # one heap scan per row in C
+        return cpu.topk_indices_cpu(scores, k)  # per row in C: sampled threshold, then a radix sort
     return topk_indices_float_first(scores, k)  # the reference's selection: float topk, keyed on boundary ties
 
 

@@ -15,16 +15,12 @@ SOURCE = Path(__file__).with_name("cpu.c")
 KEY_BLOCK = 32  # cpu.c's KB: keys per transposed block
 
 
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+SIGNATURES = {"topk_rows": [_P, _P] + [_I64] * 4, "indexer_topk_rows": [_P] * 7 + [_I64] * 7}
+
+
 def _lib():
-    lib = native.load(SOURCE)
-    if lib is None:
-        raise RuntimeError(f"the C top-k kernel is unavailable: {native.unavailable_reason(SOURCE)}")
-    if not getattr(lib, "_dsarl_typed", False):
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.topk_rows.argtypes = [p, p, i64, i64, i64, i64]
-        lib.indexer_topk_rows.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64]
-        lib._dsarl_typed = True
-    return lib
+    return native.require(SOURCE, SIGNATURES)
 
 
 def available() -> bool:
