@@ -27,7 +27,9 @@ typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
 
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vf vsplat(float x) { return (vf){0} + x; }
+/* every lane x: gcc makes this one broadcast (from memory when x is a load); `(vf){0} + x` instead
+ * cost a scalar add (-0.0 + 0 is not a no-op) and a register broadcast on the FMA port per use */
+static inline vf vsplat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  /* LANES */
 
 static inline float vsum(vf v) {  /* halves added as a tree: 16 -> 8 -> 4 -> scalar */
     vf8 a, b;

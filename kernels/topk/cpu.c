@@ -184,7 +184,9 @@ typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vf vsplat(float x) { return (vf){0} + x; }
+/* every lane x: gcc makes this one broadcast (from memory when x is a load); `(vf){0} + x` instead
+ * cost a scalar add (-0.0 + 0 is not a no-op) and a register broadcast on the FMA port per use */
+static inline vf vsplat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  /* LANES */
 static inline vf vrelu(vf x) {
     const vf zero = {0};
     typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
