@@ -113,10 +113,18 @@ def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
-    """[0, n) in `parts` contiguous ranges of near-equal size (empty ones dropped)."""
-    step = -(-n // max(1, parts))
-    return [(a, min(n, a + step)) for a in range(0, n, step)] if n else []
+def split_rows(n: int, parts: int, work: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """[0, n) in `parts` contiguous ranges of near-equal size (empty ones dropped), or of near-equal
+    total `work` (a per-row cost, [n]) when given: causal prefill's query t costs ~t, and equal row
+    counts on two threads left one idle for a third of the call (fused indexer at 16k)."""
+    parts = max(1, parts)
+    if work is None or parts == 1 or n == 0:
+        step = -(-n // parts)
+        return [(a, min(n, a + step)) for a in range(0, n, step)] if n else []
+    cum = work.double().clamp_min(0).add(1e-9).cumsum(0)  # + eps: rows of no work still count as rows
+    cuts = torch.searchsorted(cum, cum[-1] * torch.arange(1, parts, dtype=torch.float64) / parts).tolist()
+    bounds = [0] + [min(n, c + 1) for c in cuts] + [n]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 # Handing a range to a pool thread costs tens of microseconds; a decode step's whole call (8-16 rows)
@@ -131,10 +139,11 @@ def thread_count(n: int, work_per_row: int, threads: int | None = None) -> int:
     return max(1, min(threads, n * max(1, work_per_row) // MIN_WORK_PER_THREAD))
 
 
-def parallel(fn, n: int, threads: int = 1) -> list:
-    """fn(part, row0, row1) over `threads` disjoint row ranges of [0, n), concurrently; -> results."""
+def parallel(fn, n: int, threads: int = 1, work: torch.Tensor | None = None) -> list:
+    """fn(part, row0, row1) over `threads` disjoint row ranges of [0, n) (split by `work`, see
+    split_rows), concurrently; -> results."""
     global _pool, _pool_size, _pool_pid
-    ranges = split_rows(n, threads)
+    ranges = split_rows(n, threads, work)
     if len(ranges) <= 1:
         return [fn(i, a, b) for i, (a, b) in enumerate(ranges)]
     with _lock:

@@ -39,3 +39,25 @@ def test_a_failing_compiler_is_reported_and_the_op_still_works(tmp_path):
     assert got["AVAILABLE"] == "False" and "false failed" in got["REASON"]
     assert got["STDERR"].count("sparse_mla/cpu.c unavailable, using the torch path") == 1  # once, not per call
     assert float(got["ERR"]) <= 1e-5
+
+
+def test_split_rows_by_work_covers_every_row_once_and_balances_the_work():
+    import torch
+
+    from dsarl.kernels import native
+
+    g = torch.Generator().manual_seed(3)
+    cases = [torch.arange(1, 1001).double(),  # causal prefill: row t costs t
+             torch.rand(777, generator=g).double() * 50,
+             torch.cat([torch.zeros(40), torch.full((3,), 100.0), torch.zeros(40)]).double()]
+    for work in cases:
+        for parts in (1, 2, 3, 7):
+            ranges = native.split_rows(len(work), parts, work)
+            assert ranges[0][0] == 0 and ranges[-1][1] == len(work) and len(ranges) <= parts
+            assert all(a < b for a, b in ranges) and all(r[1] == s[0] for r, s in zip(ranges, ranges[1:]))
+            sums = [float(work[a:b].sum()) for a, b in ranges]
+            # each range stops at the first row reaching its share: it overshoots by less than one row
+            assert max(sums) <= float(work.sum()) / parts + float(work.max()) + 1e-6
+    equal = native.split_rows(1000, 2, torch.arange(1, 1001).double())
+    assert 690 <= equal[0][1] <= 720  # half of sum(t) lies at t ~ 1000 / sqrt(2) = 707, not at 500
+    assert native.split_rows(10, 3) == [(0, 4), (4, 8), (8, 10)]  # no work: equal row counts

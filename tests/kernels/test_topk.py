@@ -116,6 +116,7 @@ def test_cpu_topk_when_the_sampled_threshold_is_too_high(gen):
     (2, 40, 300, 5, 24, 16, False, True),  # k_pos out of order with an invalid (-1) slot: no prefix cut
     (1, 64, 700, 8, 32, 32, True, False),  # two groups of 4 heads, S not a multiple of the key block
     (1, 50, 3000, 6, 20, 64, False, False),  # long rows: the sampled threshold and radix sort
+    (3, 41, 2000, 4, 16, 32, False, False),  # odd T: query pairs meet batch ends; rows split by work
 ])
 def test_cpu_fused_indexer_topk_matches_scores_then_reference(gen, B, T, S, H, D, k, scaled, shuffled):
     from dsarl.kernels.indexer_scores.reference import resolve_positions
