@@ -95,7 +95,12 @@ static inline void dots(float *restrict out, int64_t out_stride, const float *re
 static inline void prefetch_row(const float *kvb, const int32_t *ix, int64_t j, int64_t K, int64_t D) {
     if (j < K && ix[j] >= 0) {
         const char *r = (const char *)(kvb + (int64_t)ix[j] * D);
-        for (int64_t b = 0; b < D * (int64_t)sizeof(float); b += 64) __builtin_prefetch(r + b);
+        /* the empty asm keeps the loop: gcc 12 deletes a loop whose body is only __builtin_prefetch
+         * (no side effects), so until it was there no prefetch was ever issued */
+        for (int64_t b = 0; b < D * (int64_t)sizeof(float); b += 64) {
+            __builtin_prefetch(r + b);
+            __asm__ volatile("");
+        }
     }
 }
 
