@@ -244,37 +244,10 @@ static inline vf vrelu(vf x) {
 
 #define KB (2 * LANES)
 
-/* Scores of slots [s0, s0 + KB) for one query, up to 4 of its heads at a time (8 FMA chains);
- * kblk is that block of keys, [D, KB]. */
-static inline __attribute__((always_inline)) void score_block(float *restrict dst, const float *restrict qn,
-                                                             const float *restrict wn, const float *restrict kblk,
-                                                             int64_t H, int64_t D, int64_t s0) {
-    vf out0 = {0}, out1 = {0};
-    for (int64_t h = 0; h < H; h += 4) {
-        const int64_t g = H - h < 4 ? H - h : 4;
-        const float *q0 = qn + h * D, *q1 = q0 + (g > 1) * D, *q2 = q0 + (g > 2) * 2 * D, *q3 = q0 + (g > 3) * 3 * D;
-        vf a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
-        for (int64_t d = 0; d < D; d++) {
-            const vf k0 = vload(kblk + d * KB), k1 = vload(kblk + d * KB + LANES);
-            vf x = vsplat(q0[d]);
-            a0 += x * k0, b0 += x * k1;
-            x = vsplat(q1[d]), a1 += x * k0, b1 += x * k1;
-            x = vsplat(q2[d]), a2 += x * k0, b2 += x * k1;
-            x = vsplat(q3[d]), a3 += x * k0, b3 += x * k1;
-        }
-        /* heads past g were computed on a repeated head: weight them 0 */
-        out0 += vsplat(wn[h]) * vrelu(a0), out1 += vsplat(wn[h]) * vrelu(b0);
-        if (g > 1) out0 += vsplat(wn[h + 1]) * vrelu(a1), out1 += vsplat(wn[h + 1]) * vrelu(b1);
-        if (g > 2) out0 += vsplat(wn[h + 2]) * vrelu(a2), out1 += vsplat(wn[h + 2]) * vrelu(b2);
-        if (g > 3) out0 += vsplat(wn[h + 3]) * vrelu(a3), out1 += vsplat(wn[h + 3]) * vrelu(b3);
-    }
-    vstore(dst + s0, out0);
-    vstore(dst + s0 + LANES, out1);
-}
-
-/* score_block for two queries at once: each key vector loaded feeds both (16 FMA chains), which halves
- * the key traffic per FMA; one query's key stream from L2 was what the single-query loop waited on (perf). */
-static inline __attribute__((always_inline)) void score_block2(float *restrict dsta, float *restrict dstb,
+/* Scores of slots [s0, s0 + KB) for two queries a and b, up to 4 heads at a time; kblk is that block of
+ * keys, [D, KB]. Each key vector loaded feeds both queries (16 FMA chains): with one query per load the
+ * loop waited on the key stream from L2 (perf), at 128 B per 8 FMAs. */
+static inline __attribute__((always_inline)) void score_block_pair(float *restrict dsta, float *restrict dstb,
                                                               const float *restrict qa, const float *restrict qb,
                                                               const float *restrict wa, const float *restrict wb,
                                                               const float *restrict kblk, int64_t H, int64_t D,
@@ -355,12 +328,9 @@ int indexer_topk_rows(const float *q, const float *w, const float *kT, const flo
         const int64_t end_max = m == 2 && end[1] > end[0] ? end[1] : end[0];
         const float *qn = q + n * H * D, *wn = w + n * H, *kTb = kT + b * D * S_pad;
         float *row[2] = {rows, rows + S_pad};
-        if (m == 2) {  /* the last block may run into padding or past a query's end: rows have room */
-            for (int64_t s0 = 0; s0 < end_max; s0 += KB)
-                score_block2(row[0], row[1], qn, qn + H * D, wn, wn + H, kTb + s0 * D, H, D, s0);
-        } else {
-            for (int64_t s0 = 0; s0 < end_max; s0 += KB) score_block(row[0], qn, wn, kTb + s0 * D, H, D, s0);
-        }
+        const int64_t nb = n + m - 1;  /* a lone query (range or batch end) is scored twice: rare */
+        for (int64_t s0 = 0; s0 < end_max; s0 += KB)  /* may run into padding or past a query's end: rows have room */
+            score_block_pair(row[0], row[1], qn, q + nb * H * D, wn, w + nb * H, kTb + s0 * D, H, D, s0);
         const float *ks = k_scale ? k_scale + b * S : NULL;
         for (int64_t i = 0; i < m; i++) {
             float *r = row[i];
