@@ -60,6 +60,10 @@ class PretrainConfig:
     save_every: int = 100  # training checkpoint every n steps (and at the end)
     keep_checkpoints: int = 2
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # + weight * mean entropy (nats) of every head's attention (learner/attention_entropy.py): heads
+    # no loss term needs concentrate instead of spreading over the context; 0 = plain LM loss
+    attention_entropy_weight: float = 0.0
+    attention_entropy_queries: int = 0  # queries per sequence the penalty averages over (drawn per step); 0 = all
     tensorboard: bool = True  # metrics.jsonl is always written; TensorBoard events too by default
     wandb_project: str | None = None  # also log to Weights & Biases (pip install wandb)
     mlflow_experiment: str | None = None  # also log to MLflow (pip install mlflow)
@@ -86,10 +90,25 @@ def unigram_entropy(batches: list[torch.Tensor], vocab_size: int) -> float:
     return float(-(p * p.log()).sum())
 
 
+def lm_loss_and_attention_entropy(model, cfg: PretrainConfig, inputs, targets, weights, step: int):
+    """(weighted LM loss, mean attention entropy of the real queries, or of attention_entropy_queries of
+    them per sequence drawn from (seed, step), so a resumed run draws the same)."""
+    from .attention_entropy import attention_entropy, sample_queries  # here: it imports indexer_training, which imports us
+
+    out = model(inputs, collect_aux=True)
+    queries = torch.ones_like(inputs, dtype=torch.bool) if weights is None else weights > 0  # not padding
+    if cfg.attention_entropy_queries:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        queries = sample_queries(queries, cfg.attention_entropy_queries, g)
+    return weighted_lm_loss(out.logits, targets, weights), attention_entropy(model, out.aux, queries)
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = False, resolve=lambda p: p, show_progress: bool = True) -> Path:
     """Trains and returns the final checkpoint directory RUN_DIR/final."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if cfg.attention_entropy_weight > 0 and cfg.task.doc_mask:
+        raise ValueError("pretrain: attention_entropy_weight needs the unmasked dense path; set task.doc_mask: false")
     run_dir = Path(cfg.run_dir)
     model, tokenizer = load_model_from_spec(cfg.model, seed=cfg.seed, resolve=resolve)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
@@ -112,9 +131,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, resolve=lambda p: p, sho
         ids, weights = batch(step)
         inputs = ids[:, :-1]
         doc_ids = document_ids(inputs, tokenizer.bos_id) if cfg.task.doc_mask else None
-        loss = weighted_lm_loss(model(inputs, doc_ids=doc_ids).logits, ids[:, 1:], weights)
+        extra = {}
+        if cfg.attention_entropy_weight > 0:
+            loss, entropy = lm_loss_and_attention_entropy(model, cfg, inputs, ids[:, 1:], weights, step)
+            total = loss + cfg.attention_entropy_weight * entropy
+            extra["attention_entropy"] = entropy.item()
+        else:
+            loss = total = weighted_lm_loss(model(inputs, doc_ids=doc_ids).logits, ids[:, 1:], weights)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         grad_norm = clip_grad(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         dt = time.perf_counter() - t0
@@ -123,7 +148,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, resolve=lambda p: p, sho
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             logger.log(done, {"loss": loss.item(), "unigram_entropy": baseline, "lr": lr, "grad_norm": grad_norm,
-                              "tokens_per_s": ids[:, :-1].numel() / dt, "step_time_s": dt})
+                              "tokens_per_s": ids[:, :-1].numel() / dt, "step_time_s": dt, **extra})
         bar.set_postfix(loss=f"{loss.item():.3f}", base=f"{baseline:.3f}")
         if done % cfg.save_every == 0 or done == cfg.steps:
             save_training_checkpoint(run_dir, done, model, tokenizer, optimizer, {"loss": loss.item()},
