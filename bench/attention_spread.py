@@ -15,7 +15,7 @@ import torch
 
 from dsarl.data.retrieval_docs import packed_lm_batch_with_mask
 from dsarl.learner.diagnostics import oracle_recall
-from dsarl.learner.indexer_training import absorbed_qkv, rope_for_cfg
+from dsarl.learner.indexer_training import absorbed_qkv, head_scores, rope_for_cfg
 from dsarl.models import from_pretrained
 
 
@@ -24,9 +24,7 @@ def layer_spread(mla, aux, topk: int, q0: int, q1: int) -> dict:
     cfg = mla.cfg
     cos, sin = rope_for_cfg(cfg, aux.positions)
     q_abs, kv = absorbed_qkv(mla, aux.x, aux.c_q, cos, sin)
-    scores = torch.einsum("thc,sc->hts", q_abs[0, q0:q1], kv[0]) * cfg.softmax_scale  # [H, T, S]
-    visible = torch.arange(kv.shape[1])[None, :] <= torch.arange(q0, q1)[:, None]
-    p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    p = head_scores(mla, q_abs[0, q0:q1], kv[0], aux.positions[0, q0:q1], aux.positions[0]).softmax(-1)  # [H, T, S]
     k = min(topk, p.shape[-1])
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)  # [H, T]
     return {"topk_mass_per_head": [round(float(v), 3) for v in oracle_recall(p, k).mean(-1)],

@@ -14,7 +14,7 @@ queries it averages over: an unbiased estimate of the same mean.
 """
 import torch
 
-from .indexer_training import absorbed_qkv, rope_for_cfg
+from .indexer_training import absorbed_qkv, head_scores, rope_for_cfg
 
 
 def sample_queries(query_mask: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -42,9 +42,7 @@ def attention_entropy(model, aux, query_mask: torch.Tensor | None = None, chunk:
         for b in range(B):
             for i in range(0, len(rows[b]), chunk):
                 t = rows[b][i:i + chunk].to(q_abs.device)
-                s = torch.einsum("thc,sc->hts", q_abs[b, t].float(), kv[b].float()) * mla.cfg.softmax_scale
-                visible = a.positions[b, t][:, None] >= a.positions[b][None, :]  # [t, T]
-                logp = s.masked_fill(~visible, float("-inf")).log_softmax(-1)
-                total = total - (logp.exp() * logp.masked_fill(~visible, 0.0)).sum()
+                logp = head_scores(mla, q_abs[b, t], kv[b], a.positions[b, t], a.positions[b]).log_softmax(-1)
+                total = total - (logp.exp() * logp.masked_fill(logp == float("-inf"), 0.0)).sum()  # 0 log 0 = 0
         count += n_rows * mla.n_heads
     return total / max(count, 1)

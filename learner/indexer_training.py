@@ -56,6 +56,13 @@ def absorbed_qkv(mla, x: torch.Tensor, c_q: torch.Tensor, cos, sin) -> tuple[tor
     return torch.cat([q_lat, q_pe], dim=-1), kv
 
 
+def head_scores(mla, q_abs: torch.Tensor, kv: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """One sequence's per-head attention logits in absorbed form, -inf where a key is not visible:
+    q_abs [t, H, C+R], kv [S, C+R], q_pos [t], k_pos [S] -> [H, t, S] fp32 (differentiable)."""
+    s = torch.einsum("thc,sc->hts", q_abs.float(), kv.float()) * mla.cfg.softmax_scale
+    return s.masked_fill(~(q_pos[:, None] >= k_pos[None, :]), float("-inf"))
+
+
 @torch.no_grad()
 def dense_target_chunk(mla, q_abs: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, t0: int, t1: int):
     """Head-summed dense attention probabilities of queries t0:t1 over all keys: [B, t1-t0, S] fp32."""

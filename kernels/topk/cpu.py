@@ -64,8 +64,10 @@ def indexer_topk_cpu(q, w, k, topk: int, q_pos, k_pos, k_scale=None) -> torch.Te
         if rc != 0:
             raise MemoryError("indexer_topk: the C kernel could not allocate its row buffers")
 
-    # a row's cost is its visible keys (all S unless k_pos is sorted, as in prefill; cpu.c visible_end)
-    visible = torch.where((kp[:, 1:] >= kp[:, :-1]).all(-1, keepdim=True),
-                          torch.searchsorted(kp, qp, right=True), S) if S > 1 else torch.full_like(qp, S)
-    native.parallel(run, B * T, native.thread_count(B * T, S * H * D // 2), work=visible.flatten())
+    threads = native.thread_count(B * T, S * H * D // 2)
+    visible = None  # a row's cost is its visible keys (all S unless k_pos is sorted, as in prefill; cpu.c
+    if threads > 1 and S > 1:  # visible_end); a decode step runs inline and skips these few torch ops
+        visible = torch.where((kp[:, 1:] >= kp[:, :-1]).all(-1, keepdim=True),
+                              torch.searchsorted(kp, qp, right=True), S).flatten()
+    native.parallel(run, B * T, threads, work=visible)
     return out
