@@ -16,19 +16,21 @@ class Learner:
     """Plain object (testable without Ray); `LearnerActor` is its Ray actor."""
 
     def __init__(self, init_checkpoint: str, cfg: LearnerConfig, seed: int = 0, num_threads: int = 0,
-                 resume_from: str | None = None, model_overrides: dict | None = None):
+                 resume_from: str | None = None, model_overrides: dict | None = None,
+                 total_updates: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.policy, self.tokenizer = from_pretrained(init_checkpoint, device=device, **(model_overrides or {}))
         reference = copy.deepcopy(self.policy) if cfg.loss.beta > 0 else None
-        self.learner = GRPOLearner(self.policy, reference, cfg)
+        self.learner = GRPOLearner(self.policy, reference, cfg, total_updates)
         self.state: dict = {"step": 0}
         if resume_from is not None:
             load_model_weights(self.policy, resume_from)
             self.state = load_training_state(resume_from, self.learner.optimizer)
             self.learner.version = int(self.state.get("weight_version", self.state["step"]))
+            self.learner.optimizer_steps = int(self.state.get("optimizer_steps", 0))  # the LR schedule's position
 
     def init_distributed(self, master_addr: str, master_port: int, rank: int, world_size: int, backend: str) -> int:
         """Join the learners' torch.distributed group (gloo on CPU, NCCL on GPU) for data parallelism."""
@@ -64,7 +66,8 @@ class Learner:
         return {k: v.cpu() for k, v in self.learner.state_dict().items()}
 
     def save(self, run_dir: str, step: int, driver_state: dict, keep: int = 2) -> str:
-        state = {**driver_state, "weight_version": self.learner.version}
+        state = {**driver_state, "weight_version": self.learner.version,
+                 "optimizer_steps": self.learner.optimizer_steps}
         return str(save_training_checkpoint(run_dir, step, self.policy, self.tokenizer, self.learner.optimizer, state,
                                             keep=keep))
 

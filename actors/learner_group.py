@@ -13,7 +13,7 @@ from .learner_actor import LearnerActor
 class LearnerGroup:
     def __init__(self, num_ranks: int, init_checkpoint: str, cfg, seed: int = 0, num_cpus: float = 1.0,
                  num_gpus: float = 0.0, num_threads: int = 0, resume_from: str | None = None,
-                 model_overrides: dict | None = None, placement=None):
+                 model_overrides: dict | None = None, placement=None, total_updates: int | None = None):
         if num_ranks < 1:
             raise ValueError(f"learner ranks must be >= 1, got {num_ranks}")
         options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
@@ -21,7 +21,7 @@ class LearnerGroup:
         for r in range(num_ranks):
             opts = dict(options, **(placement(r) if placement else {}))
             self.ranks.append(LearnerActor.options(**opts).remote(init_checkpoint, cfg, seed, num_threads,
-                                                                  resume_from, model_overrides))
+                                                                  resume_from, model_overrides, total_updates))
         if num_ranks > 1:
             addr, port = ray.get(self.ranks[0].address.remote())
             backend = "nccl" if num_gpus > 0 and torch.cuda.is_available() else "gloo"

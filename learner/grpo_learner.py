@@ -6,15 +6,27 @@ Departures and choices (the loss maths and its departures are in grpo_loss.py):
   prompt costs one forward and one backward per group, not G.
 - pi_old: with one optimizer step per rollout batch (ppo_epochs * mini_batches == 1) the policy *is*
   pi_old, so old_logp = logp.detach() (ratio 1, no extra forward); with more steps it is recomputed
-  once before the first step. The sampler's logprobs enter through TIS and the mismatch metrics.
+  once before the first step. The sampler's logprobs enter through the off-policy sequence mask
+  (eq. 9's pi_old is the sampler's distribution), TIS and the mismatch metrics.
+- The temperature is the sampler's: the driver sets `temperature` from `rollout.temperature`.
+- The learning rate follows `optim` (linear warm-up, cosine to lr * min_lr_ratio) per optimizer step
+  over `total_updates * ppo_epochs * mini_batches` steps; the step count is checkpointed.
 - The lightning indexer is frozen by default (as slime and prime-rl run DSA RL); `train_indexer`
-  trains it by its KL on the selected set instead, with inputs detached (DSA sparse-stage rule).
+  trains it by its KL on the selected set instead, with inputs detached (DSA sparse-stage rule), and
+  its gradient is clipped on its own (`indexer_grad_clip`), as the sparse stage does, so the KL's
+  gradient never shrinks the policy's step or the other way round.
 - With `use_sampler_indices` the completion tokens attend to exactly the keys the sampler selected.
+  The reference model attends with its own indexer's selection (pi_ref is the reference model's
+  distribution); `reference_replays_indices` makes it reuse the sampler's selection instead (one
+  indexer pass cheaper, but pi_ref is then the reference weights under the policy's selection).
 - Data parallel over ranks (a torch.distributed group, gloo on CPU, NCCL on GPU): every rank receives
   the whole rollout batch and takes groups rank, rank + world, ... of each mini-batch; the loss is
-  normalised by the mini-batch's global token count, so summing gradients over ranks (all-reduce)
-  gives exactly the one-rank gradient, and every rank takes the same optimizer step. Metrics other
-  than loss and grad_norm are rank 0's shard.
+  normalised by the mini-batch's global token count (or, with `aggregation: sequence`, its non-empty
+  sequence count), so summing gradients over ranks (all-reduce) gives exactly the one-rank gradient,
+  and every rank takes the same optimizer step. Counts are summed over ranks; other averages are
+  rank 0's shard.
+- Metrics: counts (`tokens`, `sequences`, `offpolicy_masked_seqs`) are per pass over the batch;
+  other values are token-weighted means, `*_max` maxima.
 """
 from dataclasses import dataclass, field
 from typing import Literal
@@ -27,7 +39,9 @@ from dsarl.models import PrefixKV
 from .grpo_batch import GroupSample, PaddedGroups, pad_groups
 from .grpo_loss import GRPOLossConfig, grpo_loss
 from .logprobs import token_entropy, token_logprobs
-from .optim import OptimConfig, build_optimizer, clip_grad
+from .optim import OptimConfig, build_optimizer, clip_grad, lr_at, set_lr
+
+COUNT_METRICS = ("tokens", "sequences", "offpolicy_masked_seqs")  # summed, not averaged
 
 
 @dataclass
@@ -38,12 +52,16 @@ class LearnerConfig:
     ppo_epochs: int = 1  # passes over each rollout batch
     mini_batches: int = 1  # optimizer steps per pass
     micro_batch_groups: int = 8  # groups per forward/backward (gradient accumulation)
-    temperature: float = 1.0  # the sampling temperature: logprobs are of logits / temperature
+    # The sampling temperature (logprobs are of logits / temperature). In a GRPO run it is always
+    # rollout.temperature: leave it unset (None), a different value is a config error.
+    temperature: float | None = None
     attention: Literal["model", "dense", "sparse"] = "model"  # "model": the checkpoint's own setting
     use_sampler_indices: bool = True  # sparse: attend to the keys the sampler selected, when recorded
+    reference_replays_indices: bool = False  # sparse: pi_ref reuses the sampler's selection (else its own)
     keep_sampling_mask: bool = True  # apply the sampler's top-p/top-k keep mask to pi and pi_old
     train_indexer: bool = False  # train the indexer by its KL on the selected set (else frozen)
     indexer_kl_weight: float = 1.0
+    indexer_grad_clip: float = 1.0  # max indexer grad norm with train_indexer, clipped apart from the policy's
 
 
 def group_forward(model, batch: PaddedGroups, attention: str, temperature: float, use_indices: bool,
@@ -72,7 +90,9 @@ def group_forward(model, batch: PaddedGroups, attention: str, temperature: float
 
 
 class GRPOLearner:
-    def __init__(self, policy, reference, cfg: LearnerConfig):
+    def __init__(self, policy, reference, cfg: LearnerConfig, total_updates: int | None = None):
+        """total_updates: rollout batches the run will train on (the LR schedule's length); None keeps
+        the LR at its peak after warm-up."""
         self.policy, self.reference, self.cfg = policy, reference, cfg
         if reference is not None:
             reference.eval().requires_grad_(False)
@@ -80,34 +100,61 @@ class GRPOLearner:
             p.requires_grad_(cfg.train_indexer)
         self.optimizer = build_optimizer(policy.parameters(), cfg.optim)
         self.version = 0
+        self.optimizer_steps = 0  # drives the LR schedule; checkpointed with the trainer state
+        self.total_optimizer_steps = None if total_updates is None else total_updates * cfg.ppo_epochs * cfg.mini_batches
+        self.temperature = 1.0 if cfg.temperature is None else cfg.temperature
         self.rank, self.world_size = 0, 1
         self.attention = policy.config.attention if cfg.attention == "model" else cfg.attention
         if cfg.loss.beta > 0 and reference is None:
             raise ValueError("learner.loss.beta > 0 needs a reference model")
+        indexer_ids = {id(p) for p in policy.indexer_parameters()}
+        self._indexer_params = [p for p in policy.indexer_parameters() if p.requires_grad]
+        self._policy_params = [p for p in policy.parameters() if p.requires_grad and id(p) not in indexer_ids]
 
     def set_data_parallel(self, rank: int, world_size: int) -> None:
         """Called once the default torch.distributed group exists."""
         self.rank, self.world_size = rank, world_size
+
+    def current_lr(self) -> float:
+        """The LR of the next optimizer step: warm-up, then cosine over the run (or flat without a length)."""
+        step, optim = self.optimizer_steps, self.cfg.optim
+        if self.total_optimizer_steps is None and step >= optim.warmup_steps:
+            return optim.lr
+        return lr_at(step, self.total_optimizer_steps or optim.warmup_steps, optim)
 
     def _mini_groups(self, groups: list[GroupSample]) -> list[list[GroupSample]]:
         n_mini = max(1, min(self.cfg.mini_batches, len(groups)))
         size = -(-len(groups) // n_mini)
         return [groups[i: i + size] for i in range(0, len(groups), size)]
 
+    def _normalizer(self, groups: list[GroupSample]) -> float:
+        """What the loss of a mini-batch is divided by, over all ranks: its tokens ("token"), or its
+        non-empty sequences ("sequence": the paper's 1/G sum_i 1/|o_i| sum_t)."""
+        if self.cfg.loss.aggregation == "sequence":
+            return float(sum(1 for g in groups for c in g.completions if len(c) > 0))
+        return float(sum(g.num_tokens for g in groups))
+
     def _split(self, groups: list[GroupSample]) -> list[tuple[float, list[PaddedGroups]]]:
-        """mini_batches parts of the groups (one optimizer step each): (global token count, this rank's
+        """mini_batches parts of the groups (one optimizer step each): (global normalizer, this rank's
         micro-batches)."""
         V, m = self.policy.config.vocab_size, self.cfg.micro_batch_groups
         out = []
         for mini in self._mini_groups(groups):
             local = mini[self.rank:: self.world_size]
-            out.append((float(sum(g.num_tokens for g in mini)),
-                        [pad_groups(local[j: j + m], V) for j in range(0, len(local), m)]))
+            out.append((self._normalizer(mini), [pad_groups(local[j: j + m], V) for j in range(0, len(local), m)]))
         return out
 
-    def _logp(self, model, mb: PaddedGroups, with_entropy=False):
-        return group_forward(model, mb, self.attention, self.cfg.temperature, self.cfg.use_sampler_indices,
-                             self.cfg.keep_sampling_mask, with_entropy)
+    def _logp(self, model, mb: PaddedGroups, with_entropy=False, use_indices: bool | None = None):
+        use = self.cfg.use_sampler_indices if use_indices is None else use_indices
+        return group_forward(model, mb, self.attention, self.temperature, use, self.cfg.keep_sampling_mask,
+                             with_entropy)
+
+    def reference_logp(self, mb: PaddedGroups) -> torch.Tensor:
+        """log pi_ref of the sampled tokens: the reference model with its own indexer's selection, or
+        the sampler's selection with `reference_replays_indices`."""
+        with torch.no_grad():
+            return self._logp(self.reference, mb, use_indices=self.cfg.use_sampler_indices
+                              and self.cfg.reference_replays_indices)[0]
 
     def _indexer_kl_backward(self, groups: list[GroupSample], normalizer_groups: int) -> float:
         """train_indexer: the DSA sparse-stage indexer loss on the policy's own samples. One no-grad
@@ -133,7 +180,7 @@ class GRPOLearner:
         return kl.item()
 
     def _trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.policy.parameters() if p.requires_grad]
+        return self._policy_params + self._indexer_params
 
     def _all_reduce_grads(self) -> None:
         if self.world_size == 1:
@@ -147,18 +194,28 @@ class GRPOLearner:
             p.grad = flat[offset: offset + n].view_as(p).clone()
             offset += n
 
+    def _clip_and_step(self) -> tuple[float, float]:
+        """Clips the policy's and the indexer's gradients apart, sets the scheduled LR, steps.
+        -> (policy grad norm, indexer grad norm)."""
+        policy_norm = clip_grad(self._policy_params, self.cfg.optim.grad_clip)
+        indexer_norm = clip_grad(self._indexer_params, self.cfg.indexer_grad_clip) if self._indexer_params else 0.0
+        set_lr(self.optimizer, self.current_lr())
+        self.optimizer.step()
+        self.optimizer_steps += 1
+        return policy_norm, indexer_norm
+
     def update(self, groups: list[GroupSample]) -> dict[str, float]:
-        """One rollout batch: ppo_epochs x mini_batches optimizer steps. Returns averaged metrics."""
+        """One rollout batch: ppo_epochs x mini_batches optimizer steps. Returns the batch's metrics."""
         cfg = self.cfg
         self.policy.train()
         minis = self._split(groups)
         minis_groups = self._mini_groups(groups)
+        ref = [[self.reference_logp(mb) for mb in mbs] for _, mbs in minis] if cfg.loss.beta > 0 else None
         with torch.no_grad():
-            ref = [[self._logp(self.reference, mb)[0] for mb in mbs] for _, mbs in minis] if cfg.loss.beta > 0 else None
             need_old = cfg.ppo_epochs * len(minis) > 1
             old = [[self._logp(self.policy, mb)[0] for mb in mbs] for _, mbs in minis] if need_old else None
         sums: dict[str, float] = {}
-        weight_total, loss_total, grad_norms = 0.0, 0.0, []
+        weight_total, loss_total, grad_norms, indexer_norms, lrs = 0.0, 0.0, [], [], []
         for _ in range(cfg.ppo_epochs):
             for i, (normalizer, mbs) in enumerate(minis):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -173,7 +230,12 @@ class GRPOLearner:
                     metrics["entropy"] = float((entropy * mb.mask).sum() / max(w, 1.0))
                     loss_total += loss.item()
                     for k, v in metrics.items():
-                        sums[k] = max(sums.get(k, float("-inf")), v) if k.endswith("_max") else sums.get(k, 0.0) + v * w
+                        if k.endswith("_max"):
+                            sums[k] = max(sums.get(k, float("-inf")), v)
+                        elif k in COUNT_METRICS:
+                            sums[k] = sums.get(k, 0.0) + v
+                        elif k != "offpolicy_masked_frac":  # recomputed from the counts below
+                            sums[k] = sums.get(k, 0.0) + v * w
                     weight_total += w
                 if cfg.train_indexer and self.attention == "sparse":
                     local = [g for g in minis_groups[i][self.rank:: self.world_size]]
@@ -181,17 +243,27 @@ class GRPOLearner:
                         sums["indexer_kl"] = sums.get("indexer_kl", 0.0) + self._indexer_kl_backward(
                             local, len(minis_groups[i])) * float(sum(mb.mask.sum() for mb in mbs))
                 self._all_reduce_grads()
-                grad_norms.append(clip_grad(self._trainable(), cfg.optim.grad_clip))
-                self.optimizer.step()
+                lrs.append(self.current_lr())
+                norm, indexer_norm = self._clip_and_step()
+                grad_norms.append(norm)
+                indexer_norms.append(indexer_norm)
         self.version += 1
-        out = {k: (v if k.endswith("_max") else v / max(weight_total, 1.0)) for k, v in sums.items()}
+        out = {k: (v if k.endswith("_max") or k in COUNT_METRICS else v / max(weight_total, 1.0))
+               for k, v in sums.items()}
+        counts = [out.get(k, 0.0) for k in COUNT_METRICS]
         if self.world_size > 1:
-            total = torch.tensor([loss_total])
+            total = torch.tensor([loss_total, *counts], dtype=torch.float64)
             dist.all_reduce(total)
-            loss_total = float(total)
+            loss_total, counts = float(total[0]), total[1:].tolist()
+        for k, v in zip(COUNT_METRICS, counts):
+            out[k] = v / cfg.ppo_epochs  # per pass over the batch
+        out["offpolicy_masked_frac"] = out["offpolicy_masked_seqs"] / max(out["sequences"], 1.0)
         out["loss"] = loss_total / (cfg.ppo_epochs * len(minis))  # mean over optimizer steps of the batch loss
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        if self._indexer_params:
+            out["indexer_grad_norm"] = sum(indexer_norms) / len(indexer_norms)
         out["optimizer_steps"] = float(len(grad_norms))
+        out["lr"] = lrs[-1]
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -22,10 +22,13 @@ Departures from the paper's formula, and choices it leaves open:
 - beta = 0 (the default, as the paper suggests for mathematics) skips the reference entirely:
   ref_logp may be None and no KL metric is reported.
 - Off-policy sequence masking (eqs. 8-9): M_i = 0 when A_i < 0 and the mean over the sequence's
-  tokens of (old_logp - logp) > delta. The paper's pi_old is the inference engine's sampling
-  probability; the caller chooses by what it passes as old_logp (the sampler's logprobs, as in the
-  paper, or the learner's recompute). The decision uses logp detached. As in eq. (8) M multiplies
-  the surrogate only, not the KL term. delta = None switches it off (delta is not published).
+  tokens of (log pi_sampler - logp) > delta. The paper's pi_old in eq. (9) is the inference engine's
+  sampling distribution, so the statistic uses sampler_logp whenever it is given (it then catches
+  both staleness and the training/inference mismatch), and old_logp only when it is not. The PPO
+  ratio keeps the learner's pi_old: with one optimizer step per batch old_logp = logp, and a mask
+  statistic on old_logp would be exactly 0, masking nothing. The decision uses logp detached. As in
+  eq. (8) M multiplies the surrogate only, not the KL term. delta = None switches it off (delta is
+  not published).
 - Truncated importance sampling (not in the paper; TIS as in verl/TRL): when old_logp is the
   learner's recompute and sampler_logp the rollout engine's, every token's loss is weighted by
   w = exp(old_logp - sampler_logp), detached, at token level or sequence level (the geometric mean
@@ -155,14 +158,15 @@ _TIS_CAPS = {"truncate": _tis_truncate, "mask": _tis_mask}
 
 
 def _offpolicy_keep(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, delta: float | None
+    logp: torch.Tensor, behaviour_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    delta: float | None
 ) -> torch.Tensor:
-    """[B] float, 0 for sequences masked by eqs. (8)-(9), 1 otherwise."""
+    """[B] float, 0 for sequences masked by eqs. (8)-(9), 1 otherwise. behaviour_logp: the sampler's."""
     if delta is None:
         return torch.ones_like(advantages)
     lengths = mask.sum(dim=1).clamp(min=1.0)  # [B]
-    mean_log_old_over_pi = ((old_logp - logp.detach()) * mask).sum(dim=1) / lengths  # [B]
-    return (~((advantages < 0) & (mean_log_old_over_pi > delta))).float()
+    mean_log_behaviour_over_pi = ((behaviour_logp - logp.detach()) * mask).sum(dim=1) / lengths  # [B]
+    return (~((advantages < 0) & (mean_log_behaviour_over_pi > delta))).float()
 
 
 def _zero_masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -204,6 +208,7 @@ def grpo_loss(
         mask: [B, T] bool or float, nonzero for completion tokens that count (values are not weights).
         ref_logp: [B, T] float, log pi_ref; required only when cfg.beta > 0.
         sampler_logp: [B, T] float, the rollout engine's logprobs; required when cfg.tis_level != "none".
+            When given, the off-policy mask (eq. 9) is computed from it instead of old_logp.
         cfg: loss settings.
         normalizer: the token count ("token") or non-empty sequence count ("sequence") to divide by;
             default the count in this batch.
@@ -226,7 +231,8 @@ def grpo_loss(
     adv_t = adv.unsqueeze(1)  # [B, 1]
     clipped = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     surrogate = torch.minimum(ratio * adv_t, clipped * adv_t)  # [B, T]
-    keep_seq = _offpolicy_keep(logp, old_logp, adv, mask, cfg.offpolicy_delta)  # [B]
+    behaviour_logp = sampler_logp if sampler_logp is not None else old_logp  # eq. (9)'s pi_old
+    keep_seq = _offpolicy_keep(logp, behaviour_logp, adv, mask, cfg.offpolicy_delta)  # [B]
     per_token = -surrogate * keep_seq.unsqueeze(1)  # [B, T]
 
     kl = None
@@ -269,6 +275,7 @@ def _metrics(ratio, adv_t, mask, keep_seq, kl, tis, logp, old_logp, sampler_logp
         "offpolicy_masked_seqs": (1.0 - keep_seq).sum(),
         "offpolicy_masked_frac": (1.0 - keep_seq).mean(),
         "tokens": mask.sum(),
+        "sequences": (mask.sum(dim=1) > 0).sum(),
     }
     if kl is not None:
         values["kl_mean"] = token_mean(kl)
