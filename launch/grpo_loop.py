@@ -5,6 +5,7 @@
             rollout worker loads them (version v+1) -> metrics.jsonl, rollouts/step_N.parquet, checkpoints.
 Every step's prompts and sampling seeds derive from (seed, step), so `--resume` continues exactly.
 """
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from dsarl.learner.grpo_batch import GroupSample
 from dsarl.learner.grpo_learner import LearnerConfig
 from dsarl.learner.metrics import MetricsLogger
 from dsarl.models import load_tokenizer
+from dsarl.models.config import ConfigError
 from dsarl.rewards.config import RewardComponentConfig, RewardConfig
 from dsarl.rewards.types import RewardSample
 
@@ -54,9 +56,14 @@ class RolloutConfig:
     num_threads: int = 0  # torch threads per worker (0: torch default)
     engine: Literal["native", "vllm"] = "native"
     max_batch_size: int = 64
-    temperature: float = 1.0
+    temperature: float = 1.0  # the one temperature: the learner's log-probs are of this distribution
     top_p: float = 1.0
     top_k: int = 0
+    # Truncated sampling (top_p < 1 or top_k > 0) is only exact when the learner renormalises over the
+    # sampler's kept set (learner.keep_sampling_mask, native engine). Without it the learner's pi is
+    # the untruncated distribution; set this to accept that (metrics then carry
+    # sampling/unmasked_truncation = 1).
+    allow_unmasked_truncation: bool = False
     max_new_tokens: int = 16
     stop_strings: list[str] = field(default_factory=list)
 
@@ -99,6 +106,26 @@ class GRPOConfig:
     mlflow_experiment: str | None = None  # also log to MLflow (pip install mlflow)
     config_path: str | None = None
 
+    def __post_init__(self) -> None:
+        ro, lr = self.rollout, self.learner
+        if lr.temperature is not None and lr.temperature != ro.temperature:
+            raise ValueError(f"learner.temperature ({lr.temperature}) differs from rollout.temperature "
+                             f"({ro.temperature}): the learner's log-probs must be those of the distribution the "
+                             f"sampler drew from; set rollout.temperature only")
+        if self.unmasked_truncation and not ro.allow_unmasked_truncation:
+            why = ("engine 'vllm' returns no keep mask" if ro.engine == "vllm"
+                   else "learner.keep_sampling_mask is false")
+            raise ValueError(f"rollout.top_p={ro.top_p} / rollout.top_k={ro.top_k} truncate sampling, but {why}: "
+                             f"the learner would score tokens under the untruncated distribution. Use top_p: 1.0 "
+                             f"and top_k: 0, or set rollout.allow_unmasked_truncation: true to accept the mismatch")
+
+    @property
+    def unmasked_truncation(self) -> bool:
+        """Truncated sampling whose keep mask the learner will not see."""
+        ro = self.rollout
+        truncated = ro.top_p < 1.0 or ro.top_k > 0
+        return truncated and (ro.engine == "vllm" or not self.learner.keep_sampling_mask)
+
 
 def prompt_ids_for(rows: list[dict], tokenizer, fmt: str) -> list[list[int]]:
     if fmt == "chat":
@@ -122,14 +149,21 @@ def load_prompt_rows(data: PromptData, seed: int, resolve) -> tuple[list[dict], 
 class GRPOTrainer:
     """Wires the pools and the learner; `step()` is one GRPO step. Thin: the maths lives in learner/."""
 
-    def __init__(self, cfg: GRPOConfig, resume: bool = False, resolve=lambda p: p):
+    def __init__(self, cfg: GRPOConfig, resume: bool | str = False, resolve=lambda p: p):
+        """resume: False, True (the newest complete checkpoint in run_dir) or a checkpoint directory."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        ckpt = resume if isinstance(resume, str) else resume_checkpoint(cfg.run_dir) if resume else None
+        if resume and ckpt is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}")
+        if ckpt is not None and not (Path(ckpt) / "trainer_state.json").is_file():
+            raise ConfigError(f"--resume {ckpt}: not a complete training checkpoint (no trainer_state.json)")
+        self._bar = None  # the progress bar while fit() runs
+        self._reward_failures = 0.0
         init_ray(RayConfig(num_cpus=cfg.ray_num_cpus, include_dashboard=False))
         init = resolve(cfg.init_from)
         self.tokenizer = load_tokenizer(init)
         self.train_rows, self.test_rows = load_prompt_rows(cfg.data, cfg.seed, resolve)
-        ckpt = resume_checkpoint(cfg.run_dir) if resume else None
         ro = cfg.rollout
         # One placement group for every actor: a config the cluster cannot hold fails here, naming what
         # is missing, instead of leaving actors pending forever.
@@ -139,9 +173,10 @@ class GRPOTrainer:
             ResourceSpec("learner", cfg.learner_ranks, cfg.learner_num_cpus, cfg.learner_num_gpus),
         ], cfg.placement_strategy, cfg.placement_timeout_s)
         bundle = lambda role: (lambda i: self.placement.actor_options(role, i))  # noqa: E731
-        self.learner = LearnerGroup(cfg.learner_ranks, init, cfg.learner, cfg.seed, cfg.learner_num_cpus,
+        learner_cfg = dataclasses.replace(cfg.learner, temperature=ro.temperature)  # one temperature
+        self.learner = LearnerGroup(cfg.learner_ranks, init, learner_cfg, cfg.seed, cfg.learner_num_cpus,
                                     cfg.learner_num_gpus, cfg.learner_num_threads, ckpt, cfg.model_overrides,
-                                    placement=bundle("learner"))
+                                    placement=bundle("learner"), total_updates=cfg.steps)
         self.rollout = RolloutPool(ro.num_workers, ckpt or init, num_cpus_per_worker=ro.num_cpus_per_worker,
                                    num_gpus_per_worker=ro.num_gpus_per_worker, engine=ro.engine,
                                    engine_kwargs={"max_batch_size": ro.max_batch_size},
@@ -183,17 +218,25 @@ class GRPOTrainer:
                                       self.sampling(step, 1, greedy=True))
         scores, _ = self._score(rows, comps)
         key = self.cfg.accuracy_component
-        return {"eval/accuracy": sum(s[key] > 0.5 for s in scores) / len(scores),
+        return {"eval/accuracy": sum(is_correct(s, key) for s in scores) / len(scores),
                 "eval/reward": sum(s["total"] for s in scores) / len(scores)}
+
+    def _phase(self, name: str) -> None:
+        """Shows what the step is doing now, with the run's reward failures so far."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{name}, reward failures {self._reward_failures:.0f}", refresh=True)
 
     def _rollout_round(self, step: int, round_idx: int):
         rng = random.Random(f"{self.cfg.seed}/grpo/{step}/{round_idx}")
         rows = rng.sample(self.train_rows, min(self.cfg.prompts_per_step, len(self.train_rows)))
+        self._phase("generate")
         t0 = time.perf_counter()
         comps = self.rollout.generate(prompt_ids_for(rows, self.tokenizer, self.cfg.data.prompt_format),
                                       self.sampling(step * 101 + round_idx, self.cfg.group_size))
         t1 = time.perf_counter()
+        self._phase("reward")
         scores, rmetrics = self._score(rows, comps)
+        self._reward_failures += rmetrics.get("reward/failures", 0.0)
         return rows, comps, scores, rmetrics, t1 - t0, time.perf_counter() - t1
 
     def step(self, step: int) -> dict[str, float]:
@@ -223,25 +266,28 @@ class GRPOTrainer:
             groups.append(GroupSample(cs[0].prompt_ids, [c.token_ids for c in cs], [c.logprobs for c in cs],
                                       adv[p].tolist(), [c.keep_mask for c in cs] if self.record_keep else None,
                                       [c.indices for c in cs] if self.record_indices else None))
+        self._phase("learn")
         t2 = time.perf_counter()
         lmetrics = self.learner.update(groups) if groups else {}
         t3 = time.perf_counter()
+        self._phase("sync")
         ref, version = self.learner.publish_weights()
         self.rollout.sync_weights(ref, version)
         t4 = time.perf_counter()
         if cfg.write_rollouts:
             self._write_rollouts(step + 1, all_rows, all_comps, all_scores)
         n_tokens = sum(len(c.token_ids) for c in all_comps)
-        correct = [s[cfg.accuracy_component] > 0.5 for s in all_scores]
+        correct = [is_correct(s, cfg.accuracy_component) for s in all_scores]
         metrics = {
             "reward/mean": float(rewards.mean()), "accuracy": sum(correct) / len(correct),
-            **{f"reward/{k}": sum(s[k] for s in all_scores) / len(all_scores) for k in all_scores[0] if k != "total"},
+            **present_means(all_scores, prefix="reward/"),
             **{k: v for k, v in rmetrics.items()},
             "response_length/mean": n_tokens / len(all_comps),
             "response_length/clip_frac": sum(c.finish_reason == "length" for c in all_comps) / len(all_comps),
             "groups/kept": len(groups), "groups/uniform": int((~keep).sum()),
             **{("kl" if k == "kl_mean" else k): v for k, v in lmetrics.items()},
             "weight_version": version, "tokens_per_s": n_tokens / max(t_gen, 1e-9),
+            **({"sampling/unmasked_truncation": 1.0} if cfg.unmasked_truncation else {}),
             "time/generate": t_gen, "time/reward": t_rew, "time/learn": t3 - t2, "time/sync": t4 - t3,
         }
         return metrics
@@ -258,33 +304,65 @@ class GRPOTrainer:
         write_rollouts(table, path)
 
     def fit(self, show_progress: bool = True) -> Path:
+        """Trains to cfg.steps. An error (a dead reward component, a lost actor) stops every actor of
+        this trainer and propagates: the run ends non-zero and `--resume` continues from the last
+        checkpoint."""
+        try:
+            return self._fit(show_progress)
+        finally:
+            self.shutdown()
+
+    def _fit(self, show_progress: bool) -> Path:
         cfg = self.cfg
+        self._bar = bar = tqdm(total=cfg.steps, initial=self.start_step, desc="grpo", disable=not show_progress)
         if self.start_step == 0:
+            self._phase(f"initial eval ({min(len(self.test_rows), cfg.eval_samples)} prompts)")
             self.logger.log(0, self.evaluate(0))
-        bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps, desc="grpo",
-                   disable=not show_progress)
-        for step in bar:
+        for step in range(self.start_step, cfg.steps):
             t0 = time.perf_counter()
             metrics = self.step(step)
             done = step + 1
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                self._phase("eval")
                 metrics.update(self.evaluate(done))
             metrics["time/step"] = time.perf_counter() - t0
             self.logger.log(done, metrics)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            bar.update(1)
+            bar.set_postfix_str(f"reward {metrics['reward/mean']:.3f}, acc {metrics['accuracy']:.2f}, "
+                                f"reward failures {self._reward_failures:.0f}")
             if done % cfg.save_every == 0 or done == cfg.steps:
+                self._phase("checkpoint")
                 self.learner.save(str(self.run_dir), done, {"step": done}, cfg.keep_checkpoints)
+        bar.close()
         self.logger.close()
-        final = Path(self.learner.save_final(str(self.run_dir / "final")))
-        self.shutdown()
-        return final
+        return Path(self.learner.save_final(str(self.run_dir / "final")))
 
     def shutdown(self) -> None:
         """Stops this trainer's actors and frees its placement group (the Ray instance stays up)."""
+        if self.placement is None:  # already shut down
+            return
         self.learner.shutdown()
         for w in self.rollout.workers + self.rewards.workers:
             ray.kill(w)
         self.placement.remove()
+        self.placement = None
+
+
+def present_means(scores: list[dict], prefix: str = "") -> dict[str, float]:
+    """Mean of every key but "total" over the samples that have it: a failed sample has no sub-scores,
+    and a reward's None ("no score") leaves its key out or None."""
+    keys = dict.fromkeys(k for s in scores for k in s if k != "total")
+    out = {}
+    for k in keys:
+        values = [s[k] for s in scores if s.get(k) is not None]
+        if values:
+            out[prefix + k] = sum(values) / len(values)
+    return out
+
+
+def is_correct(score: dict, key: str) -> bool:
+    value = score.get(key)
+    return value is not None and value > 0.5
 
 
 def _checkpoint_attention(init: str) -> str:
@@ -293,5 +371,5 @@ def _checkpoint_attention(init: str) -> str:
     return json.loads((Path(init) / "config.json").read_text()).get("attention", "dense")
 
 
-def run_grpo(cfg: GRPOConfig, resume: bool = False, resolve=lambda p: p, show_progress: bool = True) -> Path:
+def run_grpo(cfg: GRPOConfig, resume: bool | str = False, resolve=lambda p: p, show_progress: bool = True) -> Path:
     return GRPOTrainer(cfg, resume, resolve).fit(show_progress)
