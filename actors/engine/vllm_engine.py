@@ -8,6 +8,9 @@
   after temperature and top-p/k, like the native engine's; with older vLLMs that lack the option it
   is the raw model log-probability (the mismatch the learner's importance correction then absorbs).
 - Not available from vLLM: the keep mask and the indexer's selections (asking raises).
+- Every keyword passed to vLLM (`llm_kwargs`, the request kwargs, `generate(use_tqdm=)`,
+  `collective_rpc(method, args=)`, `TokensPrompt(prompt_token_ids=)`) is checked against the source
+  of CHECKED_VLLM_VERSIONS by tests/actors/test_vllm_contract.py.
 - load_weights: `collective_rpc` into every vLLM worker, where `WeightUpdateExtension` (installed
   with `worker_extension_cls`) calls the model's own `load_weights` on (name, tensor) pairs.
 Pure conversions (`vllm_request_kwargs`, `completion_from_output`) are tested without vLLM.
@@ -20,6 +23,11 @@ from .stopping import cut_at_stop_string
 from .types import Completion
 
 EXTENSION = "dsarl.actors.engine.vllm_engine.WeightUpdateExtension"
+# The vLLM releases every keyword below is checked against (tests/actors/test_vllm_contract.py reads
+# their source from the wheels, without importing vLLM): the oldest pyproject allows and the newest
+# we have read.
+CHECKED_VLLM_VERSIONS = ("0.11.0", "0.34.0")
+INSTALL_HINT = "engine 'vllm' needs vLLM: pip install 'dsarl[vllm]' (GPU nodes)"
 
 
 class WeightUpdateExtension:
@@ -42,11 +50,28 @@ def vllm_request_kwargs(params: SamplingParams, prompt_index: int, eos_id: int |
     stop_ids = list(params.stop_token_ids)
     return dict(
         n=params.n, temperature=params.temperature, top_p=params.top_p,
-        top_k=params.top_k if params.top_k > 0 else -1,  # vLLM: -1 (or 0 in new releases) = disabled
+        top_k=max(params.top_k, 0),  # 0 disables top-k in every checked vLLM
         max_tokens=params.max_new_tokens, stop=list(params.stop_strings) or None, stop_token_ids=stop_ids or None,
         ignore_eos=params.ignore_eos, seed=request_seed(params.seed, prompt_index), logprobs=0,
         include_stop_str_in_output=False, skip_special_tokens=True,
     )
+
+
+def llm_kwargs(model_dir: str, max_batch_size: int = 256, **extra) -> dict:
+    """Our engine options -> keyword arguments of vllm.LLM (extra ones pass through to its EngineArgs).
+    max_batch_size is vLLM's max_num_seqs: the most sequences one scheduler step runs."""
+    return dict(model=str(model_dir), worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs",
+                max_num_seqs=max_batch_size, **extra)
+
+
+def score_request_kwargs(temperature: float) -> dict:
+    """vllm.SamplingParams for scoring given tokens: one new token, the prompt's own log-probs."""
+    return dict(max_tokens=1, prompt_logprobs=0, temperature=temperature)
+
+
+def judge_request_kwargs(top: int) -> dict:
+    """vllm.SamplingParams for a judge's next-token distribution: the `top` most likely tokens."""
+    return dict(max_tokens=1, logprobs=top, temperature=1.0)
 
 
 def completion_from_output(out, prompt_index: int, sample_index: int, prompt_ids: list[int],
@@ -61,16 +86,13 @@ def completion_from_output(out, prompt_index: int, sample_index: int, prompt_ids
 
 
 class VLLMEngine:
-    def __init__(self, model_dir: str, weight_version: int = 0, **llm_kwargs):
-        from vllm import LLM
-
-        kwargs = dict(model=str(model_dir), worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs")
-        kwargs.update(llm_kwargs)
+    def __init__(self, model_dir: str, weight_version: int = 0, max_batch_size: int = 256, **extra):
         try:
-            self.llm = LLM(**kwargs)
-        except TypeError:  # a vLLM without logprobs_mode
-            kwargs.pop("logprobs_mode")
-            self.llm = LLM(**kwargs)
+            from vllm import LLM
+        except ImportError as e:
+            raise ImportError(f"{INSTALL_HINT}: {e}") from e
+
+        self.llm = LLM(**llm_kwargs(model_dir, max_batch_size, **extra))
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = weight_version
 
@@ -93,7 +115,7 @@ class VLLMEngine:
 
         single = bool(prompt_ids) and isinstance(prompt_ids[0], int)
         prompts, comps = ([prompt_ids], [completion_ids]) if single else (prompt_ids, completion_ids)
-        sp = VSP(max_tokens=1, prompt_logprobs=0, temperature=temperature)
+        sp = VSP(**score_request_kwargs(temperature))
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p) + list(c)) for p, c in zip(prompts, comps)],
                                  sp, use_tqdm=False)
         scores = []
@@ -106,7 +128,7 @@ class VLLMEngine:
         """Approximate: the mass of the `top` most likely next tokens whose text starts with yes/Yes."""
         from vllm import SamplingParams as VSP
 
-        outs = self.llm.generate(prompts, VSP(max_tokens=1, logprobs=top, temperature=1.0), use_tqdm=False)
+        outs = self.llm.generate(prompts, VSP(**judge_request_kwargs(top)), use_tqdm=False)
         result = []
         for o in outs:
             step = o.outputs[0].logprobs[0]

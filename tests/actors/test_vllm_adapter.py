@@ -15,7 +15,7 @@ def test_request_kwargs_map_our_params():
     p = SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=5, n=4, seed=3,
                        stop_strings=["\n\n"], stop_token_ids=[7], ignore_eos=True)
     kw = vllm_request_kwargs(p, prompt_index=2, eos_id=None)
-    assert kw["n"] == 4 and kw["temperature"] == 0.7 and kw["top_p"] == 0.9 and kw["top_k"] == -1
+    assert kw["n"] == 4 and kw["temperature"] == 0.7 and kw["top_p"] == 0.9 and kw["top_k"] == 0
     assert kw["max_tokens"] == 5 and kw["stop"] == ["\n\n"] and kw["stop_token_ids"] == [7] and kw["ignore_eos"]
     assert kw["logprobs"] == 0 and kw["seed"] == request_seed(3, 2) != request_seed(3, 1)
     assert 0 <= kw["seed"] < 2**31
