@@ -5,11 +5,14 @@ CPU/GPU resources from config. The pool splits prompts into contiguous shards, o
 passes each shard its global prompt indices (so samples are what one engine would draw, whatever
 the number of workers), and concatenates the results back in prompt order.
 """
+import time
+
 import ray
 import torch
 
+from dsarl.data.step_types import Completion
+
 from .engine import NativeEngine, SamplingParams
-from .engine.types import Completion
 from .weight_sync import BroadcastGroup, TensorSpec
 
 
@@ -58,10 +61,19 @@ class RolloutWorker:
         self.engine = ENGINES[engine](checkpoint_dir, config, state_dict, device, model_overrides,
                                       **(engine_kwargs or {}))
         self.group: BroadcastGroup | None = None
+        self.busy: list[tuple[float, float]] = []  # wall-clock (start, end) of each generate call
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  prompt_indices: list[int] | None = None) -> list[Completion]:
-        return self.engine.generate(prompts, params, prompt_indices)
+        start = time.time()
+        out = self.engine.generate(prompts, params, prompt_indices)
+        self.busy.append((start, time.time()))
+        return out
+
+    def pop_busy(self) -> list[tuple[float, float]]:
+        """The generate calls' (start, end) since the last pop: the driver's rollout idle/overlap metrics."""
+        busy, self.busy = self.busy, []
+        return busy
 
     def score(self, prompt_ids, completion_ids, temperature: float = 1.0):
         return self.engine.score(prompt_ids, completion_ids, temperature)
@@ -106,6 +118,7 @@ class RolloutPool:
                                                            None, threads, model_overrides)
                         for i in range(num_workers)]
         ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
+        self._pending_syncs: list[ray.ObjectRef] = []
 
     @property
     def num_workers(self) -> int:
@@ -120,10 +133,25 @@ class RolloutPool:
             start = end
         return bounds
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        refs = [w.generate.remote(prompts[a:b], params, list(range(a, b)))
+    def submit_generate(self, prompts: list[list[int]], params: SamplingParams) -> list[ray.ObjectRef]:
+        """Starts generation on every worker's shard and returns at once; `collect` gets the results.
+        Each worker runs its calls in submission order, so a generate submitted after a weight sync
+        samples with the new weights, and one submitted before it with the old."""
+        return [w.generate.remote(prompts[a:b], params, list(range(a, b)))
                 for w, (a, b) in zip(self.workers, self._shards(len(prompts))) if b > a]
-        return [c for shard in ray.get(refs) for c in shard]
+
+    def collect(self, refs: list[ray.ObjectRef]) -> list[Completion]:
+        """The completions of a `submit_generate`, in prompt order (and any pending sync's errors)."""
+        shards = ray.get(refs)
+        self._wait_syncs()
+        return [c for shard in shards for c in shard]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        return self.collect(self.submit_generate(prompts, params))
+
+    def pop_busy(self) -> list[list[tuple[float, float]]]:
+        """Per worker, the (start, end) wall-clock times of its generate calls since the last pop."""
+        return ray.get([w.pop_busy.remote() for w in self.workers])
 
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float = 1.0):
         refs = [w.score.remote(prompt_ids[a:b], completion_ids[a:b], temperature)
@@ -135,14 +163,21 @@ class RolloutPool:
                 for w, (a, b) in zip(self.workers, self._shards(len(prompts))) if b > a]
         return [p for shard in ray.get(refs) for p in shard]
 
-    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> list[int]:
+    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int, wait: bool = True) -> list[int]:
         """Object-store sync: one ray.put, every worker loads it. Returns each worker's version.
-        `state_dict` may already be an ObjectRef (the learner's own ray.put): then nothing is copied here."""
+        `state_dict` may already be an ObjectRef (the learner's own ray.put): then nothing is copied here.
+        wait=False returns at once (asynchronous rollouts: the workers load the weights after the
+        generate calls already queued); the next `collect` waits for it and raises its errors."""
         if isinstance(state_dict, ray.ObjectRef):
             ref = state_dict
         else:
             ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
-        return ray.get([w.load_weights.remote(ref, version) for w in self.workers])
+        self._pending_syncs.extend(w.load_weights.remote(ref, version) for w in self.workers)
+        return self._wait_syncs() if wait else []
+
+    def _wait_syncs(self) -> list[int]:
+        refs, self._pending_syncs = self._pending_syncs, []
+        return ray.get(refs)[-self.num_workers:] if refs else []
 
     def weight_versions(self) -> list[int]:
         return ray.get([w.weight_version.remote() for w in self.workers])

@@ -16,7 +16,7 @@ import torch
 from dsarl.learner.distill import Sequences, completion_log_probs
 
 from .engine import SamplingParams
-from .engine.types import Completion
+from dsarl.data.step_types import Completion
 from .rollout_workers import RolloutPool, RolloutWorker
 
 
@@ -41,6 +41,7 @@ class DomainTeachers(RolloutPool):
         self.workers = [actor.remote(checkpoint_dir, None, None, "native", engine_kwargs, None, threads)
                         for _ in range(num_workers)]
         ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
+        self._pending_syncs = []  # teachers' weights never change, but the pool's generate checks them
 
     def submit_log_probs(self, prompt_ids, completion_ids, temperature: float) -> list:
         return [w.log_probs.remote(prompt_ids[a:b], completion_ids[a:b], temperature)

@@ -6,8 +6,7 @@ weight version, completion text, task metadata (JSON text: tasks carry different
 components (a map name -> value) and the total reward; optionally the sampler's keep mask (kept
 token ids per step) and the indexer's selections (flat int32 with their [T, L, K] shape).
 
-Completions are the engines' `dsarl.actors.engine.types.Completion`; this module reads them by
-attribute and imports the class only to rebuild them, so `data` stays importable without Ray.
+Completions are `dsarl.data.step_types.Completion`, the engines' output type.
 """
 import json
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from .step_types import Completion
 
 ROLLOUT_SCHEMA = pa.schema([
     pa.field("prompt_id", pa.string(), nullable=False),
@@ -82,8 +83,6 @@ def completions_to_table(completions, prompt_ids: list[str] | None = None, group
 
 
 def table_to_records(table: pa.Table) -> list[RolloutRecord]:
-    from dsarl.actors.engine.types import Completion  # lazy: see the module docstring
-
     if not table.schema.equals(ROLLOUT_SCHEMA):
         table = table.cast(ROLLOUT_SCHEMA)  # raises naming the mismatching field
     out = []

@@ -8,12 +8,12 @@ Every step's prompts and sampling seeds derive from (seed, step), so `--resume` 
 import dataclasses
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import ray
-import torch
 from tqdm import tqdm
 
 from dsarl.actors.engine.sampling import SamplingParams
@@ -25,8 +25,8 @@ from dsarl.actors.rollout_workers import RolloutPool
 from dsarl.data.datasets import load_rows
 from dsarl.data.rollout_schema import completions_to_table, write_rollouts
 from dsarl.data.tasks import make_rows
-from dsarl.learner.advantages import group_advantages, uniform_group_mask
-from dsarl.learner.grpo_batch import GroupSample
+from dsarl.data.step_types import ScoredRound
+from dsarl.learner.group_building import build_groups, enough_informative, flatten_rounds
 from dsarl.learner.grpo_learner import LearnerConfig
 from dsarl.learner.metrics import MetricsLogger
 from dsarl.models import load_tokenizer
@@ -66,6 +66,10 @@ class RolloutConfig:
     allow_unmasked_truncation: bool = False
     max_new_tokens: int = 16
     stop_strings: list[str] = field(default_factory=list)
+    # Asynchronous rollouts: workers generate the next max_staleness steps' samples while the learner
+    # trains, so a batch is at most this many weight versions old (0: generate, then learn, in turn).
+    # The learner's off-policy masking and TIS use the sampler's own log-probs, which makes it safe.
+    max_staleness: int = 0
 
 
 def default_rewards() -> RewardConfig:
@@ -112,6 +116,8 @@ class GRPOConfig:
             raise ValueError(f"learner.temperature ({lr.temperature}) differs from rollout.temperature "
                              f"({ro.temperature}): the learner's log-probs must be those of the distribution the "
                              f"sampler drew from; set rollout.temperature only")
+        if ro.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0, got {ro.max_staleness}")
         if self.unmasked_truncation and not ro.allow_unmasked_truncation:
             why = ("engine 'vllm' returns no keep mask" if ro.engine == "vllm"
                    else "learner.keep_sampling_mask is false")
@@ -146,6 +152,14 @@ def load_prompt_rows(data: PromptData, seed: int, resolve) -> tuple[list[dict], 
     return train, [r for r in test if r["prompt"] not in train_prompts]  # held out: never trained on
 
 
+@dataclass
+class PendingRound:
+    """A rollout round submitted to the workers and not yet collected."""
+    rows: list[dict]
+    refs: list  # the workers' generate() results
+    submitted: float  # perf_counter() at submission
+
+
 class GRPOTrainer:
     """Wires the pools and the learner; `step()` is one GRPO step. Thin: the maths lives in learner/."""
 
@@ -160,6 +174,8 @@ class GRPOTrainer:
             raise ConfigError(f"--resume {ckpt}: not a complete training checkpoint (no trainer_state.json)")
         self._bar = None  # the progress bar while fit() runs
         self._reward_failures = 0.0
+        self._queue: deque[PendingRound] = deque()  # submitted, not yet collected rounds (oldest first)
+        self._perf_to_wall = time.time() - time.perf_counter()
         init_ray(RayConfig(num_cpus=cfg.ray_num_cpus, include_dashboard=False))
         init = resolve(cfg.init_from)
         self.tokenizer = load_tokenizer(init)
@@ -189,6 +205,7 @@ class GRPOTrainer:
 
             self.start_step = load_training_state(ckpt)["step"]
             self.rollout.sync_weights(*self.learner.publish_weights())
+        self._version = self.learner.weight_version()
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                                     mlflow_experiment=cfg.mlflow_experiment,
                                     resume_step=self.start_step if ckpt else None)
@@ -226,71 +243,88 @@ class GRPOTrainer:
         if self._bar is not None:
             self._bar.set_postfix_str(f"{name}, reward failures {self._reward_failures:.0f}", refresh=True)
 
-    def _rollout_round(self, step: int, round_idx: int):
+    def _submit_round(self, step: int, round_idx: int) -> PendingRound:
+        """Starts generating one round's samples with the weights the rollout workers hold when the
+        call reaches them (every earlier weight sync first: Ray runs one caller's calls to an actor in
+        order). Returns at once."""
         rng = random.Random(f"{self.cfg.seed}/grpo/{step}/{round_idx}")
         rows = rng.sample(self.train_rows, min(self.cfg.prompts_per_step, len(self.train_rows)))
+        refs = self.rollout.submit_generate(prompt_ids_for(rows, self.tokenizer, self.cfg.data.prompt_format),
+                                            self.sampling(step * 101 + round_idx, self.cfg.group_size))
+        return PendingRound(rows, refs, time.perf_counter())
+
+    def _collect_round(self, pending: PendingRound) -> ScoredRound:
+        """Waits for a submitted round's samples and scores them."""
         self._phase("generate")
-        t0 = time.perf_counter()
-        comps = self.rollout.generate(prompt_ids_for(rows, self.tokenizer, self.cfg.data.prompt_format),
-                                      self.sampling(step * 101 + round_idx, self.cfg.group_size))
+        comps = self.rollout.collect(pending.refs)
         t1 = time.perf_counter()
         self._phase("reward")
-        scores, rmetrics = self._score(rows, comps)
+        scores, rmetrics = self._score(pending.rows, comps)
         self._reward_failures += rmetrics.get("reward/failures", 0.0)
-        return rows, comps, scores, rmetrics, t1 - t0, time.perf_counter() - t1
+        return ScoredRound(pending.rows, comps, scores, rmetrics, t1 - pending.submitted, time.perf_counter() - t1)
+
+    def _rollout_round(self, step: int, round_idx: int) -> ScoredRound:
+        return self._collect_round(self._submit_round(step, round_idx))
+
+    def _fill_queue(self, step: int) -> None:
+        """Keeps rounds for steps step .. step + max_staleness generating (only step's when it is 0)."""
+        depth = self.cfg.rollout.max_staleness + 1
+        while len(self._queue) < depth and step + len(self._queue) < self.cfg.steps:
+            self._queue.append(self._submit_round(step + len(self._queue), 0))
 
     def step(self, step: int) -> dict[str, float]:
+        """One GRPO step: its first round (submitted up to max_staleness steps ago), dynamic-sampling
+        rounds with the current weights, the learner's update, the weight sync."""
         cfg, G = self.cfg, self.cfg.group_size
-        rows, comps, scores, rmetrics, t_gen, t_rew = self._rollout_round(step, 0)
-        rewards = torch.tensor([s["total"] for s in scores]).view(len(rows), G)
-        keep = ~uniform_group_mask(rewards) if cfg.filter_uniform_groups else torch.ones(len(rows), dtype=torch.bool)
-        all_rows, all_comps, all_scores, all_rewards, kept = rows, comps, scores, [rewards], [keep]
+        t_start = time.perf_counter()
+        self._fill_queue(step)
+        rounds = [self._collect_round(self._queue.popleft())]
         for r in range(1, cfg.resample_rounds + 1):  # refill with informative groups (DAPO dynamic sampling)
-            if int(torch.cat(kept).sum()) >= len(rows):
+            if not cfg.filter_uniform_groups or enough_informative(rounds, G, cfg.prompts_per_step):
                 break
-            more_rows, more_comps, more_scores, _, tg, tr = self._rollout_round(step, r)
-            t_gen, t_rew = t_gen + tg, t_rew + tr
-            more_rewards = torch.tensor([s["total"] for s in more_scores]).view(len(more_rows), G)
-            offset = len(all_rows)
-            for c in more_comps:
-                c.prompt_index += offset
-            all_rows, all_comps, all_scores = all_rows + more_rows, all_comps + more_comps, all_scores + more_scores
-            all_rewards.append(more_rewards)
-            kept.append(~uniform_group_mask(more_rewards))
-        rewards, keep = torch.cat(all_rewards), torch.cat(kept)
-        keep_idx = [i for i in range(len(all_rows)) if keep[i]][: len(rows)]
-        adv = group_advantages(rewards, cfg.std_normalize)
-        groups = []
-        for p in keep_idx:
-            cs = all_comps[p * G:(p + 1) * G]
-            groups.append(GroupSample(cs[0].prompt_ids, [c.token_ids for c in cs], [c.logprobs for c in cs],
-                                      adv[p].tolist(), [c.keep_mask for c in cs] if self.record_keep else None,
-                                      [c.indices for c in cs] if self.record_indices else None))
+            rounds.append(self._rollout_round(step, r))
+        groups, gmetrics = build_groups(rounds, G, cfg.prompts_per_step, cfg.std_normalize,
+                                        cfg.filter_uniform_groups, self.record_keep, self.record_indices)
+        learner_version = self._version
+        staleness = [learner_version - v for g in groups for v in g.weight_versions]
+        assert max(staleness, default=0) <= cfg.rollout.max_staleness, f"batch too stale: {max(staleness)}"
         self._phase("learn")
         t2 = time.perf_counter()
         lmetrics = self.learner.update(groups) if groups else {}
         t3 = time.perf_counter()
         self._phase("sync")
-        ref, version = self.learner.publish_weights()
-        self.rollout.sync_weights(ref, version)
+        ref, self._version = self.learner.publish_weights()
+        self.rollout.sync_weights(ref, self._version, wait=cfg.rollout.max_staleness == 0)
         t4 = time.perf_counter()
+        self._fill_queue(step + 1)  # the next rounds start on the new weights before this step's bookkeeping
+        rows, comps, scores = flatten_rounds(rounds)
         if cfg.write_rollouts:
-            self._write_rollouts(step + 1, all_rows, all_comps, all_scores)
-        n_tokens = sum(len(c.token_ids) for c in all_comps)
-        correct = [is_correct(s, cfg.accuracy_component) for s in all_scores]
+            self._write_rollouts(step + 1, rows, comps, scores)
+        n_tokens = sum(len(c.token_ids) for c in comps)
+        t_gen, t_rew = sum(r.generate_s for r in rounds), sum(r.reward_s for r in rounds)
+        correct = [is_correct(s, cfg.accuracy_component) for s in scores]
+        busy = self.rollout.pop_busy()  # per worker: (start, end) of each generate call since the last step
+        wall = time.perf_counter() - t_start
         metrics = {
-            "reward/mean": float(rewards.mean()), "accuracy": sum(correct) / len(correct),
-            **present_means(all_scores, prefix="reward/"),
-            **{k: v for k, v in rmetrics.items()},
-            "response_length/mean": n_tokens / len(all_comps),
-            "response_length/clip_frac": sum(c.finish_reason == "length" for c in all_comps) / len(all_comps),
-            "groups/kept": len(groups), "groups/uniform": int((~keep).sum()),
+            "accuracy": sum(correct) / len(correct), **gmetrics,
+            **present_means(scores, prefix="reward/"),
+            **merge_reward_metrics([r.reward_metrics for r in rounds]),
+            "response_length/mean": n_tokens / len(comps),
+            "response_length/clip_frac": sum(c.finish_reason == "length" for c in comps) / len(comps),
             **{("kl" if k == "kl_mean" else k): v for k, v in lmetrics.items()},
-            "weight_version": version, "tokens_per_s": n_tokens / max(t_gen, 1e-9),
+            "weight_version": self._version, "tokens_per_s": n_tokens / max(t_gen, 1e-9),
+            "staleness/max": float(max(staleness, default=0)),
+            "staleness/mean": sum(staleness) / max(len(staleness), 1),
             **({"sampling/unmasked_truncation": 1.0} if cfg.unmasked_truncation else {}),
             "time/generate": t_gen, "time/reward": t_rew, "time/learn": t3 - t2, "time/sync": t4 - t3,
+            **rollout_timing(busy, wall, self._wall_offset(t2), self._wall_offset(t3)),
+            "time/learner_idle": max(0.0, wall - (t3 - t2)),
         }
         return metrics
+
+    def _wall_offset(self, perf: float) -> float:
+        """A perf_counter reading as wall-clock time (the workers report time.time())."""
+        return perf + self._perf_to_wall
 
     def _write_rollouts(self, step: int, rows, comps, scores) -> None:
         meta = [{k: v for k, v in rows[c.prompt_index].items() if k != "prompt"} for c in comps]
@@ -346,6 +380,25 @@ class GRPOTrainer:
             ray.kill(w)
         self.placement.remove()
         self.placement = None
+
+
+def merge_reward_metrics(per_round: list[dict[str, float]]) -> dict[str, float]:
+    """The reward pool's metrics of several rounds of equal size: means averaged, counts summed."""
+    out: dict[str, float] = {}
+    for m in per_round:
+        for k, v in m.items():
+            out[k] = out.get(k, 0.0) + v
+    return {k: (v / len(per_round) if k.endswith(("/mean", "_frac")) else v) for k, v in out.items()}
+
+
+def rollout_timing(busy: list[list[tuple[float, float]]], wall: float, learn_start: float,
+                   learn_end: float) -> dict[str, float]:
+    """Per-worker averages over a step of `wall` seconds: generating time, idle time, and the time spent
+    generating while the learner trained (the overlap asynchronous rollouts buy)."""
+    n = max(len(busy), 1)
+    gen = sum(e - s for w in busy for s, e in w) / n
+    overlap = sum(max(0.0, min(e, learn_end) - max(s, learn_start)) for w in busy for s, e in w) / n
+    return {"time/rollout_busy": gen, "time/rollout_idle": max(0.0, wall - gen), "time/overlap": overlap}
 
 
 def present_means(scores: list[dict], prefix: str = "") -> dict[str, float]:

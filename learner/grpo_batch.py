@@ -7,23 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class GroupSample:
-    prompt_ids: list[int]
-    completions: list[list[int]]  # G completions (token ids, stop token included)
-    sampler_logprobs: list[list[float]]  # per completion token, from the rollout engine
-    advantages: list[float]  # per completion
-    keep_masks: list[list[list[int]]] | None = None  # per completion, per token: kept token ids
-    indices: list[torch.Tensor] | None = None  # per completion [T, L, K] int32: the sampler's top-k
-
-    @property
-    def group_size(self) -> int:
-        return len(self.completions)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(c) for c in self.completions)
+from dsarl.data.step_types import GroupSample
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dsarl.models import StaticKVCache
 
 from .sampling import SamplingParams, sample_keys, sample_step, uniforms
 from .stopping import StopRule, cut_at_stop_string
-from .types import Completion
+from dsarl.data.step_types import Completion
 
 YES_TARGETS = ("yes", "Yes", " yes", " Yes")
 

@@ -20,7 +20,7 @@ import torch
 
 from .sampling import SamplingParams, sample_keys
 from .stopping import cut_at_stop_string
-from .types import Completion
+from dsarl.data.step_types import Completion
 
 EXTENSION = "dsarl.actors.engine.vllm_engine.WeightUpdateExtension"
 # The vLLM releases every keyword below is checked against (tests/actors/test_vllm_contract.py reads

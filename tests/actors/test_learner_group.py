@@ -6,7 +6,7 @@ import ray
 import torch
 
 from dsarl.actors.learner_group import LearnerGroup
-from dsarl.learner.grpo_batch import GroupSample
+from dsarl.data.step_types import GroupSample
 from dsarl.learner.grpo_learner import LearnerConfig
 from dsarl.learner.grpo_loss import GRPOLossConfig
 from dsarl.learner.optim import OptimConfig

@@ -9,7 +9,7 @@ import pytest
 import ray
 import torch
 
-from dsarl.actors.engine.types import Completion
+from dsarl.data.step_types import Completion
 from dsarl.actors.teacher_pool import TeacherPool, route_by_domain
 from dsarl.data.domains import DOMAINS, mixed
 from dsarl.data.tasks import make_rows

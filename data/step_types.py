@@ -1,0 +1,66 @@
+"""The types one GRPO step passes between its parts, in one place on the lowest floor (DESIGN.md
+section 1): the engines produce `Completion`s, the reward workers score them, the driver groups them
+into `GroupSample`s for the learner. `actors/` and `learner/` import these downward; nothing here
+imports Ray or a model.
+
+    Completion   one sample of one prompt, as the rollout engine produced it
+    ScoredRound  one generate + score round of a step: rows, completions, scores, reward metrics
+    GroupSample  one prompt's G completions with their advantages: what the learner trains on
+
+`Completion.keep_mask` is packed: per generated token, the sorted ids the sampler kept (top-p /
+top-k). `indices` is per generated token the indexer's selection of the query that produced that
+token's distribution (query position len(prompt_ids) - 1 + t), int32 [T, L, K], -1 padded (sparse
+attention only).
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass
+class Completion:
+    prompt_index: int  # position of the prompt in the generate() call (global across a pool)
+    sample_index: int  # 0..n-1 within the prompt's group
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens, a stop token included
+    logprobs: list[float]  # per generated token, under the sampled (temperature, top-p/k) distribution
+    finish_reason: str  # "stop" (eos, stop token or stop string) | "length" (max_new_tokens or max_len)
+    text: str  # decoded tokens (special tokens skipped), cut before the first stop string
+    weight_version: int  # the weights that generated it
+    keep_mask: list[list[int]] | None = None  # per token, kept token ids (sorted)
+    indices: torch.Tensor | None = None  # [T, L, K] int32
+
+
+@dataclass
+class ScoredRound:
+    """One rollout round: `rows[p]` is prompt p's dataset row; its G completions are
+    completions[p * G: (p + 1) * G] (prompt_index p) with their `scores` (one dict per completion:
+    every component's value, "total", and the sub-scores of dict rewards)."""
+
+    rows: list[dict]
+    completions: list[Completion]
+    scores: list[dict]
+    reward_metrics: dict[str, float] = field(default_factory=dict)
+    generate_s: float = 0.0
+    reward_s: float = 0.0
+
+
+@dataclass
+class GroupSample:
+    prompt_ids: list[int]
+    completions: list[list[int]]  # G completions (token ids, stop token included)
+    sampler_logprobs: list[list[float]]  # per completion token, from the rollout engine
+    advantages: list[float]  # per completion
+    keep_masks: list[list[list[int]]] | None = None  # per completion, per token: kept token ids
+    indices: list[torch.Tensor] | None = None  # per completion [T, L, K] int32: the sampler's top-k
+    weight_versions: list[int] | None = None  # per completion: the weights that sampled it
+
+    @property
+    def group_size(self) -> int:
+        return len(self.completions)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completions)
