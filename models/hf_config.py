@@ -95,10 +95,11 @@ def from_hf(d: dict) -> dict:
         d.setdefault("indexer_types", types)
     eos = d.get("eos_token_id")
     first_eos = eos[0] if isinstance(eos, list) and eos else eos
-    # transformers leaves pad (and sometimes bos) unset; our engine pads with pad_token_id, so end-of-text it is
-    for key in ("pad_token_id", "bos_token_id"):
-        if key in d and d[key] is None and first_eos is not None:
-            d[key] = first_eos
+    # released configs leave pad (sometimes bos) unset; our engine pads with pad_token_id: end-of-text it is
+    if d.get("pad_token_id") is None and first_eos is not None:
+        d["pad_token_id"] = first_eos
+    if "bos_token_id" in d and d["bos_token_id"] is None and first_eos is not None:
+        d["bos_token_id"] = first_eos
     return {k: v for k, v in d.items() if k not in IGNORED_KEYS}
 
 

@@ -38,7 +38,8 @@ class LightningIndexer(nn.Module):
         """x [B, T, hidden] -> indexer keys [B, T, d_I] (what the KV cache stores for the indexer).
 
         `fp8` overrides the config's index_fp8 (diagnostics compare the two selections)."""
-        k = self.k_norm(self.wk(x).float()).to(x.dtype)  # LayerNorm in fp32
+        n = self.k_norm  # LayerNorm in fp32, whatever the weights' storage dtype
+        k = F.layer_norm(self.wk(x).float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps).to(x.dtype)
         k = self._rope(k, cos, sin)
         return fp8_quant_dequant(k) if (self.fp8 if fp8 is None else fp8) else k
 
