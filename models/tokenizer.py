@@ -153,6 +153,8 @@ def _special_from_hf_config(cfg: dict) -> dict[str, str]:
         token = token.get("content") if isinstance(token, dict) else token
         if isinstance(token, str):
             out[role] = token
+    if "pad" not in out and "eos" in out:
+        out["pad"] = out["eos"]  # many released tokenizers have no pad token; padding is masked anyway
     return out
 
 

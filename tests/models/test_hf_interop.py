@@ -219,6 +219,24 @@ def test_saved_byte_tokenizer_loads_with_autotokenizer(tmp_path):
     assert tok.kind == "byte"  # dsarl still reads it as its own byte tokenizer
 
 
+def test_saved_tokenizer_json_loads_with_autotokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from dsarl.models import HFTokenizer
+
+    vocab = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "hello": 3, "world": 4, "[UNK]": 5}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(str(tmp_path / "src.json"))
+    ours = HFTokenizer(tmp_path / "src.json", {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>"})
+    save_pretrained(dsarl_model("toy"), tmp_path / "ck", tokenizer=ours)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "ck")
+    assert hf.encode("hello world", add_special_tokens=False) == ours.encode("hello world") == [3, 4]
+    assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (ours.pad_id, ours.bos_id, ours.eos_id)
+    _, again = from_pretrained(tmp_path / "ck")
+    assert again.kind == "hf" and (again.pad_id, again.bos_id, again.eos_id) == (0, 1, 2)
+
+
 def test_deepseek_v3_checkpoint_gets_a_fresh_indexer_and_saves_as_v32(tmp_path):
     hf = hf_checkpoint(tmp_path / "v3", "deepseek_v3", YARN, 0, seed=13)
     ids = ids_for(8)
