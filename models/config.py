@@ -121,9 +121,12 @@ class DSAConfig:
         if self.model_type not in hf_config.MODEL_TYPES:
             raise ConfigError(f"key 'model_type' must be one of {hf_config.MODEL_TYPES}, got {self.model_type!r}")
         try:
-            self.rope
+            rope = self.rope
         except ValueError as e:
             raise ConfigError(f"key 'rope_parameters': {e}") from None
+        if rope["rope_theta"] != self.rope_theta:
+            raise ConfigError(f"key 'rope_theta' = {self.rope_theta} differs from rope_parameters' rope_theta "
+                              f"{rope['rope_theta']}")
         self._validate_moe()
         self._validate_layer_types()
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

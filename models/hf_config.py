@@ -27,6 +27,21 @@ REQUIRED_VALUES = {
     "topk_method": "noaux_tc", "moe_layer_freq": 1, "rope_interleave": True,
 }
 
+# transformers' defaults for keys a released config.json may leave out, where ours differ (ours suit toy
+# models): applied only to configs written by transformers or a model release (they carry
+# transformers_version; ours do not, and always list every key).
+HF_DEFAULTS = {
+    "deepseek_v32": dict(tie_word_embeddings=False, first_k_dense_replace=3, n_group=8, topk_group=4,
+                         num_experts_per_tok=8, n_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+                         rms_norm_eps=1e-6, max_position_embeddings=163840, bos_token_id=0, eos_token_id=1),
+    "glm_moe_dsa": dict(tie_word_embeddings=False, first_k_dense_replace=3, n_group=1, topk_group=1,
+                        num_experts_per_tok=8, n_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+                        rms_norm_eps=1e-5, max_position_embeddings=202752, bos_token_id=0, eos_token_id=1),
+    "deepseek_v3": dict(tie_word_embeddings=False, first_k_dense_replace=3, n_group=8, topk_group=4,
+                        num_experts_per_tok=8, n_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+                        rms_norm_eps=1e-6, max_position_embeddings=4096, bos_token_id=0, eos_token_id=1),
+}
+
 # DeepSeek-V3.2's indexer shape, given to a deepseek_v3 checkpoint that has none (overridable).
 V32_INDEXER_DEFAULTS = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
 
@@ -53,6 +68,9 @@ def from_hf(d: dict) -> dict:
     are left in for DSAConfig.from_dict to report)."""
     d = dict(d)
     model_type = d.pop("model_type", "deepseek_v32")
+    if "transformers_version" in d:
+        for key, value in HF_DEFAULTS.get(model_type, {}).items():
+            d.setdefault(key, value)
     if model_type == "deepseek_v3":
         d["converted_from"] = "deepseek_v3"
         model_type = "deepseek_v32"

@@ -312,5 +312,8 @@ def test_released_config_keys(tmp_path):
     cfg = DSAConfig.from_dict(v32)
     assert cfg.rope["rope_type"] == "yarn" and cfg.layer_mlp_types == ["dense", "sparse", "sparse"]
     assert cfg.pad_token_id == 1  # unset in the release: padding uses end-of-text
-    glm = DSAConfig.from_dict(real_config("glm_moe_dsa"))
+    glm_keys = real_config("glm_moe_dsa")
+    del glm_keys["tie_word_embeddings"], glm_keys["rms_norm_eps"]  # left out: transformers' defaults apply, not ours
+    glm = DSAConfig.from_dict(glm_keys)
     assert glm.indexer_rope_interleaved and glm.eos_token_id == [1, 2] and glm.torch_dtype == "bfloat16"
+    assert glm.tie_word_embeddings is False and glm.rms_norm_eps == 1e-5
