@@ -74,12 +74,13 @@ def from_pretrained(directory: str | Path, device=None, new_indexer: bool = Fals
     new_indexer: ignore the checkpoint's indexer weights (if any) and start freshly initialised indexers
     (seeded by `seed`), so config_overrides may also change the indexer's shape (index_n_heads,
     index_head_dim). This is DeepSeek-V3.2's conversion: a dense model gets an indexer it never had; a
-    deepseek_v3 checkpoint always takes this path."""
+    deepseek_v3 checkpoint always takes this path (seed 0 unless given)."""
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory} is not a checkpoint: config.json is missing")
     cfg = DSAConfig.from_file(directory / "config.json")
-    new_indexer = new_indexer or json.loads((directory / "config.json").read_text()).get("model_type") == "deepseek_v3"
+    if json.loads((directory / "config.json").read_text()).get("model_type") == "deepseek_v3":
+        new_indexer, seed = True, 0 if seed is None else seed  # no indexer to load: a fresh one, seeded all the same
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
     if seed is not None:

@@ -38,7 +38,7 @@ class DSAConfig:
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     bos_token_id: int = 257
-    eos_token_id: int = 258
+    eos_token_id: int | list[int] = 258  # a list (GLM-5): any of them ends a sequence
     pad_token_id: int = 256
     torch_dtype: str = "float32"
     # dsarl's own keys
