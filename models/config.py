@@ -200,7 +200,7 @@ class DSAConfig:
 
     def to_dict(self) -> dict:
         """config.json content: our keys plus what transformers needs to build the same model."""
-        return hf_config.to_hf(asdict(self), self.num_hidden_layers, self.layer_mlp_types,
+        return hf_config.to_hf(asdict(self), self.layer_mlp_types,
                                self.layer_indexer_types, self.rope)
 
     def replace(self, **changes) -> "DSAConfig":

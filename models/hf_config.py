@@ -17,8 +17,8 @@ ARCHITECTURES = {"deepseek_v32": "DeepseekV32ForCausalLM", "glm_moe_dsa": "GlmMo
 IGNORED_KEYS = {
     "architectures", "auto_map", "transformers_version", "use_cache", "attention_dropout", "pretraining_tp",
     "num_nextn_predict_layers", "num_mtp_layers", "ep_size", "aux_loss_alpha", "seq_aux", "output_router_logits",
-    "_name_or_path", "torch_dtype_", "head_dim", "layer_types", "use_sliding_window", "sliding_window",
-    "max_window_layers", "tie_word_embeddings_", "rope_interleave", "indexer_rope_interleave", "qk_head_dim",
+    "_name_or_path", "torch_dtype_", "head_dim", "layer_types", "rope_interleave", "indexer_rope_interleave",
+    "qk_head_dim",
 }
 
 # Keys whose only supported value is the one given: anything else is a layer we do not build.
@@ -80,10 +80,16 @@ def from_hf(d: dict) -> dict:
         raise ValueError(f"key 'model_type' = {model_type!r} is not supported "
                          f"(supported: {', '.join(MODEL_TYPES)}, deepseek_v3)")
     d["model_type"] = model_type
+    _refuse_unsupported(d, model_type)
+    _map_spellings(d)
+    return {k: v for k, v in d.items() if k not in IGNORED_KEYS}
+
+
+def _refuse_unsupported(d: dict, model_type: str) -> None:
+    """Raises ValueError naming the first key whose value describes something we do not build."""
     if d.get("quantization_config") is not None:
-        q = d["quantization_config"]
-        raise ValueError(f"key 'quantization_config' = {q!r}: quantized checkpoints are not supported "
-                         f"(dequantize the weights to bf16 first)")
+        raise ValueError(f"key 'quantization_config' = {d['quantization_config']!r}: quantized checkpoints are not "
+                         f"supported (dequantize the weights to bf16 first)")
     d.pop("quantization_config", None)
     for key, value in REQUIRED_VALUES.items():
         if key in d and (given := d.pop(key)) != value:
@@ -98,17 +104,18 @@ def from_hf(d: dict) -> dict:
     layer_types = d.get("layer_types")
     if layer_types is not None and set(layer_types) - {"indexed_attention"}:
         raise ValueError(f"key 'layer_types' = {layer_types!r}: only 'indexed_attention' layers are supported")
+
+
+def _map_spellings(d: dict) -> None:
+    """In place: dtype, rope_scaling and GLM-5's indexer pattern keys onto ours; pad (and bos) when unset."""
     if "dtype" in d:
-        dtype = d.pop("dtype")
-        d.setdefault("torch_dtype", dtype)
+        d.setdefault("torch_dtype", d.pop("dtype"))
     rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
     d.pop("rope_scaling", None)
     if rope is not None:
-        rope = dict(rope)
         d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        d["rope_parameters"] = rope
-    glm_keys = ("index_topk_pattern", "index_topk_freq", "index_skip_topk_offset")
-    if any(k in d for k in glm_keys):
+        d["rope_parameters"] = dict(rope)
+    if any(k in d for k in ("index_topk_pattern", "index_topk_freq", "index_skip_topk_offset")):
         types = _glm_indexer_types(d, d.get("num_hidden_layers", 0))
         d.setdefault("indexer_types", types)
     eos = d.get("eos_token_id")
@@ -118,10 +125,9 @@ def from_hf(d: dict) -> dict:
         d["pad_token_id"] = first_eos
     if "bos_token_id" in d and d["bos_token_id"] is None and first_eos is not None:
         d["bos_token_id"] = first_eos
-    return {k: v for k, v in d.items() if k not in IGNORED_KEYS}
 
 
-def to_hf(d: dict, n_layers: int, mlp_layer_types: list[str], indexer_types: list[str], rope: dict) -> dict:
+def to_hf(d: dict, mlp_layer_types: list[str], indexer_types: list[str], rope: dict) -> dict:
     """dsarl DSAConfig fields (asdict) -> a config.json that AutoConfig reads as the same model."""
     out = dict(d)
     model_type = out["model_type"]
