@@ -7,6 +7,8 @@ Dense prefill/training runs the MHA form (keys and values up-projected per head)
 cached decoding run the absorbed MQA form: q_lat = q_nope W_uk attends to the latent rows
 [c_kv ; k_pe] directly, one row shared by every head, and the latent output is mapped by W_uv.
 The core maths lives in dsarl.kernels; this module owns parameters and shapes only.
+A GLM-5 "shared" layer has no indexer: it attends with the selection of the previous "full" layer,
+which the model passes in as `indices`.
 """
 from dataclasses import dataclass
 
@@ -36,7 +38,7 @@ class IndexerAux:
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: DSAConfig):
+    def __init__(self, cfg: DSAConfig, has_indexer: bool = True):
         super().__init__()
         self.cfg = cfg
         H, nope, rope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -48,7 +50,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (nope + v), bias=False)
         self.o_proj = nn.Linear(H * v, cfg.hidden_size, bias=False)
-        self.indexer = LightningIndexer(cfg)
+        self.indexer = LightningIndexer(cfg) if has_indexer else None
 
     def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
@@ -72,20 +74,24 @@ class MLA(nn.Module):
         q_pe = apply_rope_interleaved(q_pe, cos, sin)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
         kv_new = torch.cat([self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_pe, cos, sin)], dim=-1)  # [B, T, C+R]
-        k_idx_new = self.indexer.keys(x, cos, sin)  # [B, T, d_I]
+        k_idx_new = self.indexer.keys(x, cos, sin) if self.indexer is not None else None  # [B, T, d_I]
         if cache is None:
             kv, k_idx, k_pos = kv_new, k_idx_new, positions
         else:
             kv, k_idx, k_pos = cache.update(layer_idx, kv_new, k_idx_new, positions)
 
         sparse = attention == "sparse"
-        if sparse and indices is None and not collect_aux and self._all_visible_fit(positions):
+        own_selection = indices is None or self.indexer is None  # a shared layer's indices are a full layer's
+        if sparse and own_selection and not collect_aux and self._all_visible_fit(positions):
             # Every query sees at most k keys, so top-k selects them all: sparse attention *is* dense
             # attention here, and the dense kernels are faster ("masked MHA mode" for short sequences).
             sparse = False
             indices = kernels.topk_indices(torch.where(kernels.visibility(positions, k_pos), 0.0, float("-inf")),
                                            self.cfg.index_topk)  # [B, T, K]: the visible keys, -1 padded
         elif sparse and indices is None:
+            if self.indexer is None:
+                raise ValueError(f"layer {layer_idx} shares an earlier layer's selection: sparse attention needs "
+                                 f"its indices")
             q_i, w_i = self.indexer.queries(c_q, x, cos, sin)
             indices = kernels.indexer_topk(q_i, w_i, k_idx, self.cfg.index_topk, positions, k_pos,
                                            chunk=self.cfg.index_chunk)  # [B, T, K] int32

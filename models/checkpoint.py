@@ -1,4 +1,8 @@
-"""Checkpoints in the Hugging Face layout: config.json + model.safetensors + tokenizer files.
+"""Checkpoints in the Hugging Face layout: config.json + model.safetensors (or shards + index) + tokenizer files.
+
+What transformers saves for deepseek_v32 / glm_moe_dsa loads here (and deepseek_v3, dense MLA without an
+indexer: the indexer is then initialised fresh and the config records `converted_from`); what we save
+loads in transformers' AutoConfig / AutoModelForCausalLM / AutoTokenizer unchanged.
 
 Written atomically: everything goes to a temporary sibling directory that is renamed into place
 only when complete, so a crash never leaves a half-written checkpoint under the final name.
@@ -10,9 +14,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from .config import DSAConfig
+from .hf_io import read_state, write_state
 from .model import DTYPES, DSAForCausalLM, is_indexer_weight
 from .tokenizer import ByteTokenizer, load_tokenizer
 
@@ -44,17 +47,20 @@ def model_state_for_saving(model: DSAForCausalLM) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_model_files(directory: Path, model: DSAForCausalLM, tokenizer=None) -> None:
+def write_model_files(directory: Path, model: DSAForCausalLM, tokenizer=None,
+                      max_shard_bytes: int | None = None) -> None:
     (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    save_file(model_state_for_saving(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    write_state(directory, model_state_for_saving(model), max_shard_bytes)
     (tokenizer or ByteTokenizer()).save(directory)
 
 
-def save_pretrained(model: DSAForCausalLM, directory: str | Path, tokenizer=None, extra_files=None) -> Path:
-    """extra_files: {name: callable(path)} written into the same atomic directory (optimizer, state)."""
+def save_pretrained(model: DSAForCausalLM, directory: str | Path, tokenizer=None, extra_files=None,
+                    max_shard_bytes: int | None = None) -> Path:
+    """extra_files: {name: callable(path)} written into the same atomic directory (optimizer, state).
+    max_shard_bytes: split the weights into shards of at most this size (plus model.safetensors.index.json)."""
 
     def write(tmp: Path):
-        write_model_files(tmp, model, tokenizer)
+        write_model_files(tmp, model, tokenizer, max_shard_bytes)
         for name, fn in (extra_files or {}).items():
             fn(tmp / name)
 
@@ -67,17 +73,21 @@ def from_pretrained(directory: str | Path, device=None, new_indexer: bool = Fals
 
     new_indexer: ignore the checkpoint's indexer weights (if any) and start freshly initialised indexers
     (seeded by `seed`), so config_overrides may also change the indexer's shape (index_n_heads,
-    index_head_dim). This is DeepSeek-V3.2's conversion: a dense model gets an indexer it never had."""
+    index_head_dim). This is DeepSeek-V3.2's conversion: a dense model gets an indexer it never had; a
+    deepseek_v3 checkpoint always takes this path (seed 0 unless given)."""
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory} is not a checkpoint: config.json is missing")
     cfg = DSAConfig.from_file(directory / "config.json")
+    if json.loads((directory / "config.json").read_text()).get("model_type") == "deepseek_v3":
+        new_indexer, seed = True, 0 if seed is None else seed  # no indexer to load: a fresh one, seeded all the same
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
     if seed is not None:
         torch.manual_seed(seed)
-    model = DSAForCausalLM(cfg)
-    state = load_file(str(directory / "model.safetensors"))
+    # cast before loading, so weights kept in fp32 (router, indexer head weights) load without a round trip
+    model = DSAForCausalLM(cfg).to(dtype=DTYPES[cfg.torch_dtype]).keep_fp32_()
+    state = read_state(directory, cfg.num_hidden_layers)
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     if new_indexer:
@@ -86,8 +96,7 @@ def from_pretrained(directory: str | Path, device=None, new_indexer: bool = Fals
     if new_indexer:
         missing = [k for k in missing if not is_indexer_weight(k)]
     if missing or unexpected:
-        raise ValueError(f"{directory}/model.safetensors: missing weights {missing}, unexpected weights {unexpected}")
+        raise ValueError(f"{directory}: missing weights {missing}, unexpected weights {unexpected}")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model = model.to(device=device, dtype=DTYPES[cfg.torch_dtype])
-    return model, load_tokenizer(directory)
+    return model.to(device=device), load_tokenizer(directory)

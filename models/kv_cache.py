@@ -6,6 +6,8 @@ tokens and returns every key the new queries may see, with the keys' positions:
 - `StaticKVCache`: preallocated buffers written in place, for generation. Each batch row holds its
   own sequence from position 0; `lengths[b]` tokens are valid. Rows may be a contiguous slice, so a
   finished slot can be refilled (prefilled) without touching the others.
+  A GLM-5 "shared" layer has no indexer: it passes k_idx_new None and gets None back (its rows of
+  `k_idx` stay unused).
 - `PrefixKV`: differentiable concatenation, for the learner: a group's prompt is run once, its KV
   is repeated for the G completions, and their gradients flow back into the one prefix.
 """
@@ -45,10 +47,11 @@ class StaticKVCache:
             raise ValueError(f"KV cache overflow: position {int(positions.max())} >= max_len {self.max_len}")
         rows = torch.arange(B, device=positions.device)[:, None]  # [B, 1]
         self.kv[layer][rows, positions] = kv_new.to(self.kv.dtype)
-        self.k_idx[layer][rows, positions] = k_idx_new.to(self.k_idx.dtype)
+        if k_idx_new is not None:
+            self.k_idx[layer][rows, positions] = k_idx_new.to(self.k_idx.dtype)
         S = int(positions.max()) + 1
         k_pos = torch.arange(S, device=positions.device).expand(B, S)
-        return self.kv[layer, :, :S], self.k_idx[layer, :, :S], k_pos
+        return self.kv[layer, :, :S], None if k_idx_new is None else self.k_idx[layer, :, :S], k_pos
 
     def advance(self, positions: torch.Tensor) -> None:
         """After a forward: each row now holds tokens up to its last written position."""
@@ -74,7 +77,7 @@ class PrefixKV:
         else:
             pkv, pidx, ppos = past
             kv = torch.cat([pkv, kv_new], dim=1)  # [B, S_past + T, D]
-            k_idx = torch.cat([pidx, k_idx_new], dim=1)
+            k_idx = None if k_idx_new is None else torch.cat([pidx, k_idx_new], dim=1)
             k_pos = torch.cat([ppos, positions], dim=1)
         self.layers[layer] = (kv, k_idx, k_pos)
         return kv, k_idx, k_pos
@@ -93,6 +96,7 @@ class PrefixKV:
         """Each row repeated `repeats` times (row-major: b0, b0, ..., b1, ...): one prompt, G completions.
         A differentiable copy: gradients of all G rows sum into the shared prefix."""
         out = PrefixKV(len(self.layers))
-        out.layers = [tuple(t.repeat_interleave(repeats, dim=0) for t in layer) for layer in self.layers]
+        out.layers = [tuple(None if t is None else t.repeat_interleave(repeats, dim=0) for t in layer)
+                      for layer in self.layers]
         out.lengths = self.lengths.repeat_interleave(repeats, dim=0)
         return out

@@ -1,7 +1,9 @@
-"""The DSA decoder: embeddings, N x (RMSNorm -> MLA+indexer -> RMSNorm -> SwiGLU), RMSNorm, LM head.
+"""The DSA decoder: embeddings, N x (RMSNorm -> MLA+indexer -> RMSNorm -> SwiGLU or MoE), RMSNorm, LM head.
 
-Module names match Hugging Face's DeepSeek-V3.2 layout (model.layers.{i}.self_attn.q_a_proj, ...,
-self_attn.indexer.wq_b, ...), so our state_dict *is* that checkpoint's weight naming.
+Module names match Hugging Face's DeepSeek-V3.2 / GLM-5 layout (model.layers.{i}.self_attn.q_a_proj, ...,
+self_attn.indexer.wq_b, mlp.experts.{e}.gate_proj, ...), so our state_dict *is* that checkpoint's weight naming.
+Per layer, `indices` (top-k selection) and `experts` (MoE routing) can be returned, and given back to
+replay them exactly. A GLM-5 "shared" layer reuses the selection of the previous "full" layer.
 """
 from dataclasses import dataclass
 
@@ -12,7 +14,8 @@ from .attention import MLA, IndexerAux
 from .config import DSAConfig
 from .doc_mask import document_causal_mask, document_positions
 from .layers import RMSNorm, SwiGLU
-from .rope import rope_angles
+from .moe import MoE, TopkRouter
+from .rope import rope_for_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,6 +25,7 @@ class DecoderOutput:
     logits: torch.Tensor  # [B, T, V] (fp32 if the model is fp32)
     indices: list[torch.Tensor] | None  # per layer [B, T, K] top-k selections (sparse)
     aux: list[IndexerAux] | None  # per layer, when collect_aux
+    experts: list[torch.Tensor | None] | None = None  # per layer [B, T, k] routed experts (None: dense MLP layer)
 
 
 class DecoderLayer(nn.Module):
@@ -29,15 +33,26 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
+        self.self_attn = MLA(cfg, has_indexer=cfg.layer_indexer_types[layer_idx] == "full")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        if cfg.layer_mlp_types[layer_idx] == "sparse":
+            self.mlp = MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.n_shared_experts,
+                           cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+                           cfg.routed_scaling_factor)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, positions, cache, attention, indices, collect_aux, doc_mask=None):
+    def forward(self, x, cos, sin, positions, cache, attention, indices, collect_aux, doc_mask=None, experts=None):
+        """-> (x, indices, aux, experts [B, T, k] | None for a dense MLP)."""
         h, indices, aux = self.self_attn(self.input_layernorm(x), cos, sin, positions, self.layer_idx, cache,
                                          attention, indices, collect_aux, doc_mask)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), indices, aux
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            h, experts = self.mlp(h, experts)
+        else:
+            h, experts = self.mlp(h), None
+        return x + h, indices, aux, experts
 
 
 class DSAModel(nn.Module):
@@ -65,7 +80,7 @@ class DSAForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding, TopkRouter)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
 
     @property
@@ -78,6 +93,14 @@ class DSAForCausalLM(nn.Module):
     def indexer_parameters(self):
         return [p for n, p in self.named_parameters() if is_indexer_weight(n)]
 
+    def keep_fp32_(self) -> "DSAForCausalLM":
+        """After a dtype cast: router weights/bias and the indexer's head weights back to fp32, as the
+        checkpoints store them (their outputs rank experts and keys; transformers keeps them fp32 too)."""
+        for name, module in self.named_modules():
+            if isinstance(module, TopkRouter) or name.endswith("indexer.weights_proj"):
+                module.float()
+        return self
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, T]
@@ -88,6 +111,8 @@ class DSAForCausalLM(nn.Module):
         return_indices: bool = False,
         collect_aux: bool = False,
         logits_slice: slice | None = None,  # compute logits only for these positions (saves the V matmul)
+        experts: list[torch.Tensor | None] | None = None,  # per MoE layer [B, T, k] routing to replay
+        return_experts: bool = False,
         doc_ids: torch.Tensor | None = None,  # [B, T] packed documents (models/doc_mask.py): each token
         # sees only its own document, whose positions restart at 0
     ) -> DecoderOutput:
@@ -106,14 +131,20 @@ class DSAForCausalLM(nn.Module):
         if positions is None:
             positions = (cache.next_positions(T) if cache is not None else torch.arange(T)[None]).to(input_ids.device)
             positions = positions.expand(B, T)
-        cos, sin = rope_angles(positions, self.config.qk_rope_head_dim, self.config.rope_theta)
+        cos, sin = rope_for_config(self.config, positions)
         x = self.model.embed_tokens(input_ids)
-        all_indices, all_aux = [], []
+        all_indices, all_aux, all_experts, shared = [], [], [], None
         for i, layer in enumerate(self.model.layers):
-            x, idx, aux = layer(x, cos, sin, positions, cache, attention, None if indices is None else indices[i],
-                                collect_aux, doc_mask)
+            idx = None if indices is None else indices[i]
+            if idx is None and layer.self_attn.indexer is None:
+                idx = shared  # GLM-5 "shared" layer: the previous full layer's selection
+            x, idx, aux, routed = layer(x, cos, sin, positions, cache, attention, idx, collect_aux, doc_mask,
+                                        None if experts is None else experts[i])
+            if layer.self_attn.indexer is not None:
+                shared = idx
             all_indices.append(idx)
             all_aux.append(aux)
+            all_experts.append(routed)
         if cache is not None:
             cache.advance(positions)
         x = self.model.norm(x)
@@ -124,10 +155,11 @@ class DSAForCausalLM(nn.Module):
             logits=logits,
             indices=all_indices if (return_indices and attention == "sparse") else None,
             aux=all_aux if collect_aux else None,
+            experts=all_experts if return_experts else None,
         )
 
 
 def build_model(cfg: DSAConfig, device=None, seed: int | None = None) -> DSAForCausalLM:
     if seed is not None:
         torch.manual_seed(seed)
-    return DSAForCausalLM(cfg).to(device=device, dtype=DTYPES[cfg.torch_dtype])
+    return DSAForCausalLM(cfg).to(device=device, dtype=DTYPES[cfg.torch_dtype]).keep_fp32_()

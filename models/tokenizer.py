@@ -1,8 +1,17 @@
 """Tokenizers: a byte-level default (every byte of any language, plus special tokens) and any
 Hugging Face `tokenizer.json` through the `tokenizers` library. Both expose the same methods.
+
+Both save a `tokenizer.json` + `tokenizer_config.json` that transformers' AutoTokenizer builds as is. The
+byte tokenizer's file is a byte-level BPE with no merges whose vocabulary puts byte b at id b (bytes are
+written as GPT-2's printable byte characters, the alphabet the `tokenizers` ByteLevel steps use), then the
+special tokens from 256: the same ids as ByteTokenizer. A `dsarl_tokenizer: byte` marker in the config
+makes load_tokenizer return ByteTokenizer itself.
 """
 import json
 from pathlib import Path
+
+# transformers builds a tokenizer.json-backed tokenizer for this class name (v4 and v5 alike)
+HF_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 ROLES = ("system", "user", "assistant")
@@ -51,9 +60,38 @@ class ByteTokenizer:
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def to_hf(self):
+        """The same tokenizer as a `tokenizers.Tokenizer` (ids, bytes and special tokens identical)."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        chars = byte_level_chars()
+        tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+        # no regex split and no prefix space: every byte maps to its own token, nothing is added
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self.special_tokens])
+        return tok
+
     def save(self, directory: Path) -> None:
-        cfg = {"tokenizer_class": "ByteTokenizer", "special_tokens": self.special_tokens}
+        self.to_hf().save(str(Path(directory) / "tokenizer.json"))
+        cfg = {"tokenizer_class": HF_TOKENIZER_CLASS, "dsarl_tokenizer": "byte",
+               "dsarl_special_tokens": self.special_tokens, "bos_token": self.special_tokens[1],
+               "eos_token": self.special_tokens[2], "pad_token": self.special_tokens[0]}
         (Path(directory) / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def byte_level_chars() -> dict[int, str]:
+    """byte -> the printable character byte-level BPE writes it as (GPT-2's table): printable Latin-1
+    bytes stand for themselves, the 68 others take 256, 257, ... in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
+    out, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + shifted)
+            shifted += 1
+    return out
 
 
 class HFTokenizer:
@@ -99,20 +137,36 @@ class HFTokenizer:
 
     def save(self, directory: Path) -> None:
         self.tok.save(str(Path(directory) / "tokenizer.json"))
-        cfg = {"tokenizer_class": "HFTokenizer", "special": self.special}
+        cfg = {"tokenizer_class": HF_TOKENIZER_CLASS, "dsarl_special": self.special,
+               **{f"{role}_token": token for role, token in self.special.items() if role in ("bos", "eos", "pad")}}
         (Path(directory) / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
+def _special_from_hf_config(cfg: dict) -> dict[str, str]:
+    """Our role -> token map from a tokenizer_config.json: dsarl's own key, else transformers' bos/eos/pad_token
+    (a string or an AddedToken dict)."""
+    if "dsarl_special" in cfg or "special" in cfg:
+        return cfg.get("dsarl_special", cfg.get("special")) or {}
+    out = {}
+    for role in ("bos", "eos", "pad"):
+        token = cfg.get(f"{role}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str):
+            out[role] = token
+    if "pad" not in out and "eos" in out:
+        out["pad"] = out["eos"]  # many released tokenizers have no pad token; padding is masked anyway
+    return out
+
+
 def load_tokenizer(directory: str | Path | None):
-    """The checkpoint's tokenizer: tokenizer.json if present, else the byte-level default."""
+    """The checkpoint's tokenizer: ours (byte) where the config says so, else tokenizer.json, else byte."""
     directory = Path(directory) if directory is not None else None
+    cfg_path = directory / "tokenizer_config.json" if directory is not None else None
+    cfg = json.loads(cfg_path.read_text()) if cfg_path is not None and cfg_path.exists() else None
+    if cfg is not None and (cfg.get("dsarl_tokenizer") == "byte" or cfg.get("tokenizer_class") == "ByteTokenizer"):
+        return ByteTokenizer(cfg.get("dsarl_special_tokens", cfg.get("special_tokens", SPECIAL_TOKENS)))
     if directory is not None and (directory / "tokenizer.json").exists():
-        cfg_path = directory / "tokenizer_config.json"
-        special = json.loads(cfg_path.read_text()).get("special", {}) if cfg_path.exists() else {}
-        return HFTokenizer(directory / "tokenizer.json", special)
-    if directory is not None and (directory / "tokenizer_config.json").exists():
-        cfg = json.loads((directory / "tokenizer_config.json").read_text())
-        return ByteTokenizer(cfg.get("special_tokens", SPECIAL_TOKENS))
+        return HFTokenizer(directory / "tokenizer.json", _special_from_hf_config(cfg or {}))
     return ByteTokenizer()
 
 

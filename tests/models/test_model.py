@@ -206,7 +206,11 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
 @pytest.mark.parametrize(
     "change, key",
     [({"hidden_sise": 64}, "hidden_sise"), ({"kv_lora_rank": 0}, "kv_lora_rank"), ({"qk_rope_head_dim": 7}, "qk_rope_head_dim"),
-     ({"index_head_dim": 4}, "index_head_dim"), ({"attention": "sparse-ish"}, "attention"), ({"n_routed_experts": 8}, "n_routed_experts")],
+     ({"index_head_dim": 4}, "index_head_dim"), ({"attention": "sparse-ish"}, "attention"),
+     ({"scoring_func": "softmax"}, "scoring_func"), ({"n_routed_experts": 6, "n_group": 4}, "n_group"),
+     ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "rope_parameters"),
+     ({"indexer_types": ["shared", "full"]}, "indexer_types"), ({"model_type": "llama"}, "model_type")],
 )
 def test_bad_model_config_names_key_and_file(tmp_path, change, key):
     d = small_cfg().to_dict()
