@@ -18,7 +18,7 @@ import time
 import torch
 
 from dsarl.models import DSAConfig, build_model
-from dsarl.models.rope import rope_angles
+from dsarl.models.rope import rope_for_config
 
 
 def layer_fn(model, L: int, attention: str, backward: bool, seed: int = 0):
@@ -28,7 +28,7 @@ def layer_fn(model, L: int, attention: str, backward: bool, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, L, cfg.hidden_size, generator=g).requires_grad_(backward)
     positions = torch.arange(L)[None]
-    cos, sin = rope_angles(positions, cfg.qk_rope_head_dim, cfg.rope_theta)
+    cos, sin = rope_for_config(cfg, positions)
 
     def run():
         with torch.set_grad_enabled(backward):

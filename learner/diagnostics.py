@@ -83,8 +83,10 @@ def layer_diagnostics(mla, aux, topk: int, chunk: int, indices: torch.Tensor | N
 
 def model_diagnostics(model, aux_list, topk: int, chunk: int, indices_list=None) -> dict[str, float]:
     """Mean over layers of each diagnostic, plus per-layer recall: a flat dict for MetricsLogger."""
+    # GLM-5's "shared" layers have no indexer of their own: they reuse the previous full layer's selection
     per_layer = [layer_diagnostics(layer.self_attn, aux, topk, chunk, None if indices_list is None else idx)
-                 for layer, aux, idx in zip(model.model.layers, aux_list, indices_list or [None] * len(aux_list))]
+                 for layer, aux, idx in zip(model.model.layers, aux_list, indices_list or [None] * len(aux_list))
+                 if layer.self_attn.indexer is not None]
     n = len(per_layer)
     out = {
         "recall": sum(d.recall for d in per_layer) / n,

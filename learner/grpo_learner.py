@@ -160,7 +160,7 @@ class GRPOLearner:
         """train_indexer: the DSA sparse-stage indexer loss on the policy's own samples. One no-grad
         sparse forward of each prompt + completion gives every layer's selection and head-summed
         attention; the indexer (inputs detached) is trained by the KL restricted to the selection."""
-        from .indexer_training import sparse_layer_kl
+        from .indexer_training import indexed_layers, sparse_layer_kl
 
         seqs = [g.prompt_ids + c for g in groups for c in g.completions]
         L = max(map(len, seqs))
@@ -172,7 +172,7 @@ class GRPOLearner:
             out = self.policy(ids, attention="sparse", collect_aux=True)
         pad = torch.arange(L)[None] >= lens[:, None]  # [B, L] padded queries carry no loss
         kls = []
-        for layer, aux in zip(self.policy.model.layers, out.aux):
+        for layer, aux in indexed_layers(self.policy, out.aux):
             aux.indices = aux.indices.masked_fill(pad[..., None], -1)
             kls.append(sparse_layer_kl(layer.self_attn, aux, self.policy.config.index_chunk))
         kl = torch.stack(kls).mean() * (len(groups) / normalizer_groups)

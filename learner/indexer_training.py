@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dsarl import kernels
-from dsarl.models.rope import apply_rope_interleaved, rope_angles
+from dsarl.models.rope import apply_rope_interleaved, rope_for_config
 
 from .pretrain import lm_loss, weighted_lm_loss  # noqa: F401  (lm_loss: the plain mean, re-exported)
 
@@ -35,9 +35,15 @@ class IndexerStepStats:
 
 
 
+def indexed_layers(model, aux_list) -> list:
+    """(layer, aux) of the layers with an indexer of their own: GLM-5's "shared" layers reuse the
+    previous full layer's selection and have nothing to train."""
+    return [(layer, aux) for layer, aux in zip(model.model.layers, aux_list) if layer.self_attn.indexer is not None]
+
+
 def rope_for_cfg(cfg, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [B, T] -> (cos, sin) [B, T, rope/2], as the decoder computes them."""
-    return rope_angles(positions, cfg.qk_rope_head_dim, cfg.rope_theta)
+    """positions [B, T] -> (cos, sin) [B, T, rope/2], as the decoder computes them (YaRN included)."""
+    return rope_for_config(cfg, positions)
 
 
 def absorbed_qkv(mla, x: torch.Tensor, c_q: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,9 +109,10 @@ def warmup_losses(model, input_ids: torch.Tensor, chunk: int, backward: bool = T
     (the mean over layers is what is differentiated)."""
     with torch.no_grad():
         out = model(input_ids, attention="dense", collect_aux=True)
-    n = len(out.aux)
+    pairs = indexed_layers(model, out.aux)
+    n = len(pairs)
     kls = []
-    for layer, aux in zip(model.model.layers, out.aux):
+    for layer, aux in pairs:
         kls.append(warmup_layer_loss(layer.self_attn, aux.x, aux.c_q, aux.positions, chunk, 1.0 / n, backward))
     return IndexerStepStats(None, sum(kls) / n, tuple(kls))
 
@@ -143,5 +150,5 @@ def sparse_losses(model, input_ids: torch.Tensor, targets: torch.Tensor, chunk: 
     `weights` [B, T]: per-target LM-loss weights (None: the plain mean)."""
     out = model(input_ids, attention="sparse", collect_aux=True)
     loss = weighted_lm_loss(out.logits, targets, weights)
-    kls = [sparse_layer_kl(layer.self_attn, aux, chunk) for layer, aux in zip(model.model.layers, out.aux)]
+    kls = [sparse_layer_kl(layer.self_attn, aux, chunk) for layer, aux in indexed_layers(model, out.aux)]
     return loss, torch.stack(kls), out

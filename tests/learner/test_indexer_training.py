@@ -66,8 +66,13 @@ def dense_probs_via_model(model, input_ids):
     return probs
 
 
-def test_dense_target_is_the_models_own_head_summed_attention():
-    model = tiny()
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 0.707}  # mscale != mscale_all_dim: cos/sin are scaled too
+
+
+@pytest.mark.parametrize("rope", [None, YARN], ids=["plain", "yarn"])
+def test_dense_target_is_the_models_own_head_summed_attention(rope):
+    model = tiny(rope_parameters=rope)
     x = ids()[:, :-1]
     with torch.no_grad():
         aux = model(x, attention="dense", collect_aux=True).aux
