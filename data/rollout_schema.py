@@ -9,7 +9,9 @@ token ids per step) and the indexer's selections (flat int32 with their [T, L, K
 Completions are `dsarl.data.step_types.Completion`, the engines' output type.
 """
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -107,7 +109,14 @@ def table_to_completions(table: pa.Table) -> list:
 
 
 def write_rollouts(table: pa.Table, path) -> None:
-    pq.write_table(table, str(path))
+    """Writes to a temporary name beside `path`, then renames: a kill mid-write leaves no torn file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_rollouts(path) -> pa.Table:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from dsarl.models import save_pretrained
+from dsarl.models.checkpoint import remove_partial_writes
 
 CHECKPOINTS = "checkpoints"
 
@@ -25,6 +26,10 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (what --resume takes); half-written ones are cleared first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        remove_partial_writes(root)
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
@@ -44,6 +49,7 @@ def save_training_checkpoint(run_dir, step: int, model, tokenizer, optimizer, st
     path = save_pretrained(model, checkpoint_dir(run_dir, step), tokenizer, extra_files=files)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    remove_partial_writes(Path(run_dir) / CHECKPOINTS)  # left by a run killed mid-save
     return path
 
 

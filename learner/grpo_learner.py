@@ -28,6 +28,7 @@ Departures and choices (the loss maths and its departures are in grpo_loss.py):
 - Metrics: counts (`tokens`, `sequences`, `offpolicy_masked_seqs`) are per pass over the batch;
   other values are token-weighted means, `*_max` maxima.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -62,6 +63,9 @@ class LearnerConfig:
     train_indexer: bool = False  # train the indexer by its KL on the selected set (else frozen)
     indexer_kl_weight: float = 1.0
     indexer_grad_clip: float = 1.0  # max indexer grad norm with train_indexer, clipped apart from the policy's
+    # A non-finite loss or gradient skips that optimizer step (counted as nonfinite_skipped); this many
+    # in a row stop the run (NonFiniteError) instead of training on garbage.
+    max_nonfinite_steps: int = 3
 
 
 def group_forward(model, batch: PaddedGroups, attention: str, temperature: float, use_indices: bool,
@@ -89,6 +93,10 @@ def group_forward(model, batch: PaddedGroups, attention: str, temperature: float
     return logp, entropy
 
 
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
 class GRPOLearner:
     def __init__(self, policy, reference, cfg: LearnerConfig, total_updates: int | None = None):
         """total_updates: rollout batches the run will train on (the LR schedule's length); None keeps
@@ -101,6 +109,7 @@ class GRPOLearner:
         self.optimizer = build_optimizer(policy.parameters(), cfg.optim)
         self.version = 0
         self.optimizer_steps = 0  # drives the LR schedule; checkpointed with the trainer state
+        self.nonfinite_in_row = 0  # consecutive optimizer steps skipped for a non-finite loss or gradient
         self.total_optimizer_steps = None if total_updates is None else total_updates * cfg.ppo_epochs * cfg.mini_batches
         self.temperature = 1.0 if cfg.temperature is None else cfg.temperature
         self.rank, self.world_size = 0, 1
@@ -194,15 +203,26 @@ class GRPOLearner:
             p.grad = flat[offset: offset + n].view_as(p).clone()
             offset += n
 
-    def _clip_and_step(self) -> tuple[float, float]:
+    def _clip_and_step(self, loss_finite: bool = True) -> tuple[float, float, bool]:
         """Clips the policy's and the indexer's gradients apart, sets the scheduled LR, steps.
-        -> (policy grad norm, indexer grad norm)."""
+        A non-finite loss or gradient norm skips the step (the weights stay as they were).
+        -> (policy grad norm, indexer grad norm, stepped)."""
         policy_norm = clip_grad(self._policy_params, self.cfg.optim.grad_clip)
         indexer_norm = clip_grad(self._indexer_params, self.cfg.indexer_grad_clip) if self._indexer_params else 0.0
+        if not (loss_finite and math.isfinite(policy_norm) and math.isfinite(indexer_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row >= self.cfg.max_nonfinite_steps:
+                raise NonFiniteError(f"{self.nonfinite_in_row} optimizer steps in a row had a non-finite loss or "
+                                     f"gradient (grad norm {policy_norm}, indexer {indexer_norm}); the weights are "
+                                     f"those of the last finite step. Look at the rewards and advantages of these "
+                                     f"batches (learner.max_nonfinite_steps sets the limit)")
+            return policy_norm, indexer_norm, False
+        self.nonfinite_in_row = 0
         set_lr(self.optimizer, self.current_lr())
         self.optimizer.step()
         self.optimizer_steps += 1
-        return policy_norm, indexer_norm
+        return policy_norm, indexer_norm, True
 
     def update(self, groups: list[GroupSample]) -> dict[str, float]:
         """One rollout batch: ppo_epochs x mini_batches optimizer steps. Returns the batch's metrics."""
@@ -215,10 +235,11 @@ class GRPOLearner:
             need_old = cfg.ppo_epochs * len(minis) > 1
             old = [[self._logp(self.policy, mb)[0] for mb in mbs] for _, mbs in minis] if need_old else None
         sums: dict[str, float] = {}
-        weight_total, loss_total, grad_norms, indexer_norms, lrs = 0.0, 0.0, [], [], []
+        weight_total, loss_total, grad_norms, indexer_norms, lrs, skipped = 0.0, 0.0, [], [], [], 0
         for _ in range(cfg.ppo_epochs):
             for i, (normalizer, mbs) in enumerate(minis):
                 self.optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
                 for j, mb in enumerate(mbs):
                     logp, entropy = self._logp(self.policy, mb, with_entropy=True)
                     old_logp = old[i][j] if old is not None else logp.detach()
@@ -228,7 +249,7 @@ class GRPOLearner:
                     loss.backward()
                     w = float(mb.mask.sum())
                     metrics["entropy"] = float((entropy * mb.mask).sum() / max(w, 1.0))
-                    loss_total += loss.item()
+                    step_loss += loss.item()
                     for k, v in metrics.items():
                         if k.endswith("_max"):
                             sums[k] = max(sums.get(k, float("-inf")), v)
@@ -244,9 +265,13 @@ class GRPOLearner:
                             local, len(minis_groups[i])) * float(sum(mb.mask.sum() for mb in mbs))
                 self._all_reduce_grads()
                 lrs.append(self.current_lr())
-                norm, indexer_norm = self._clip_and_step()
-                grad_norms.append(norm)
-                indexer_norms.append(indexer_norm)
+                loss_total += step_loss
+                norm, indexer_norm, stepped = self._clip_and_step(math.isfinite(step_loss))
+                if stepped:
+                    grad_norms.append(norm)
+                    indexer_norms.append(indexer_norm)
+                else:
+                    skipped += 1
         self.version += 1
         out = {k: (v if k.endswith("_max") or k in COUNT_METRICS else v / max(weight_total, 1.0))
                for k, v in sums.items()}
@@ -259,10 +284,11 @@ class GRPOLearner:
             out[k] = v / cfg.ppo_epochs  # per pass over the batch
         out["offpolicy_masked_frac"] = out["offpolicy_masked_seqs"] / max(out["sequences"], 1.0)
         out["loss"] = loss_total / (cfg.ppo_epochs * len(minis))  # mean over optimizer steps of the batch loss
-        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
-        if self._indexer_params:
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+        if self._indexer_params and indexer_norms:
             out["indexer_grad_norm"] = sum(indexer_norms) / len(indexer_norms)
         out["optimizer_steps"] = float(len(grad_norms))
+        out["nonfinite_skipped"] = float(skipped)
         out["lr"] = lrs[-1]
         return out
 

@@ -3,6 +3,7 @@ Weights & Biases or MLflow when configured (each imported only if asked for)."""
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 
@@ -14,9 +15,8 @@ class MetricsLogger:
         self.path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # A resumed run rewrites the steps after its checkpoint: drop the old lines for them.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [rec for rec in parse_metrics_lines(self.path) if rec.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(rec, allow_nan=True) + "\n" for rec in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._tb = self._wandb = self._mlflow = None
@@ -62,6 +62,21 @@ class MetricsLogger:
             mlflow.end_run()
 
 
+def parse_metrics_lines(path: Path) -> list[dict]:
+    """metrics.jsonl's records. A torn line (a kill mid-write leaves the last one cut short) is dropped
+    with a warning naming the file and line; a torn line elsewhere is an error."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON ({e}); only a torn last line is skipped") from None
+            warnings.warn(f"{path}: dropping a torn last line {i + 1} (a run killed mid-write): {line[:80]!r}")
+    return out
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return parse_metrics_lines(path) if path.exists() else []

@@ -7,6 +7,7 @@ loads in transformers' AutoConfig / AutoModelForCausalLM / AutoTokenizer unchang
 Written atomically: everything goes to a temporary sibling directory that is renamed into place
 only when complete, so a crash never leaves a half-written checkpoint under the final name.
 """
+import errno
 import json
 import os
 import shutil
@@ -20,13 +21,54 @@ from .model import DTYPES, DSAForCausalLM, is_indexer_weight
 from .tokenizer import ByteTokenizer, load_tokenizer
 
 
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, read-only storage); the previous one is untouched."""
+
+
+def _default_dir_mode() -> int:
+    """0777 less the process umask: what mkdir gives, so a team sharing the storage can read it
+    (mkdtemp's 0700 would make every checkpoint private to its writer)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def _describe_write_error(directory: Path, e: BaseException) -> str | None:
+    """A plain sentence for a storage failure, or None for other errors (bugs keep their traceback)."""
+    text = str(e)
+    full = ("No space left on device", "unexpected pos", "file write failed")
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or any(f in text for f in full):
+        # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos",
+        # safetensors as a SafetensorError "... No space left on device (os error 28)"
+        free = shutil.disk_usage(directory.parent).free
+        return f"no space left on device while writing {directory} ({free} bytes free): {text.splitlines()[0]}"
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {directory}: {os.strerror(e.errno)}"
+    return None
+
+
+def remove_partial_writes(parent: str | Path) -> int:
+    """Removes the temporary directories of writes that never finished (a crash mid-save) under parent.
+    Call only where no save is running. Returns how many were removed."""
+    parent = Path(parent)
+    stale = [p for p in parent.glob(".*.tmp-*") if p.is_dir()] + [p for p in parent.glob(".*.old-*") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
 def atomic_directory_write(directory: str | Path, write_fn) -> Path:
-    """Calls write_fn(tmp_dir), then swaps tmp_dir into `directory` (replacing any old one)."""
+    """Calls write_fn(tmp_dir), then swaps tmp_dir into `directory` (replacing any old one). A storage
+    failure raises CheckpointWriteError saying what happened; nothing under `directory` changes."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    except OSError as e:
+        raise CheckpointWriteError(e.errno, _describe_write_error(directory, e) or str(e)) from e
     try:
         write_fn(tmp)
+        os.chmod(tmp, _default_dir_mode())
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -34,16 +76,27 @@ def atomic_directory_write(directory: str | Path, write_fn) -> Path:
         os.replace(tmp, directory)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        message = _describe_write_error(directory, e)
+        if message is not None:
+            raise CheckpointWriteError(getattr(e, "errno", None) or errno.EIO, message) from e
         raise
     return directory
+
+
+class NonFiniteWeightsError(ValueError):
+    """A model with NaN or inf weights is never saved: it would replace a good checkpoint."""
 
 
 def model_state_for_saving(model: DSAForCausalLM) -> dict[str, torch.Tensor]:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: safetensors stores no shared tensors; HF does the same
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteWeightsError(f"{len(bad)} of {len(state)} tensors hold NaN or inf (first: {bad[:3]}); "
+                                    f"not saving")
     return state
 
 
