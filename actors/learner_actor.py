@@ -56,6 +56,12 @@ class Learner:
     def weight_version(self) -> int:
         return self.learner.version
 
+    def pid(self) -> int:
+        """This rank's process id (fault-injection tests and tools)."""
+        import os
+
+        return os.getpid()
+
     def publish_weights(self) -> list:
         """One ray.put of the new weights; returns [ref] (wrapped, so the caller gets the reference and
         every rollout worker fetches the same object) and the version."""

@@ -42,6 +42,9 @@ class LearnerGroup:
     def all_state_dicts(self) -> list[dict]:
         return ray.get([a.state_dict.remote() for a in self.ranks])
 
+    def pids(self) -> list[int]:
+        return ray.get([a.pid.remote() for a in self.ranks])
+
     def weight_version(self) -> int:
         return ray.get(self.ranks[0].weight_version.remote())
 

@@ -5,6 +5,7 @@ CPU/GPU resources from config. The pool splits prompts into contiguous shards, o
 passes each shard its global prompt indices (so samples are what one engine would draw, whatever
 the number of workers), and concatenates the results back in prompt order.
 """
+import os
 import time
 
 import ray
@@ -70,6 +71,10 @@ class RolloutWorker:
         self.busy.append((start, time.time()))
         return out
 
+    def pid(self) -> int:
+        """This worker's process id (fault-injection tests and tools)."""
+        return os.getpid()
+
     def pop_busy(self) -> list[tuple[float, float]]:
         """The generate calls' (start, end) since the last pop: the driver's rollout idle/overlap metrics."""
         busy, self.busy = self.busy, []
@@ -105,14 +110,17 @@ class RolloutPool:
     def __init__(self, num_workers: int, checkpoint_dir=None, num_cpus_per_worker: float = 1,
                  num_gpus_per_worker: float = 0, engine: str = "native", engine_kwargs: dict | None = None,
                  config=None, state_dict=None, num_threads: int = 0, model_overrides: dict | None = None,
-                 placement=None):
-        """placement: optional (worker index) -> actor options (a placement-group bundle)."""
+                 placement=None, max_restarts: int = 0):
+        """placement: optional (worker index) -> actor options (a placement-group bundle).
+        max_restarts: Ray restarts a worker whose process dies (it comes back with the initial
+        weights: the driver calls `restore` before using it again)."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         state_ref = ray.put(state_dict) if state_dict is not None else None
         actor = ray.remote(RolloutWorker)
-        options = lambda i: (placement(i) if placement else  # noqa: E731
-                             {"num_cpus": num_cpus_per_worker, "num_gpus": num_gpus_per_worker})
+        options = lambda i: {**(placement(i) if placement else  # noqa: E731
+                                {"num_cpus": num_cpus_per_worker, "num_gpus": num_gpus_per_worker}),
+                             "max_restarts": max_restarts}
         threads = num_threads or max(1, int(num_cpus_per_worker))
         self.workers = [actor.options(**options(i)).remote(checkpoint_dir, config, state_ref, engine, engine_kwargs,
                                                            None, threads, model_overrides)
@@ -151,7 +159,18 @@ class RolloutPool:
 
     def pop_busy(self) -> list[list[tuple[float, float]]]:
         """Per worker, the (start, end) wall-clock times of its generate calls since the last pop."""
-        return ray.get([w.pop_busy.remote() for w in self.workers])
+        return self._ask_all("pop_busy")
+
+    def _ask_all(self, method: str, timeout_s: float = 300.0) -> list:
+        """An idempotent call on every worker, asked again while a restarting worker is unavailable."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get([getattr(w, method).remote() for w in self.workers])
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float = 1.0):
         refs = [w.score.remote(prompt_ids[a:b], completion_ids[a:b], temperature)
@@ -174,6 +193,18 @@ class RolloutPool:
             ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
         self._pending_syncs.extend(w.load_weights.remote(ref, version) for w in self.workers)
         return self._wait_syncs() if wait else []
+
+    def restore(self, weights, version: int, timeout_s: float = 300.0) -> list[int]:
+        """After a worker died (and Ray restarted it): drops pending syncs, waits for every worker and
+        loads `weights` (an ObjectRef or state dict; None: the initial weights are current) at `version`."""
+        self._pending_syncs = []
+        self._ask_all("weight_version", timeout_s)  # every worker back (a restarted one answers again)
+        if weights is not None:
+            self.sync_weights(weights, version)
+        return self._ask_all("weight_version", timeout_s)
+
+    def pids(self) -> list[int]:
+        return self._ask_all("pid")
 
     def _wait_syncs(self) -> list[int]:
         refs, self._pending_syncs = self._pending_syncs, []

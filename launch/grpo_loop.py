@@ -6,6 +6,7 @@
 Every step's prompts and sampling seeds derive from (seed, step), so `--resume` continues exactly.
 """
 import dataclasses
+import logging
 import random
 import time
 from collections import deque
@@ -35,6 +36,8 @@ from dsarl.rewards.config import RewardComponentConfig, RewardConfig
 from dsarl.rewards.types import RewardSample
 
 from .ray_setup import RayConfig, init_ray
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +75,19 @@ class RolloutConfig:
     max_staleness: int = 0
 
 
+@dataclass
+class FaultToleranceConfig:
+    # A rollout worker lost mid-step (its process died): Ray restarts it (up to actor_max_restarts times
+    # over the run), it reloads the current weights and the step's rollouts are generated again, with
+    # the same seeds, up to max_step_retries times per step; then the run stops saying how to resume.
+    max_step_retries: int = 2
+    actor_max_restarts: int = 3
+    # A lost learner rank: rebuild the learner group from the last checkpoint and redo the steps since
+    # (metrics.jsonl is rewound), at most max_learner_restarts times; off: stop with how to resume.
+    restart_from_checkpoint: bool = False
+    max_learner_restarts: int = 2
+
+
 def default_rewards() -> RewardConfig:
     return RewardConfig(components=[RewardComponentConfig(name="math_answer", weight=1.0)], num_cpus_per_worker=0.25)
 
@@ -84,6 +100,7 @@ class GRPOConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardConfig = field(default_factory=default_rewards)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     learner_ranks: int = 1  # data-parallel learner actors (one torch.distributed group)
     learner_num_cpus: float = 1.0
     learner_num_gpus: float = 0.0
@@ -152,6 +169,10 @@ def load_prompt_rows(data: PromptData, seed: int, resolve) -> tuple[list[dict], 
     return train, [r for r in test if r["prompt"] not in train_prompts]  # held out: never trained on
 
 
+class LearnerLost(RuntimeError):
+    """A learner rank's process died during a step."""
+
+
 @dataclass
 class PendingRound:
     """A rollout round submitted to the workers and not yet collected."""
@@ -175,6 +196,7 @@ class GRPOTrainer:
         self._bar = None  # the progress bar while fit() runs
         self._reward_failures = 0.0
         self._queue: deque[PendingRound] = deque()  # submitted, not yet collected rounds (oldest first)
+        self._actor_failures = 0  # rollout workers lost and restarted over the run
         self._perf_to_wall = time.time() - time.perf_counter()
         init_ray(RayConfig(num_cpus=cfg.ray_num_cpus, include_dashboard=False))
         init = resolve(cfg.init_from)
@@ -190,22 +212,27 @@ class GRPOTrainer:
         ], cfg.placement_strategy, cfg.placement_timeout_s)
         bundle = lambda role: (lambda i: self.placement.actor_options(role, i))  # noqa: E731
         learner_cfg = dataclasses.replace(cfg.learner, temperature=ro.temperature)  # one temperature
-        self.learner = LearnerGroup(cfg.learner_ranks, init, learner_cfg, cfg.seed, cfg.learner_num_cpus,
-                                    cfg.learner_num_gpus, cfg.learner_num_threads, ckpt, cfg.model_overrides,
-                                    placement=bundle("learner"), total_updates=cfg.steps)
+        self._make_learner = lambda resume_from: LearnerGroup(  # noqa: E731  (also a restart's)
+            cfg.learner_ranks, init, learner_cfg, cfg.seed, cfg.learner_num_cpus, cfg.learner_num_gpus,
+            cfg.learner_num_threads, resume_from, cfg.model_overrides, placement=bundle("learner"),
+            total_updates=cfg.steps)
+        self.learner = self._make_learner(ckpt)
         self.rollout = RolloutPool(ro.num_workers, ckpt or init, num_cpus_per_worker=ro.num_cpus_per_worker,
                                    num_gpus_per_worker=ro.num_gpus_per_worker, engine=ro.engine,
                                    engine_kwargs={"max_batch_size": ro.max_batch_size},
                                    num_threads=ro.num_threads, model_overrides=cfg.model_overrides,
-                                   placement=bundle("rollout"))
+                                   placement=bundle("rollout"), max_restarts=cfg.fault_tolerance.actor_max_restarts)
         self.rewards = RewardPool(cfg.rewards, placement=bundle("reward"))
         self.start_step = 0
         if ckpt is not None:
             from dsarl.learner.checkpointing import load_training_state
 
             self.start_step = load_training_state(ckpt)["step"]
-            self.rollout.sync_weights(*self.learner.publish_weights())
-        self._version = self.learner.weight_version()
+        self._weights_ref, self._version = None, self.learner.weight_version()  # None: the workers' initial weights
+        if ckpt is not None:
+            self._weights_ref, self._version = self.learner.publish_weights()
+            self.rollout.sync_weights(self._weights_ref, self._version)
+        self._learner_restarts = 0
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                                     mlflow_experiment=cfg.mlflow_experiment,
                                     resume_step=self.start_step if ckpt else None)
@@ -277,12 +304,7 @@ class GRPOTrainer:
         rounds with the current weights, the learner's update, the weight sync."""
         cfg, G = self.cfg, self.cfg.group_size
         t_start = time.perf_counter()
-        self._fill_queue(step)
-        rounds = [self._collect_round(self._queue.popleft())]
-        for r in range(1, cfg.resample_rounds + 1):  # refill with informative groups (DAPO dynamic sampling)
-            if not cfg.filter_uniform_groups or enough_informative(rounds, G, cfg.prompts_per_step):
-                break
-            rounds.append(self._rollout_round(step, r))
+        rounds = self._rollout_phase(step)
         groups, gmetrics = build_groups(rounds, G, cfg.prompts_per_step, cfg.std_normalize,
                                         cfg.filter_uniform_groups, self.record_keep, self.record_indices)
         learner_version = self._version
@@ -290,11 +312,20 @@ class GRPOTrainer:
         assert max(staleness, default=0) <= cfg.rollout.max_staleness, f"batch too stale: {max(staleness)}"
         self._phase("learn")
         t2 = time.perf_counter()
-        lmetrics = self.learner.update(groups) if groups else {}
+        try:
+            lmetrics = self.learner.update(groups) if groups else {}
+        except ray.exceptions.RayActorError as e:
+            raise LearnerLost(f"step {step + 1}") from e
         t3 = time.perf_counter()
         self._phase("sync")
-        ref, self._version = self.learner.publish_weights()
-        self.rollout.sync_weights(ref, self._version, wait=cfg.rollout.max_staleness == 0)
+        try:
+            self._weights_ref, self._version = self.learner.publish_weights()
+        except ray.exceptions.RayActorError as e:
+            raise LearnerLost(f"step {step + 1}") from e
+        try:
+            self.rollout.sync_weights(self._weights_ref, self._version, wait=cfg.rollout.max_staleness == 0)
+        except ray.exceptions.RayActorError as e:  # the update is done: reload the weights, don't redo it
+            self._recover_rollouts(step, e)
         t4 = time.perf_counter()
         self._fill_queue(step + 1)  # the next rounds start on the new weights before this step's bookkeeping
         rows, comps, scores = flatten_rounds(rounds)
@@ -321,6 +352,64 @@ class GRPOTrainer:
             "time/learner_idle": max(0.0, wall - (t3 - t2)),
         }
         return metrics
+
+    def _rollout_rounds(self, step: int) -> list[ScoredRound]:
+        cfg, G = self.cfg, self.cfg.group_size
+        self._fill_queue(step)
+        rounds = [self._collect_round(self._queue.popleft())]
+        for r in range(1, cfg.resample_rounds + 1):  # refill with informative groups (DAPO dynamic sampling)
+            if not cfg.filter_uniform_groups or enough_informative(rounds, G, cfg.prompts_per_step):
+                break
+            rounds.append(self._rollout_round(step, r))
+        return rounds
+
+    def _rollout_phase(self, step: int) -> list[ScoredRound]:
+        """The step's scored rounds. A rollout worker lost on the way is restarted with the current
+        weights and the rounds are generated again: their seeds derive from (seed, step), so the retried
+        step samples exactly what the lost one would have."""
+        retries = self.cfg.fault_tolerance.max_step_retries
+        for attempt in range(retries + 1):
+            try:
+                return self._rollout_rounds(step)
+            except ray.exceptions.RayActorError as e:
+                if attempt == retries:
+                    raise RuntimeError(f"step {step + 1}: rollout workers lost {retries + 1} times ({e}); stopping. "
+                                       f"Continue with --resume (from the last checkpoint)") from e
+                self._recover_rollouts(step, e)
+        raise AssertionError("unreachable")
+
+    def _recover_rollouts(self, step: int, error: Exception) -> None:
+        logger.warning("step %d: a rollout worker was lost (%s); restarting it with weight version %d",
+                       step + 1, str(error).splitlines()[0], self._version)
+        self._phase("restarting a rollout worker")
+        self._queue.clear()  # rounds submitted to the lost worker are generated again
+        self.rollout.restore(self._weights_ref, self._version)
+        self._actor_failures += 1
+
+    def _restart_learner(self, error: Exception) -> int:
+        """A learner rank was lost: a new learner group from the last checkpoint (the initial weights if
+        none). Returns the step to continue from; metrics after it are dropped."""
+        ft = self.cfg.fault_tolerance
+        if not ft.restart_from_checkpoint or self._learner_restarts >= ft.max_learner_restarts:
+            raise RuntimeError(f"a learner rank was lost ({str(error).splitlines()[0]}); continue with --resume "
+                               f"(from the last checkpoint in {self.run_dir / 'checkpoints'})") from error
+        self._learner_restarts += 1
+        ckpt = resume_checkpoint(self.cfg.run_dir)
+        logger.warning("a learner rank was lost (%s); restarting the learner from %s", str(error).splitlines()[0],
+                       ckpt or "the initial checkpoint")
+        self._phase("restarting the learner")
+        self.learner.shutdown()
+        self.learner = self._make_learner(ckpt)
+        step = 0
+        if ckpt is not None:
+            from dsarl.learner.checkpointing import load_training_state
+
+            step = load_training_state(ckpt)["step"]
+        self._queue.clear()
+        self._weights_ref, self._version = self.learner.publish_weights()
+        self.rollout.restore(self._weights_ref, self._version)
+        self.logger.rewind(step)
+        return step
 
     def _wall_offset(self, perf: float) -> float:
         """A perf_counter reading as wall-clock time (the workers report time.time())."""
@@ -352,10 +441,19 @@ class GRPOTrainer:
         if self.start_step == 0:
             self._phase(f"initial eval ({min(len(self.test_rows), cfg.eval_samples)} prompts)")
             self.logger.log(0, self.evaluate(0))
-        for step in range(self.start_step, cfg.steps):
+        step = self.start_step
+        while step < cfg.steps:
             t0 = time.perf_counter()
-            metrics = self.step(step)
+            try:
+                metrics = self.step(step)
+            except LearnerLost as e:
+                step = self._restart_learner(e.__cause__ or e)
+                bar.n = step
+                continue
             done = step + 1
+            step = done
+            metrics["faults/rollout_restarts"] = float(self._actor_failures)
+            metrics["faults/learner_restarts"] = float(self._learner_restarts)
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
                 self._phase("eval")
                 metrics.update(self.evaluate(done))

@@ -15,8 +15,7 @@ class MetricsLogger:
         self.path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # A resumed run rewrites the steps after its checkpoint: drop the old lines for them.
-            kept = [rec for rec in parse_metrics_lines(self.path) if rec.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(rec, allow_nan=True) + "\n" for rec in kept))
+            self.rewind(resume_step)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._tb = self._wandb = self._mlflow = None
@@ -33,6 +32,11 @@ class MetricsLogger:
 
             mlflow.set_experiment(mlflow_experiment)
             self._mlflow = mlflow.start_run(run_name=run_name or self.run_dir.name)
+
+    def rewind(self, step: int) -> None:
+        """Drops the lines of steps after `step` (a learner restarted from that step's checkpoint)."""
+        kept = [rec for rec in parse_metrics_lines(self.path) if rec.get("step", 0) <= step] if self.path.exists() else []
+        self.path.write_text("".join(json.dumps(rec, allow_nan=True) + "\n" for rec in kept))
 
     def log(self, step: int, metrics: dict) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)

@@ -1,0 +1,110 @@
+"""A rollout worker or a learner rank SIGKILLed mid-run (issue #21 item 3): the run restarts it, redoes
+what was lost and finishes with the uninterrupted run's numbers; without the option a lost learner
+stops the run saying how to resume."""
+import json
+import os
+import signal
+
+import pytest
+import ray
+
+from dsarl.launch.grpo_loop import FaultToleranceConfig, GRPOConfig, GRPOTrainer, PromptData, RolloutConfig
+from dsarl.models import DSAConfig, build_model, save_pretrained
+from dsarl.rewards.config import RewardComponentConfig, RewardConfig
+
+DETERMINISTIC = ("reward/mean", "accuracy", "response_length/mean", "loss", "entropy", "grad_norm", "weight_version")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def init_checkpoint(tmp_path_factory):
+    cfg = DSAConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=24,
+                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=2,
+                    index_head_dim=16, index_topk=4)
+    path = tmp_path_factory.mktemp("init") / "ckpt"
+    save_pretrained(build_model(cfg, seed=0), path)
+    return str(path)
+
+
+def small_grpo(init, run_dir, **ft) -> GRPOConfig:
+    return GRPOConfig(
+        init_from=init, run_dir=str(run_dir), steps=3, prompts_per_step=4, group_size=4, save_every=1,
+        data=PromptData(task="arithmetic", task_kwargs={"max_digits": 1}, num_train=32, num_test=4),
+        rollout=RolloutConfig(num_cpus_per_worker=0.25, max_new_tokens=16, max_batch_size=16),
+        rewards=RewardConfig(components=[RewardComponentConfig(name="math_answer")], num_cpus_per_worker=0.25),
+        fault_tolerance=FaultToleranceConfig(**ft), learner_num_cpus=0.5, eval_samples=4, tensorboard=False)
+
+
+def metrics_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, init_checkpoint, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("clean")
+    GRPOTrainer(small_grpo(init_checkpoint, run_dir)).fit(show_progress=False)
+    return metrics_of(run_dir)
+
+
+def assert_same_run(got, want):
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for g, w in zip(got[1:], want[1:]):
+        for key in DETERMINISTIC:
+            assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-7), (g["step"], key)
+
+
+def test_a_rollout_worker_killed_mid_generate_is_restarted_and_the_step_redone(
+        ray_local, init_checkpoint, tmp_path, uninterrupted):
+    trainer = GRPOTrainer(small_grpo(init_checkpoint, tmp_path))
+    (pid,) = trainer.rollout.pids()
+    submit = trainer._submit_round
+    calls = []
+
+    def submit_then_kill(step, round_idx):  # the fault: SIGKILL right after step 2's generate was sent
+        pending = submit(step, round_idx)
+        calls.append(step)
+        if step == 1 and calls.count(1) == 1:
+            os.kill(pid, signal.SIGKILL)
+        return pending
+
+    trainer._submit_round = submit_then_kill
+    trainer.fit(show_progress=False)
+    got = metrics_of(tmp_path)
+    assert calls.count(1) == 2  # step 2's rollouts were generated twice
+    assert got[-1]["faults/rollout_restarts"] == 1.0
+    assert_same_run(got, uninterrupted)
+
+
+def test_a_lost_learner_rank_restarts_from_the_last_checkpoint_when_asked(
+        ray_local, init_checkpoint, tmp_path, uninterrupted):
+    trainer = GRPOTrainer(small_grpo(init_checkpoint, tmp_path, restart_from_checkpoint=True))
+    group_update = type(trainer.learner).update
+    killed = []
+
+    def kill_then_update(group, groups):  # the fault: the learner rank dies in step 3's update
+        if len(killed) == 0 and trainer.learner.weight_version() == 2:
+            killed.append(group.pids()[0])
+            os.kill(killed[0], signal.SIGKILL)
+        return group_update(group, groups)
+
+    type(trainer.learner).update = kill_then_update
+    try:
+        trainer.fit(show_progress=False)
+    finally:
+        type(trainer.learner).update = group_update
+    got = metrics_of(tmp_path)
+    assert killed and got[-1]["faults/learner_restarts"] == 1.0
+    assert_same_run(got, uninterrupted)
+
+
+def test_a_lost_learner_rank_stops_the_run_naming_resume_by_default(ray_local, init_checkpoint, tmp_path):
+    trainer = GRPOTrainer(small_grpo(init_checkpoint, tmp_path))
+    os.kill(trainer.learner.pids()[0], signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="a learner rank was lost .*--resume"):
+        trainer.fit(show_progress=False)
