@@ -120,7 +120,8 @@ def test_a_missing_test_file(tmp_path, ckpt, capsys):
 
 
 def test_a_data_file_without_a_prompt_column(tmp_path, ckpt, capsys):
-    train = write_rows(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"question": "2+2=", "answer": "4"}])
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"question": "2+2=", "answer": "4"}]
+    train = write_rows(tmp_path / "train.jsonl", rows)
     path, err = grpo_error(tmp_path, capsys, grpo_cfg(tmp_path, ckpt, data={"path": str(train)}))
     assert err == f"{path}: data.path: {train}: row 1 has no 'prompt' column (columns: ['answer', 'question'])"
 
@@ -169,7 +170,7 @@ def test_a_rubric_with_judge_criteria_needs_a_judge(tmp_path, ckpt, capsys):
 
 def test_rows_naming_shipped_rubrics_pass_with_a_judge_named_not_built(tmp_path, ckpt):
     train = write_rows(tmp_path / "train.jsonl", [{"prompt": "hi", "rubric": "polite_reply"},
-                                                  {"prompt": "sum?", "rubric": "concise_math"}])  # has a judge criterion
+                                                  {"prompt": "sum?", "rubric": "concise_math"}])  # a judge criterion
     judge = {"judge": "dsarl.actors.engine.judge:native_judge", "judge_kwargs": {"checkpoint_dir": ckpt}}
     cfg = load_config(GRPOConfig, write_yaml(tmp_path / "ok.yaml", grpo_cfg(
         tmp_path, ckpt, data={"path": str(train)}, rewards={"components": [{"name": "rubric", "kwargs": judge}]},
