@@ -12,7 +12,8 @@ actor wrapped in the driver's own, minutes into the run.
     check_distill_config(cfg, resolve, resume)    dsarl distill
     check_resume(resume, run_dir)                 every stage that checkpoints
 
-Nothing here imports ray, builds a reward object or loads a model: it reads files and signatures.
+Nothing here imports ray, builds a reward or a judge, or loads a model: it reads files and signatures
+(rubrics are loaded by a judge-less RubricReward, so by the very rule the reward workers use).
 """
 import contextlib
 import importlib.util
@@ -143,10 +144,22 @@ def check_accuracy_component(cfg, prefix: str = "") -> None:
                           f"(configured: {keys}); name one of them or its '<key>/<sub-score>'")
 
 
+def _resolved_or_none(name: str):
+    """For the checks after the names are validated: a name form this module cannot resolve (one the
+    registry added) is skipped by them rather than failing here."""
+    try:
+        return _resolve_reward(name)
+    except ValueError:
+        return None
+
+
 def check_reward_columns(rewards, rows: list[dict], source: str, prefix: str = "") -> None:
     """Columns a reward reads by a `*_key` kwarg (or its default) exist in every row of `source`."""
     for i, c in enumerate(rewards.components):
-        params = inspect.signature(_resolve_reward(c.name)).parameters
+        obj = _resolved_or_none(c.name)
+        if obj is None:
+            continue
+        params = inspect.signature(obj).parameters
         for kw in COLUMN_KWARGS:
             if kw not in params:
                 continue
@@ -161,7 +174,7 @@ def check_reward_columns(rewards, rows: list[dict], source: str, prefix: str = "
 
 def _rubric_components(rewards):
     for i, c in enumerate(rewards.components):
-        obj = _resolve_reward(c.name)
+        obj = _resolved_or_none(c.name)
         if inspect.isclass(obj) and issubclass(obj, RubricReward):
             yield i, c
 
