@@ -134,6 +134,10 @@ def check_reward_components(rewards, prefix: str = "") -> None:
             validate(replace(rewards, components=[c]))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{prefix}rewards.components[{i}] ({c.name}): {e}") from None
+    try:  # then whatever spans components (two with one key, ...)
+        validate(rewards)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{prefix}rewards.components: {e}") from None
 
 
 def check_accuracy_component(cfg, prefix: str = "") -> None:
