@@ -15,7 +15,7 @@ import yaml
 from dsarl.launch.cli import main
 from dsarl.launch.config import load_config
 from dsarl.launch.grpo_loop import GRPOConfig
-from dsarl.launch.preflight import check_grpo_config
+from dsarl.launch.preflight import check_distill_config, check_grpo_config, check_pipeline_config
 from dsarl.models import DSAConfig, build_model, save_pretrained
 from dsarl.rewards.registry import BUILTIN_REWARDS
 from dsarl.rewards.rubric import default_rubric_dir
@@ -228,6 +228,15 @@ def test_mlflow_logging_in_pretrain_without_mlflow_names_the_extra(tmp_path, cap
 
 
 # ---- pipelines ----------------------------------------------------------------------------------
+def test_the_shipped_pipeline_configs_pass(tmp_path):
+    from dsarl.launch.distill_pipeline import DistillConfig
+    from dsarl.launch.quickstart import PipelineConfig
+
+    check_pipeline_config(load_config(PipelineConfig, "configs/quickstart.yaml", [f"run_dir={tmp_path / 'q'}"]))
+    check_distill_config(load_config(DistillConfig, "configs/distill.yaml", [f"run_dir={tmp_path / 'd'}"]))
+    assert not ray.is_initialized()
+
+
 def test_quickstart_checks_its_grpo_part_before_pretraining(tmp_path, capsys):
     err = config_error(["run", "configs/quickstart.yaml", f"run_dir={tmp_path}", "grpo.accuracy_component=acc"],
                        capsys)
