@@ -1,6 +1,5 @@
-"""The `dsarl` command. Each subcommand lives in its own module of dsarl.launch, imported only when
-run, which defines `configure(parser)` (its arguments) and `run(args) -> int` (exit status: 0 done,
-2 a config error, reported before any actor starts).
+"""dsarl: GRPO post-training for DeepSeek Sparse Attention models. Exit status 0 when done, 2 for a
+config error (reported before any actor starts).
 
     dsarl pretrain configs/pretrain_tiny.yaml steps=200
     dsarl grpo configs/grpo_tiny.yaml rollout.num_workers=2 --resume
@@ -23,6 +22,8 @@ import sys
 from dsarl.launch.jobs import EXIT_WITH_PARENT_ENV, exit_with_parent
 from dsarl.models.config import ConfigError
 
+# Each subcommand lives in its own module of dsarl.launch, imported only when run, which defines
+# `configure(parser, name)` (its arguments) and `run(args) -> int` (the exit status).
 # name -> (module, one-line help, examples shown by `dsarl NAME --help`; tests/launch/test_cli_help.py
 # parses every one and loads the config it names)
 COMMANDS = {
