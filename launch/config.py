@@ -5,6 +5,7 @@ dotlist overrides (`optim.lr=3e-4`) apply on top, and are named as coming from t
 """
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -46,13 +47,28 @@ def _apply_override(base, override: str):
     return base
 
 
+def check_yaml_mapping(path: Path) -> None:
+    """A config file must parse as YAML and hold a mapping (or nothing). OmegaConf alone would raise
+    the YAML parser's exception, fail a list with a bare TypeError, and read a scalar `foo` as the key
+    `foo: null`."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys, got a {type(raw).__name__}")
+
+
 def load_config(schema, path: str | Path | None, overrides: list[str] | tuple = ()):
     """-> an instance of the dataclass `schema` from YAML `path` (None: defaults) and overrides."""
     base = OmegaConf.structured(schema)
     if path is not None:
         path = Path(resolve_path(str(path)))
-        if not path.exists():
+        if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        check_yaml_mapping(path)
         try:
             loaded = OmegaConf.load(path)
             base = OmegaConf.merge(base, loaded)

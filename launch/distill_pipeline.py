@@ -27,6 +27,7 @@ from pathlib import Path
 import ray
 import torch
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from dsarl.actors.engine import NativeEngine, SamplingParams
 from dsarl.data.domains import get_domain
@@ -219,21 +220,26 @@ def mixed_batch(pools: dict[str, list], weights: dict[str, float], size: int, rn
     return Sequences([p for p, _ in pairs], [c for _, c in pairs])
 
 
-def run_sft(distiller: Distiller, pools, weights, sft: SFTConfig, seed: int, logger, step0: int) -> int:
+def run_sft(distiller: Distiller, pools, weights, sft: SFTConfig, seed: int, logger, step0: int,
+            show_progress: bool = True) -> int:
     rng = random.Random(f"{seed}/sft/batches")
-    for step in range(sft.steps):
+    bar = tqdm(range(sft.steps), desc="distill sft", disable=not show_progress)
+    for step in bar:
         batch = mixed_batch(pools, weights, sft.batch_size, rng)
         m = distiller.step(lr_at(step, sft.steps, sft.optim), sft=batch)
         logger.log(step0 + step + 1, {"phase": "sft", **m})
+        bar.set_postfix(loss=f"{m['sft/loss']:.3f}")
     return step0 + sft.steps
 
 
 def run_opd(distiller: Distiller, engine: NativeEngine, tokenizer, teachers, data: dict[str, DomainData],
-            weights: dict[str, float], cfg: DistillConfig, pools, logger, step0: int) -> int:
+            weights: dict[str, float], cfg: DistillConfig, pools, logger, step0: int,
+            show_progress: bool = True) -> int:
     opd, seed = cfg.opd, cfg.seed
     rng = random.Random(f"{seed}/opd")
     counts = split_by_weight(opd.prompts_per_step, weights)
-    for step in range(opd.steps):
+    bar = tqdm(range(opd.steps), desc="distill on-policy", disable=not show_progress)
+    for step in bar:
         t0 = time.perf_counter()
         prompts, completions, domains = [], [], []
         for j, name in enumerate(sorted(counts)):
@@ -254,6 +260,7 @@ def run_opd(distiller: Distiller, engine: NativeEngine, tokenizer, teachers, dat
                            teacher_logp=teacher_logp, sft_coef=opd.sft_coef)
         logger.log(step0 + step + 1, {"phase": "opd", **m, "time/generate": t1 - t0, "time/teacher": t2 - t1,
                                       "time/learn": time.perf_counter() - t2})
+        bar.set_postfix(reverse_kl=f"{m['opd/reverse_kl']:.3f}")
     return step0 + opd.steps
 
 
@@ -397,7 +404,8 @@ def run_distill(cfg: DistillConfig, resume: bool = False, resolve=lambda p: p, s
         step = 0
         if cfg.sft.enabled:
             counts = split_by_weight(cfg.sft.prompts, cfg_sft_weights(cfg))
-            for name, n in counts.items():
+            # one bar step per domain: each is one batched generate on that specialist's workers
+            for name, n in tqdm(counts.items(), desc="distill sft data (domains sampled)", disable=not show_progress):
                 pools[name], m = specialist_samples(teachers, data[name], tokenizer, n, cfg.sft, cfg.seed,
                                                     root / "student" / "sft_data")
                 sft_metrics.update(m)
@@ -409,14 +417,14 @@ def run_distill(cfg: DistillConfig, resume: bool = False, resolve=lambda p: p, s
                       f"{cfg.sft.reward_threshold} (sft.min_samples: {cfg.sft.min_samples})")
                 sft_metrics["sft_skipped"] = 1
             else:
-                step = run_sft(distiller, pools, cfg_sft_weights(cfg), cfg.sft, cfg.seed, logger, step)
+                step = run_sft(distiller, pools, cfg_sft_weights(cfg), cfg.sft, cfg.seed, logger, step, show_progress)
             times["sft"] = time.perf_counter() - t
         if cfg.opd.enabled:
             t = time.perf_counter()
             distiller.optim_cfg = cfg.opd.optim
             engine = NativeEngine(model, tokenizer, max_batch_size=cfg.max_batch_size)
             step = run_opd(distiller, engine, tokenizer, teachers, data, {e.name: e.opd_weight for e in cfg.domains},
-                           cfg, pools, logger, step)
+                           cfg, pools, logger, step, show_progress)
             times["opd"] = time.perf_counter() - t
         logger.close()
         teachers.shutdown()
@@ -425,7 +433,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, resolve=lambda p: p, s
     t = time.perf_counter()
     models = {"base": base, **{f"specialist:{d}": specialists[d] for d in names}, "student": str(student_dir)}
     acc: dict[str, dict[str, float]] = {}
-    for label, path in models.items():
+    for label, path in tqdm(models.items(), desc="distill eval (models)", disable=not show_progress):
         model, tokenizer = from_pretrained(path)
         engine = NativeEngine(model.requires_grad_(False), tokenizer, max_batch_size=cfg.max_batch_size)
         acc[label] = {d: evaluate(engine, tokenizer, data[d], cfg.eval_samples) for d in names}

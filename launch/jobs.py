@@ -119,8 +119,10 @@ def job_config_path(config: str, working_dir: Path) -> str:
                      "--working-dir")
 
 
-def entrypoint(python: str, stage: str, config: str, overrides: list[str], resume: bool) -> str:
-    argv = [python, "-m", "dsarl.launch.cli", stage, config, *overrides] + (["--resume"] if resume else [])
+def entrypoint(python: str, stage: str, config: str, overrides: list[str], resume: bool | str) -> str:
+    """resume: True passes `--resume` (newest checkpoint in run_dir), a path `--resume PATH`."""
+    argv = [python, "-m", "dsarl.launch.cli", stage, config, *overrides]
+    argv += ["--resume", resume] if isinstance(resume, str) else ["--resume"] if resume else []
     return shlex.join(argv)
 
 
@@ -203,7 +205,8 @@ def configure(parser, name: str) -> None:
         parser.add_argument("stage", choices=STAGES, help="the dsarl stage to run")
         parser.add_argument("config", help="YAML config, inside the working directory or one of dsarl's configs/")
         parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. run_dir=/shared/runs/a")
-        parser.add_argument("--resume", action="store_true", help="pass --resume to the stage")
+        parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                            help="pass --resume [CHECKPOINT] to the stage (a path as the cluster sees it)")
         parser.add_argument("--follow", action="store_true", help="stream the job's logs; exit with its status")
         parser.add_argument("--working-dir", default=".", help="uploaded as the job's cwd (default: .)")
         parser.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks one)")

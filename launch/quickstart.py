@@ -89,6 +89,10 @@ def configure(parser, name: str) -> None:
 
 
 def run(args) -> int:
+    from .preflight import check_pipeline_config
+
     cfg = load_config(PipelineConfig, args.config, args.overrides)
-    run_pipeline(cfg, resume=args.resume, resolve=config_resolver(cfg.config_path))
+    resolve = config_resolver(cfg.config_path)
+    check_pipeline_config(cfg, resolve, args.resume)  # before run_pipeline: its GRPO part starts Ray
+    run_pipeline(cfg, resume=bool(args.resume), resolve=resolve)
     return 0

@@ -26,6 +26,7 @@ GROUPS = (
     ("optim", "Optimizer", ("lr", "grad_norm")),
 )
 TIME_PREFIX = "time/"
+STEP_TIME = "time/step"  # the whole step, logged beside its phases: the split's total, not one more phase
 HEADLINE = ("reward/mean", "reward", "accuracy", "response_length/mean", "kl", "entropy", "loss")
 HIGHER_IS_BETTER = ("reward", "accuracy", "pass")
 LOWER_IS_BETTER = ("loss",)
@@ -109,14 +110,24 @@ def summarise(run: Run, key: str) -> MetricSummary:
     return MetricSummary(values[-1], lo, hi, best, best_step)
 
 
+def _mean(run: Run, key: str) -> float:
+    _, values = run.series(key)
+    return sum(values) / len(values)
+
+
+def phase_keys(run: Run) -> list[str]:
+    return [k for k in run.keys if k.startswith(TIME_PREFIX) and k != STEP_TIME]
+
+
 def time_split(run: Run) -> dict[str, float]:
-    """Mean seconds per logged step of each time/<phase>."""
-    out = {}
-    for key in run.keys:
-        if key.startswith(TIME_PREFIX):
-            _, values = run.series(key)
-            out[key[len(TIME_PREFIX):]] = sum(values) / len(values)
-    return out
+    """Mean seconds per logged step of each time/<phase> (time/step, the whole step, excluded)."""
+    return {key[len(TIME_PREFIX):]: _mean(run, key) for key in phase_keys(run)}
+
+
+def step_time(run: Run) -> float:
+    """Mean seconds per logged step: time/step where the run logs it (it includes what no phase
+    timer covers, eval and logging), else the sum of the phases."""
+    return _mean(run, STEP_TIME) if STEP_TIME in run.keys else sum(time_split(run).values())
 
 
 def fmt(v: float | None) -> str:
@@ -150,11 +161,12 @@ def markdown(runs: list[Run], plots: list[Path], out: Path) -> str:
                 + [fmt(summarise(r, k).final) if k in r.keys else "-" for k in keys] for r in runs]
         lines += ["## Comparison (final values)", ""] + _table(["run", "steps", "wall time", *keys], rows) + [""]
     splits = {r.name: time_split(r) for r in runs}
+    totals = {r.name: step_time(r) for r in runs}
     phases = list(dict.fromkeys(p for s in splits.values() for p in s))
     if phases:
         rows = []
         for name, split in splits.items():
-            total = sum(split.values())
+            total = totals[name]
             rows.append([name] + [f"{split[p]:.3g} ({100 * split[p] / total:.0f}%)" if p in split else "-"
                                   for p in phases] + [f"{total:.3g}"])
         lines += ["## Step time split (mean seconds per logged step)", ""]
@@ -217,7 +229,7 @@ def plot_time_split(runs: list[Run], path: Path) -> None:
     timed = [r for r in runs if time_split(r)]
     fig, axes = _grid(len(timed))
     for ax, r in zip(axes, timed):
-        keys = [k for k in r.keys if k.startswith(TIME_PREFIX)]
+        keys = phase_keys(r)
         steps = [row["step"] for row in r.rows if all(_number(row.get(k)) for k in keys)]
         by_step = {row["step"]: row for row in r.rows}
         ax.stackplot(steps, *[[by_step[s][k] for s in steps] for k in keys],
@@ -245,7 +257,7 @@ def write_plots(runs: list[Run], plot_dir: Path) -> list[Path]:
         if members:
             plot_group(runs, members, title, plot_dir / f"{stem}.png")
             written.append(plot_dir / f"{stem}.png")
-    if any(k.startswith(TIME_PREFIX) for k in keys):
+    if any(phase_keys(r) for r in runs):
         plot_time_split(runs, plot_dir / "step_time.png")
         written.append(plot_dir / "step_time.png")
     other = [k for k in keys if k not in grouped and not k.startswith(TIME_PREFIX)]

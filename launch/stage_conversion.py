@@ -1,8 +1,8 @@
 """`dsarl warmup CONFIG`, `dsarl sparse CONFIG` (the DSA conversion stages) and `dsarl eval CONFIG`
 (retrieval accuracy by context length, dense / sparse / random selection, for one or more checkpoints).
 
-    dsarl warmup configs/conversion/warmup.yaml [key=value ...] [--resume]
-    dsarl sparse configs/conversion/sparse.yaml [key=value ...] [--resume]
+    dsarl warmup configs/conversion/warmup.yaml [key=value ...] [--resume [CHECKPOINT]]
+    dsarl sparse configs/conversion/sparse.yaml [key=value ...] [--resume [CHECKPOINT]]
     dsarl eval configs/conversion/eval.yaml [key=value ...]
 """
 import json
@@ -78,6 +78,8 @@ def run_eval(cfg: EvalConfig, resolve=lambda p: p, log=print) -> list:
 def run(args) -> int:
     from dsarl.learner.conversion import SparseConfig, WarmupConfig, run_sparse, run_warmup
 
+    from .preflight import check_resume
+
     if args.command == "eval":
         cfg = load_config(EvalConfig, args.config, args.overrides)
         write_resolved_config(cfg, cfg.run_dir)
@@ -85,6 +87,7 @@ def run(args) -> int:
         return 0
     schema, stage = {"warmup": (WarmupConfig, run_warmup), "sparse": (SparseConfig, run_sparse)}[args.command]
     cfg = load_config(schema, args.config, args.overrides)
+    check_resume(args.resume, cfg.run_dir)
     write_resolved_config(cfg, cfg.run_dir)
     final = stage(cfg, resume=args.resume, resolve=config_resolver(cfg.config_path))
     print(f"{args.command}: final checkpoint at {final}")

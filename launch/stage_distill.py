@@ -10,8 +10,11 @@ def configure(parser, name: str) -> None:
 
 def run(args) -> int:
     from .distill_pipeline import DistillConfig, run_distill
+    from .preflight import check_distill_config
 
     cfg = load_config(DistillConfig, args.config, args.overrides)
-    results = run_distill(cfg, resume=args.resume, resolve=config_resolver(cfg.config_path))
+    resolve = config_resolver(cfg.config_path)
+    check_distill_config(cfg, resolve, args.resume)  # before run_distill starts Ray
+    results = run_distill(cfg, resume=bool(args.resume), resolve=resolve)
     print(f"distill: report at {cfg.run_dir}/report.md")
     return 0 if results["accuracy"] else 1

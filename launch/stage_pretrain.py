@@ -1,4 +1,4 @@
-"""`dsarl pretrain CONFIG [overrides] [--resume]`."""
+"""`dsarl pretrain CONFIG [overrides] [--resume [CHECKPOINT]]`."""
 from pathlib import Path
 
 from .cli import add_stage_arguments
@@ -22,7 +22,11 @@ def configure(parser, name: str) -> None:
 def run(args) -> int:
     from dsarl.learner.pretrain import PretrainConfig, pretrain
 
+    from .preflight import check_logging_packages, check_resume
+
     cfg = load_config(PretrainConfig, args.config, args.overrides)
+    check_logging_packages(cfg)
+    check_resume(args.resume, cfg.run_dir)
     write_resolved_config(cfg, cfg.run_dir)
     final = pretrain(cfg, resume=args.resume, resolve=config_resolver(cfg.config_path))
     print(f"pretrain: final checkpoint at {final}")

@@ -34,6 +34,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def resume_from(run_dir: str | Path, resume: bool | str) -> Path | None:
+    """The checkpoint a run resumes from: `resume` a path names it, True means the newest in run_dir."""
+    if isinstance(resume, str):
+        return Path(resume)
+    return latest_checkpoint(run_dir) if resume else None
+
+
 def save_training_checkpoint(run_dir, step: int, model, tokenizer, optimizer, state: dict, keep: int = 2,
                              extra_files: dict | None = None) -> Path:
     """state: JSON-able trainer state (step, data position, metrics...); RNG states are added here."""

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dsarl.models import save_pretrained
 
-from .checkpointing import latest_checkpoint, load_model_weights, load_training_state, save_training_checkpoint
+from .checkpointing import load_model_weights, load_training_state, resume_from, save_training_checkpoint
 from .diagnostics import model_diagnostics
 from .indexer_training import sparse_losses, warmup_losses
 from .metrics import MetricsLogger
@@ -143,8 +143,8 @@ def _setup(cfg, resolve):
     return model, tokenizer, task_batches(tokenizer, cfg.task, cfg.batch_size, cfg.seq_len, cfg.seed)
 
 
-def _resume(cfg, model, optimizer, resume: bool) -> int:
-    ckpt = latest_checkpoint(cfg.run_dir) if resume else None
+def _resume(cfg, model, optimizer, resume: bool | str) -> int:
+    ckpt = resume_from(cfg.run_dir, resume)
     if ckpt is None:
         return 0
     load_model_weights(model, ckpt)
@@ -156,7 +156,7 @@ def _check(name: str, value: float, step: int) -> None:
         raise FloatingPointError(f"{name} is {value} at step {step}")
 
 
-def run_warmup(cfg: WarmupConfig, resume: bool = False, resolve=lambda p: p, show_progress: bool = True) -> Path:
+def run_warmup(cfg: WarmupConfig, resume: bool | str = False, resolve=lambda p: p, show_progress: bool = True) -> Path:
     """Trains the indexers of a frozen dense model; returns RUN_DIR/final."""
     model, tokenizer, batch = _setup(cfg, resolve)
     freeze_all_but_indexer(model)
@@ -188,7 +188,7 @@ def run_warmup(cfg: WarmupConfig, resume: bool = False, resolve=lambda p: p, sho
     return save_pretrained(model, Path(cfg.run_dir) / "final", tokenizer)
 
 
-def run_sparse(cfg: SparseConfig, resume: bool = False, resolve=lambda p: p, show_progress: bool = True) -> Path:
+def run_sparse(cfg: SparseConfig, resume: bool | str = False, resolve=lambda p: p, show_progress: bool = True) -> Path:
     """Sparse training (top-k on) of the whole model; returns RUN_DIR/final (config attention: sparse)."""
     spec = dataclasses.replace(cfg.model, overrides={**cfg.model.overrides, "attention": "sparse"})
     model, tokenizer, batch = _setup(dataclasses.replace(cfg, model=spec), resolve)  # writes a DSA checkpoint

@@ -18,7 +18,7 @@ from dsarl.data.retrieval_docs import lm_batch
 from dsarl.models import save_pretrained
 from dsarl.models.doc_mask import document_ids
 
-from .checkpointing import latest_checkpoint, load_model_weights, load_training_state, save_training_checkpoint
+from .checkpointing import load_model_weights, load_training_state, resume_from, save_training_checkpoint
 from .metrics import MetricsLogger
 from .model_spec import ModelSpec, load_model_from_spec
 from .optim import OptimConfig, build_optimizer, clip_grad, lr_at, set_lr
@@ -103,8 +103,9 @@ def lm_loss_and_attention_entropy(model, cfg: PretrainConfig, inputs, targets, w
     return weighted_lm_loss(out.logits, targets, weights), attention_entropy(model, out.aux, queries)
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False, resolve=lambda p: p, show_progress: bool = True) -> Path:
-    """Trains and returns the final checkpoint directory RUN_DIR/final."""
+def pretrain(cfg: PretrainConfig, resume: bool | str = False, resolve=lambda p: p, show_progress: bool = True) -> Path:
+    """Trains and returns the final checkpoint directory RUN_DIR/final. resume: True continues from the
+    newest checkpoint in run_dir, a path from that checkpoint directory."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.attention_entropy_weight > 0 and cfg.task.doc_mask:
@@ -113,7 +114,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, resolve=lambda p: p, sho
     model, tokenizer = load_model_from_spec(cfg.model, seed=cfg.seed, resolve=resolve)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     start = 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = resume_from(run_dir, resume)
     if ckpt is not None:
         load_model_weights(model, ckpt)
         start = load_training_state(ckpt, optimizer)["step"]

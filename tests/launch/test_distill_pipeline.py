@@ -15,10 +15,11 @@ from dsarl.data.domains import DOMAINS, mixed
 from dsarl.data.tasks import make_rows
 from dsarl.launch.config import load_config
 from dsarl.launch.distill_pipeline import (DistillConfig, DomainData, DomainEntry, OPDConfig, SFTConfig, goal_checks,
-                                          mixed_batch, run_distill, specialist_config, specialist_samples,
+                                          mixed_batch, run_distill, run_sft, specialist_config, specialist_samples,
                                           split_by_weight)
 from dsarl.launch.grpo_loop import GRPOConfig, PromptData, RolloutConfig
-from dsarl.learner.distill import Sequences, completion_log_probs
+from dsarl.learner.distill import Distiller, Sequences, completion_log_probs
+from dsarl.learner.metrics import MetricsLogger, read_metrics
 from dsarl.models import DSAConfig, build_model, from_pretrained, save_pretrained
 from dsarl.rewards.combiner import RewardCombiner
 from dsarl.rewards.config import RewardConfig
@@ -221,3 +222,18 @@ def test_mixed_pretraining_reads_each_domains_document_with_its_kwargs():
                 assert f" {q[0]}{q[1:]} " in f" {hay} "
     with pytest.raises(ValueError, match="weights"):
         mixed_pretrain_kwargs(entries, {"weights": {"cod": 1}})
+
+
+def test_sft_shows_a_progress_bar_of_its_steps(tmp_path, capsys):
+    model, _ = from_pretrained(save_tiny(tmp_path / "student", seed=0))
+    pools = {"math": [([256, 49, 43, 49, 61], [50, 257]), ([256, 50, 43, 50, 61], [52, 257])]}
+    sft = SFTConfig(steps=3, batch_size=2)
+    logger = MetricsLogger(tmp_path / "run", tensorboard=False)
+    assert run_sft(Distiller(model, sft.optim), pools, {"math": 1.0}, sft, 0, logger, 0, show_progress=True) == 3
+    logger.close()
+    err = capsys.readouterr().err
+    assert "distill sft: 100%" in err and "3/3" in err and "loss=" in err
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    quiet = MetricsLogger(tmp_path / "quiet", tensorboard=False)
+    run_sft(Distiller(model, sft.optim), pools, {"math": 1.0}, sft, 0, quiet, 0, show_progress=False)
+    assert "distill sft" not in capsys.readouterr().err

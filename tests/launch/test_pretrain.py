@@ -76,3 +76,29 @@ def test_overrides_index_lists_and_may_follow_flags():
     assert args.resume and args.config == "configs/distill.yaml" and args.overrides == ["a.b=1", "c.d=2"]
     with pytest.raises(SystemExit):
         parse_args(["distill", "configs/distill.yaml", "--resume", "--bogus"])
+
+
+TINY_ARGS = ["log_every=1", "save_every=3", "tensorboard=false", "batch_size=8", "seq_len=64", "optim.warmup_steps=5"]
+
+
+def test_resume_from_an_explicit_checkpoint_continues_from_that_one(tmp_path):
+    straight = pretrain(tiny_pretrain_cfg(tmp_path / "a", steps=6), show_progress=False)  # checkpoints at 3 and 6
+    ckpt = tmp_path / "a" / "checkpoints" / "step_000003"
+    assert main(["pretrain", "configs/pretrain_tiny.yaml", f"run_dir={tmp_path / 'b'}", "steps=6", *TINY_ARGS,
+                 "--resume", str(ckpt)]) == 0
+    a, _ = from_pretrained(straight)
+    b, _ = from_pretrained(tmp_path / "b" / "final")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 5, 6]
+
+
+def test_resume_with_no_checkpoint_in_run_dir_is_a_config_error_naming_it(tmp_path, capsys):
+    run_dir = tmp_path / "fresh"
+    assert main(["pretrain", "configs/pretrain_tiny.yaml", f"run_dir={run_dir}", "steps=1", *TINY_ARGS,
+                 "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"dsarl: config error: --resume: no checkpoint in run_dir {run_dir} (looked for {run_dir / 'checkpoints'}"
+        "/step_*); drop --resume to start afresh, or pass --resume CHECKPOINT\n")
+    assert not run_dir.exists()

@@ -93,3 +93,13 @@ def test_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_time_step_is_the_total_of_the_split_not_one_more_phase(tmp_path, capsys):
+    # GRPOTrainer.fit logs time/step (the whole step, eval and logging included) beside its phases
+    rows = [{**r, "time/step": 10.0} for r in grpo_rows([0.1, 0.5, 0.4], [0.25, 0.5, 0.5], t0=1000.0)]
+    run = write_run(tmp_path / "a", rows)
+    assert main(["report", str(run)]) == 0
+    split = section((run / "report.md").read_text(), "Step time split (mean seconds per logged step)")
+    assert table_row(split, "run") == ["run", "generate", "reward", "learn", "sync", "total"]
+    assert table_row(split, "a") == ["a", "2 (20%)", "1 (10%)", "4 (40%)", "1 (10%)", "10"]

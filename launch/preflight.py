@@ -1,0 +1,306 @@
+"""Checks a stage's config against the world before any Ray actor starts (DESIGN.md section 4).
+
+Everything a run needs that a typed config cannot check by itself: reward names and their kwargs,
+the rubric files named by kwargs and rows (and a judge where a rubric needs one), the accuracy
+component, the data files and the columns the rewards read, the checkpoint to start or resume from,
+and the optional packages the config asks for. Each failure is a `ConfigError` naming the config key
+and the file or value, raised before `init_ray`: found later, each was a traceback from inside an
+actor wrapped in the driver's own, minutes into the run.
+
+    check_grpo_config(cfg, resolve, resume)       dsarl grpo (and each specialist of dsarl distill)
+    check_pipeline_config(cfg, resolve, resume)   dsarl run (configs/quickstart.yaml)
+    check_distill_config(cfg, resolve, resume)    dsarl distill
+    check_resume(resume, run_dir)                 every stage that checkpoints
+
+Nothing here imports ray, builds a reward or a judge, or loads a model: it reads files and signatures
+(rubrics are loaded by a judge-less RubricReward, so by the very rule the reward workers use).
+"""
+import contextlib
+import importlib.util
+import inspect
+from dataclasses import replace
+from pathlib import Path
+
+from omegaconf.errors import OmegaConfBaseException
+
+from dsarl.data.datasets import load_rows
+from dsarl.learner.checkpointing import latest_checkpoint
+from dsarl.models.config import ConfigError
+from dsarl.rewards import registry
+from dsarl.rewards.imports import import_attr
+from dsarl.rewards.rubric import RubricReward
+from dsarl.rewards.types import RewardSample
+
+# files a model checkpoint holds (models/checkpoint.py) and a training checkpoint adds
+# (learner/checkpointing.py); rng.pt is optional there, so it is not required here
+MODEL_FILES = ("config.json", "model.safetensors")
+TRAINING_FILES = (*MODEL_FILES, "optimizer.pt", "trainer_state.json")
+# reward kwargs that name a column the reward reads with no fallback (a missing one raises per sample)
+COLUMN_KWARGS = ("answer_key", "tests_key")
+# config key -> (package to find, how to install it)
+OPTIONAL_PACKAGES = {
+    "wandb_project": ("wandb", 'pip install "dsarl[logging]"'),
+    "mlflow_experiment": ("mlflow", 'pip install "dsarl[logging]"'),
+}
+
+
+@contextlib.contextmanager
+def in_file(config_path: str | None):
+    """Prefixes a ConfigError raised inside with the config file, so the message names both."""
+    try:
+        yield
+    except ConfigError as e:
+        if not config_path:
+            raise
+        raise ConfigError(f"{config_path}: {e}") from None
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def check_checkpoint(path: str | Path, key: str, files: tuple[str, ...] = MODEL_FILES) -> None:
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{key}: no checkpoint directory {path}")
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise ConfigError(f"{key}: {path} is not a complete checkpoint (missing {', '.join(missing)})")
+
+
+def check_resume(resume: bool | str, run_dir: str | Path) -> None:
+    """`--resume`: run_dir must hold a checkpoint; `--resume PATH`: PATH must be a complete one."""
+    if isinstance(resume, str):
+        check_checkpoint(resume, "--resume", TRAINING_FILES)
+    elif resume and latest_checkpoint(run_dir) is None:
+        raise ConfigError(f"--resume: no checkpoint in run_dir {run_dir} (looked for {Path(run_dir) / 'checkpoints'}"
+                          "/step_*); drop --resume to start afresh, or pass --resume CHECKPOINT")
+
+
+# ---- optional packages ----------------------------------------------------------------------------
+def _need_package(package: str, install: str, why: str) -> None:
+    if importlib.util.find_spec(package) is None:  # find, never import: vllm alone takes seconds to import
+        raise ConfigError(f"{why} needs the package {package!r}, which is not installed: {install}")
+
+
+def check_logging_packages(cfg, prefix: str = "") -> None:
+    for key, (package, install) in OPTIONAL_PACKAGES.items():
+        value = getattr(cfg, key, None)
+        if value:
+            _need_package(package, install, f"{prefix}{key}: {value!r}")
+
+
+def check_packages(cfg, prefix: str = "") -> None:
+    if cfg.rollout.engine == "vllm":
+        _need_package("vllm", 'pip install "dsarl[vllm]"', f"{prefix}rollout.engine: vllm")
+    check_logging_packages(cfg, prefix)
+
+
+# ---- rewards --------------------------------------------------------------------------------------
+def _resolve_reward(name: str):
+    """The object a reward name stands for, as registry.build_reward_fn resolves it, not built."""
+    if name in registry.BUILTIN_REWARDS:
+        return registry.BUILTIN_REWARDS[name]
+    if ":" in name:
+        return import_attr(name)
+    return registry.build_reward_fn(name)  # raises its own ValueError naming the built-ins
+
+
+def _bind_kwargs(component) -> None:
+    """Until the registry validates: the kwargs must bind to the reward's signature. A class takes them
+    in its constructor; a function (per sample or per group) after its first argument."""
+    obj = _resolve_reward(component.name)
+    if not callable(obj):
+        raise ValueError(f"reward {component.name!r} resolved to {type(obj).__name__}, which is not callable")
+    try:
+        if inspect.isclass(obj):
+            inspect.signature(obj).bind(**component.kwargs)
+        else:
+            inspect.signature(obj).bind(None, **component.kwargs)
+    except TypeError as e:
+        raise ValueError(f"reward {component.name!r}: kwargs {dict(component.kwargs)} do not fit its "
+                         f"signature: {e}") from None
+
+
+def _validate_fallback(rewards) -> None:
+    for c in rewards.components:
+        _bind_kwargs(c)
+
+
+def check_reward_components(rewards, prefix: str = "") -> None:
+    """Names resolve and kwargs bind (no reward is built, no process starts). The registry's own
+    `validate_reward_config` does this once it exists; one component at a time, so the error can
+    name its index."""
+    validate = getattr(registry, "validate_reward_config", None) or _validate_fallback
+    for i, c in enumerate(rewards.components):
+        try:
+            validate(replace(rewards, components=[c]))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{prefix}rewards.components[{i}] ({c.name}): {e}") from None
+    try:  # then whatever spans components (two with one key, ...)
+        validate(rewards)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{prefix}rewards.components: {e}") from None
+
+
+def check_accuracy_component(cfg, prefix: str = "") -> None:
+    keys = [c.key for c in cfg.rewards.components]
+    key = cfg.accuracy_component
+    if not any(key == k or key.startswith(f"{k}/") for k in keys):
+        raise ConfigError(f"{prefix}accuracy_component: {key!r} is not a reward component's key "
+                          f"(configured: {keys}); name one of them or its '<key>/<sub-score>'")
+
+
+def _resolved_or_none(name: str):
+    """For the checks after the names are validated: a name form this module cannot resolve (one the
+    registry added) is skipped by them rather than failing here."""
+    try:
+        return _resolve_reward(name)
+    except ValueError:
+        return None
+
+
+def check_reward_columns(rewards, rows: list[dict], source: str, prefix: str = "") -> None:
+    """Columns a reward reads by a `*_key` kwarg (or its default) exist in every row of `source`."""
+    for i, c in enumerate(rewards.components):
+        obj = _resolved_or_none(c.name)
+        if obj is None:
+            continue
+        params = inspect.signature(obj).parameters
+        for kw in COLUMN_KWARGS:
+            if kw not in params:
+                continue
+            column = c.kwargs.get(kw, params[kw].default)
+            if not isinstance(column, str):
+                continue
+            missing = next((j for j, row in enumerate(rows) if column not in row), None)
+            if missing is not None:
+                raise ConfigError(f"{prefix}rewards.components[{i}] ({c.name}) reads column {column!r} ({kw}), "
+                                  f"which row {missing} of {source} lacks (columns: {sorted(rows[missing])})")
+
+
+def _rubric_components(rewards):
+    for i, c in enumerate(rewards.components):
+        obj = _resolved_or_none(c.name)
+        if inspect.isclass(obj) and issubclass(obj, RubricReward):
+            yield i, c
+
+
+def check_rubrics(rewards, rows_by_source: dict[str, list[dict]], prefix: str = "") -> None:
+    """Every rubric a rubric reward will load (its `rubric` kwarg, each row's `rubric_key` column) loads;
+    one with judge criteria needs a `judge` kwarg that resolves. The judge itself is not built here."""
+    for i, c in _rubric_components(rewards):
+        where = f"{prefix}rewards.components[{i}] ({c.name})"
+        kwargs = {k: v for k, v in c.kwargs.items() if k not in ("judge", "judge_kwargs")}
+        reward = RubricReward(**kwargs)
+        try:
+            rubrics = [reward.rubric_for(RewardSample("", "", 0, {}))] if kwargs.get("rubric") else []
+        except ValueError as e:
+            raise ConfigError(f"{where}: kwargs.rubric: {e}") from None
+        for source, rows in rows_by_source.items():
+            for j, row in enumerate(rows):
+                try:
+                    rubrics.append(reward.rubric_for(RewardSample("", "", 0, row)))
+                except ValueError as e:  # RubricError: no such file, bad schema, no rubric at all
+                    raise ConfigError(f"{where}: row {j} of {source}: {e}") from None
+        judged = sorted({r.id for r in rubrics if any(cr.check == "judge" for cr in r.criteria)})
+        judge = c.kwargs.get("judge")
+        if judged and judge is None:
+            raise ConfigError(f"{where}: rubric(s) {judged} have judge criteria but no judge is configured: "
+                              "set kwargs.judge to a 'module:factory' that builds the judge engine")
+        if judged and isinstance(judge, str):
+            try:
+                import_attr(judge)
+            except ValueError as e:
+                raise ConfigError(f"{where}: kwargs.judge: {e}") from None
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def _rows(path: str | None, key: str, resolve) -> tuple[str, list[dict]] | None:
+    if path is None:
+        return None
+    found = resolve(path)
+    if not Path(found).is_file():
+        raise ConfigError(f"{key}: no such file {path!r}" + (f" (looked at {found})" if found != path else ""))
+    try:
+        rows = load_rows(found)
+    except (ValueError, OSError) as e:  # wrong suffix, no `prompt` column, unreadable JSON or Parquet
+        raise ConfigError(f"{key}: {e}") from None
+    if not rows:
+        raise ConfigError(f"{key}: {found} has no rows")
+    return found, rows
+
+
+def prompt_files(data, resolve, prefix: str = "") -> dict[str, list[dict]]:
+    """{file: rows} of the data files (train `path`, `test_path`); {} for a synthetic task, whose rows
+    our own code makes. Reading them here costs one extra read of each file at start."""
+    if data.path is None and data.task is None:
+        raise ConfigError(f"{prefix}data: set data.path (a Parquet/JSONL file) or data.task (a synthetic task)")
+    files = [_rows(data.path, f"{prefix}data.path", resolve), _rows(data.test_path, f"{prefix}data.test_path", resolve)]
+    return {found: rows for found, rows in filter(None, files)}
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+def _check_grpo(cfg, resolve, resume, init_pending: bool, prefix: str) -> None:
+    check_packages(cfg, prefix)
+    check_reward_components(cfg.rewards, prefix)
+    check_accuracy_component(cfg, prefix)
+    files = prompt_files(cfg.data, resolve, prefix)
+    for source, rows in files.items():
+        check_reward_columns(cfg.rewards, rows, source, prefix)
+    check_rubrics(cfg.rewards, files, prefix)
+    if not init_pending:
+        check_checkpoint(resolve(cfg.init_from), f"{prefix}init_from")
+    check_resume(resume, cfg.run_dir)
+
+
+def check_grpo_config(cfg, resolve=lambda p: p, resume: bool | str = False) -> None:
+    """Raises ConfigError on the first thing `dsarl grpo` with this config would fail on after starting."""
+    with in_file(cfg.config_path):
+        _check_grpo(cfg, resolve, resume, init_pending=False, prefix="")
+
+
+def _pipeline_resume(resume: bool | str, run_dir: str, parts: list[Path]) -> None:
+    """A pipeline resumes by skipping what it finished and continuing its stages' checkpoints: one
+    checkpoint path cannot say which stage it belongs to, and some part of run_dir must exist."""
+    if isinstance(resume, str):
+        raise ConfigError(f"--resume {resume}: a pipeline resumes from its run_dir ({run_dir}), not from one "
+                          "checkpoint: pass --resume alone (and run_dir=... for another run)")
+    if resume and not any(p.exists() for p in parts):
+        raise ConfigError(f"--resume: nothing to resume in run_dir {run_dir} (none of "
+                          f"{', '.join(str(p) for p in parts)} exists); drop --resume to start afresh")
+
+
+def check_pipeline_config(cfg, resolve=lambda p: p, resume: bool | str = False) -> None:
+    """`dsarl run`: the GRPO part starts from the pretraining this pipeline runs first."""
+    root = Path(cfg.run_dir)
+    with in_file(cfg.config_path):
+        _pipeline_resume(resume, cfg.run_dir, [root / "pretrain" / "checkpoints", root / "pretrain" / "final",
+                                               root / "grpo" / "checkpoints"])
+        check_logging_packages(cfg.pretrain, "pretrain.")
+        _check_grpo(cfg.grpo, resolve, False, init_pending=True, prefix="grpo.")
+
+
+def check_distill_config(cfg, resolve=lambda p: p, resume: bool | str = False) -> None:
+    """`dsarl distill`: the base and given specialists exist, every specialist's GRPO config checks out."""
+    from dsarl.data.domains import get_domain
+
+    from .distill_pipeline import specialist_config
+
+    root = Path(cfg.run_dir)
+    with in_file(cfg.config_path):
+        _pipeline_resume(resume, cfg.run_dir, [root / "base", root / "specialists", root / "student"])
+        if cfg.base is not None:
+            check_checkpoint(resolve(cfg.base), "base")
+        else:
+            check_logging_packages(cfg.pretrain, "pretrain.")
+        for i, entry in enumerate(cfg.domains):
+            try:
+                get_domain(entry.name)
+            except ValueError as e:
+                raise ConfigError(f"domains[{i}].name: {e}") from None
+            if entry.checkpoint:
+                check_checkpoint(resolve(entry.checkpoint), f"domains[{i}].checkpoint")
+                continue
+            try:
+                g = specialist_config(cfg, entry, cfg.base or str(root / "base" / "final"))
+            except (OmegaConfBaseException, ValueError) as e:  # a bad grpo_overrides key or value
+                raise ConfigError(f"domains[{i}].grpo_overrides: {e}") from None
+            _check_grpo(g, resolve, False, init_pending=True, prefix=f"domains[{i}] ({entry.name}) specialist: ")
