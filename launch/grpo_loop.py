@@ -210,6 +210,14 @@ class GRPOTrainer:
             ResourceSpec("reward", cfg.rewards.num_workers, cfg.rewards.num_cpus_per_worker, 0.0),
             ResourceSpec("learner", cfg.learner_ranks, cfg.learner_num_cpus, cfg.learner_num_gpus),
         ], cfg.placement_strategy, cfg.placement_timeout_s)
+        try:
+            self._start_actors(ckpt, init)
+        except BaseException:
+            self.shutdown()  # what started, stops: a later trainer in this process finds its CPUs free
+            raise
+
+    def _start_actors(self, ckpt: str | None, init: str) -> None:
+        cfg, ro = self.cfg, self.cfg.rollout
         bundle = lambda role: (lambda i: self.placement.actor_options(role, i))  # noqa: E731
         learner_cfg = dataclasses.replace(cfg.learner, temperature=ro.temperature)  # one temperature
         self._make_learner = lambda resume_from: LearnerGroup(  # noqa: E731  (also a restart's)
@@ -473,9 +481,11 @@ class GRPOTrainer:
         """Stops this trainer's actors and frees its placement group (the Ray instance stays up)."""
         if self.placement is None:  # already shut down
             return
-        self.learner.shutdown()
-        for w in self.rollout.workers + self.rewards.workers:
-            ray.kill(w)
+        if getattr(self, "learner", None) is not None:
+            self.learner.shutdown()
+        for pool in (getattr(self, "rollout", None), getattr(self, "rewards", None)):
+            for w in pool.workers if pool is not None else []:
+                ray.kill(w)
         self.placement.remove()
         self.placement = None
 

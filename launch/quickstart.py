@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsarl.learner.checkpointing import latest_checkpoint
 from dsarl.learner.metrics import read_metrics
 from dsarl.learner.pretrain import PretrainConfig
 
@@ -72,7 +73,9 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, resolve=lambda p: p,
         pretrain(cfg.pretrain, resume=resume, resolve=resolve, show_progress=show_progress)
     times["pretrain_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    run_grpo(cfg.grpo, resume=resume, resolve=resolve, show_progress=show_progress)
+    # resume GRPO only where it checkpointed: a run killed during pretraining starts GRPO afresh
+    grpo_started = latest_checkpoint(root / "grpo") is not None
+    run_grpo(cfg.grpo, resume=resume and grpo_started, resolve=resolve, show_progress=show_progress)
     times["grpo_s"] = time.perf_counter() - t1
     table = accuracy_table(root / "grpo")
     plot = plot_curves(root / "grpo", root / "reward_accuracy.png")

@@ -79,3 +79,15 @@ def test_config_asking_for_100_gpus_fails_fast_naming_the_role(ray_local, init_c
     with pytest.raises(InsufficientResourcesError) as e:
         GRPOTrainer(cfg)
     assert "rollout" in str(e.value) and "GPU" in str(e.value)  # raised at start: nothing left pending
+
+
+def test_resume_from_an_explicit_older_checkpoint_redoes_the_steps_after_it(ray_local, init_checkpoint, tmp_path):
+    run_grpo(small_grpo(init_checkpoint, tmp_path / "a", steps=3, keep_checkpoints=3), show_progress=False)
+    first = metrics_lines(tmp_path / "a")
+    older = list_checkpoints(tmp_path / "a")[0]  # step 1, not the newest
+    run_grpo(small_grpo(init_checkpoint, tmp_path / "a", steps=3, keep_checkpoints=3), resume=str(older),
+             show_progress=False)
+    again = metrics_lines(tmp_path / "a")
+    assert [m["step"] for m in again] == [0, 1, 2, 3]  # steps 2 and 3 rewritten, not appended
+    for key in DETERMINISTIC:
+        assert again[3][key] == pytest.approx(first[3][key], rel=1e-6, abs=1e-7), key

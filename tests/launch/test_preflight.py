@@ -203,20 +203,6 @@ def test_resume_from_a_path_that_is_not_a_training_checkpoint(tmp_path, ckpt, ca
     assert err == f"{path}: --resume: {ckpt} is not a complete checkpoint (missing optimizer.pt, trainer_state.json)"
 
 
-def test_grpo_resume_from_a_checkpoint_that_is_not_the_newest_in_run_dir_is_refused_for_now(tmp_path, ckpt, capsys):
-    # GRPOTrainer resumes from the newest checkpoint in run_dir whatever it is given (not yet a path)
-    import torch
-
-    from dsarl.learner.checkpointing import save_training_checkpoint
-    from dsarl.models import from_pretrained
-
-    model, tok = from_pretrained(ckpt)
-    other = save_training_checkpoint(tmp_path / "other", 3, model, tok, torch.optim.AdamW(model.parameters()), {})
-    path, err = grpo_error(tmp_path, capsys, grpo_cfg(tmp_path, ckpt), "--resume", str(other))
-    assert err == (f"--resume {other}: dsarl grpo resumes only from the newest checkpoint in run_dir "
-                   f"(none in {tmp_path / 'run'}) for now; pass that one or --resume alone")
-
-
 # ---- optional packages --------------------------------------------------------------------------
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
 def test_the_vllm_engine_without_vllm_names_the_extra(tmp_path, ckpt, capsys):
