@@ -248,7 +248,20 @@ def _check_grpo(cfg, resolve, resume, init_pending: bool, prefix: str) -> None:
     check_rubrics(cfg.rewards, files, prefix)
     if not init_pending:
         check_checkpoint(resolve(cfg.init_from), f"{prefix}init_from")
+        check_engine_replay(cfg, resolve(cfg.init_from), prefix)
     check_resume(resume, cfg.run_dir)
+
+
+def check_engine_replay(cfg, init: str, prefix: str = "") -> None:
+    """vLLM records no indexer selections: a sparse model's index replay needs the native engine."""
+    import json
+
+    attention = cfg.model_overrides.get("attention") or json.loads(
+        (Path(init) / "config.json").read_text()).get("attention", "dense")
+    if cfg.rollout.engine == "vllm" and attention == "sparse" and cfg.learner.use_sampler_indices:
+        raise ConfigError(f"{prefix}rollout.engine: vllm returns no indexer selections, which index replay "
+                          f"(learner.use_sampler_indices, on for this sparse model) needs: use engine native, or "
+                          f"set learner.use_sampler_indices: false")
 
 
 def check_grpo_config(cfg, resolve=lambda p: p, resume: bool | str = False) -> None:

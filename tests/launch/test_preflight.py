@@ -260,3 +260,16 @@ def test_distill_checks_domains_base_and_each_specialist(tmp_path, ckpt, capsys)
                           "a reward component's key")
     err = config_error([*base, f"base={ckpt}", "--resume", ckpt], capsys)
     assert err.startswith(f"configs/distill.yaml: --resume {ckpt}: a pipeline resumes from its run_dir")
+
+
+def test_vllm_with_index_replay_on_a_sparse_model_is_refused(ckpt):
+    from dsarl.launch.config import load_config
+    from dsarl.launch.grpo_loop import GRPOConfig
+    from dsarl.launch.preflight import check_engine_replay
+    from dsarl.models.config import ConfigError
+
+    sparse_vllm = ["rollout.engine=vllm", "model_overrides={attention: sparse}"]
+    with pytest.raises(ConfigError, match="vllm returns no indexer selections"):
+        check_engine_replay(load_config(GRPOConfig, None, sparse_vllm), ckpt)
+    check_engine_replay(load_config(GRPOConfig, None, [*sparse_vllm, "learner.use_sampler_indices=false"]), ckpt)
+    check_engine_replay(load_config(GRPOConfig, None, ["rollout.engine=vllm"]), ckpt)  # the checkpoint is dense
