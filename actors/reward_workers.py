@@ -46,7 +46,7 @@ class RewardWorker:
         return True
 
     def score(self, samples: list[RewardSample]) -> ScoredBatch:
-        return self.combiner.score(samples)
+        return self.combiner.score_report(samples)
 
     def close(self) -> None:
         self.combiner.close()

@@ -101,9 +101,15 @@ class RewardCombiner:
     def score_batch(self, samples: list[RewardSample]) -> list[dict[str, float]]:
         """One dict per sample, in input order: every scored component's unweighted value, "total",
         and "<component>/<key>" sub-scores of dict returns."""
-        return self.score(samples).results
+        return self.score_report(samples).results
 
-    def score(self, samples: list[RewardSample]) -> ScoredBatch:
+    def score(self, samples: list[RewardSample]) -> tuple[list[dict[str, float]], dict[str, float]]:
+        """(score_batch's results, metrics): see `reward_metrics`, plus reward/process_restarts."""
+        batch = self.score_report(samples)
+        return batch.results, self.metrics(batch)
+
+    def score_report(self, samples: list[RewardSample]) -> ScoredBatch:
+        """The results with the failure counts and first errors behind them (what a pool merges)."""
         results: list[dict[str, float]] = [{} for _ in samples]
         batch = ScoredBatch(results)
         restarts = self.process.restarts

@@ -42,7 +42,7 @@ def test_failures_score_the_failure_value_and_are_counted(combine):
     cfg = RewardConfig([C("math_answer"), C("reward_plugins:boom"), C("reward_plugins:nan", failure_value=-2.0),
                         C("reward_plugins:hang", weight=3.0)], timeout_s=0.5)
     combiner = combine(cfg)
-    batch = combiner.score(samples())
+    batch = combiner.score_report(samples())
     results, metrics = batch.results, combiner.metrics(batch)
     assert [r["math_answer"] for r in results] == [1.0, 0.0, 0.0]
     assert all(r["reward_plugins:boom"] == 0.0 and r["reward_plugins:hang"] == 0.0 for r in results)
@@ -62,7 +62,7 @@ def test_failures_score_the_failure_value_and_are_counted(combine):
 def test_group_reward_failure_fails_the_group(combine):
     cfg = RewardConfig([C("reward_plugins:boom", group=True), C("reward_plugins:words")])
     combiner = combine(cfg)
-    batch = combiner.score(samples())
+    batch = combiner.score_report(samples())
     assert [r["reward_plugins:boom"] for r in batch.results] == [0.0, 0.0, 0.0]
     assert [r["reward_plugins:words"] for r in batch.results] == [2.0, 3.0, 3.0]
     assert combiner.metrics(batch)["reward/reward_plugins:boom/errors"] == 3.0
@@ -91,7 +91,7 @@ def test_array_scalars_are_numbers(combine):
     kinds = ["f32", "i64", "bool", "tensor", "tensor1", "dict", "list", "str", "vector"]
     rows = [RewardSample("q", "x", 1, {"kind": k}) for k in kinds]
     combiner = combine(RewardConfig([C("reward_plugins:array_scalars", label="a")]))
-    batch = combiner.score(rows)
+    batch = combiner.score_report(rows)
     assert [r["a"] for r in batch.results] == [0.5, 3.0, 1.0, 0.25, 1.5, 0.75, 0.0, 0.0, 0.0]
     assert batch.results[5]["a/n"] == 2.0
     assert combiner.metrics(batch)["reward/a/nans"] == 3.0  # a list, a string and a 2-vector are not numbers
@@ -101,7 +101,7 @@ def test_none_is_no_score_not_a_failure(combine):
     rows = [RewardSample("q", "a", 4, {}), RewardSample("q", "b", 6, {"skip": True}), RewardSample("q", "c", 8, {})]
     combiner = combine(RewardConfig([C("reward_plugins:none_if_skipped", 0.5, label="n"),
                                      C("reward_plugins:words", label="w")]))
-    batch = combiner.score(rows)
+    batch = combiner.score_report(rows)
     assert batch.results[1] == {"w": 1.0, "total": 1.0}  # no "n": it adds 0 to the total
     assert [r["total"] for r in batch.results] == [0.5 * 4 + 1.0, 1.0, 0.5 * 8 + 1.0]
     metrics = combiner.metrics(batch)

@@ -13,7 +13,7 @@ from dsarl.rewards.types import RewardSample
 def score(components, samples, **cfg):
     combiner = RewardCombiner(RewardConfig(components, **cfg))
     try:
-        return combiner.score(samples)
+        return combiner.score_report(samples)
     finally:
         combiner.close()
 

@@ -45,7 +45,7 @@ def row(completion, answer="4", **extra):
 def test_math_answer_stuck_in_sympy_times_out_and_the_combiner_is_reused(combiner):
     # math-verify evaluates the tower 10^10^10^10 in C (its own timeouts are off): a thread cannot stop it
     batch = [row(r"\boxed{4}"), row(r"\boxed{10^{10^{10^{10}}}}"), row(r"\boxed{4}"), row(r"\boxed{5}")]
-    scored = within_guard(combiner.score, batch)
+    scored = within_guard(combiner.score_report, batch)
     assert [r["math_answer"] for r in scored.results] == [1.0, 0.0, 1.0, 0.0]
     assert scored.counts[("math_answer", "timeout")] == 1
     assert "2s limit" in scored.first_errors["math_answer"]
@@ -58,7 +58,7 @@ def test_math_answer_stuck_in_sympy_times_out_and_the_combiner_is_reused(combine
                          indirect=True)
 def test_user_reward_spinning_in_c_times_out_and_later_samples_score(combiner):
     batch = [row("a b", spin=True), row("a b c"), row("a", spin=True), row("a b c d")]
-    scored = within_guard(combiner.score, batch)
+    scored = within_guard(combiner.score_report, batch)
     assert [r["spin"] for r in scored.results] == [0.0, 1.0, 0.0, 1.0]
     assert [r["w"] for r in scored.results] == [2.0, 3.0, 1.0, 4.0]  # the next component ran normally
     assert scored.counts[("spin", "timeout")] == 2 and scored.restarts == 2
@@ -69,7 +69,7 @@ def test_user_reward_spinning_in_c_times_out_and_later_samples_score(combiner):
                                                     C("math_answer")], timeout_s=5.0)], indirect=True)
 def test_a_call_that_kills_its_process_fails_alone(combiner):
     batch = [row(r"\boxed{4}"), row(r"\boxed{4}", die=True), row(r"\boxed{4}"), row(r"\boxed{3}", die=True)]
-    scored = within_guard(combiner.score, batch)
+    scored = within_guard(combiner.score_report, batch)
     assert [r["exit"] for r in scored.results] == [0.0] * 4  # 0.0 both as its score and as failure value
     assert scored.counts[("exit", "error")] == 2
     assert "exit code 1" in scored.first_errors["exit"]
@@ -81,7 +81,7 @@ def test_a_call_that_kills_its_process_fails_alone(combiner):
                                                    timeout_s=5.0)], indirect=True)
 def test_async_rewards_are_awaited_together_and_time_out_by_wait_for(combiner):
     batch = [RewardSample("q", "x", 1, {"sleep": k == 1}, sample_index=k) for k in range(3)]
-    scored = within_guard(combiner.score, batch)
+    scored = within_guard(combiner.score_report, batch)
     # WaitForAll finishes only when all three calls are in flight at once
     assert [r["all"] for r in scored.results] == [0.0, 1.0, 2.0]
     assert [r["sleep"] for r in scored.results] == [2.0, 0.0, 2.0]
