@@ -44,7 +44,10 @@ def call_signature(obj) -> inspect.Signature:
 
 
 def detect_style(obj) -> str:
-    names = set(call_signature(obj).parameters)
+    try:
+        names = set(call_signature(obj).parameters)
+    except (TypeError, ValueError):  # no readable signature (some C callables): dsarl's own style
+        return "sample"
     if "solution_str" in names:
         return "verl"
     if names & set(_TRL_NAMES):
@@ -58,7 +61,10 @@ def is_async(obj) -> bool:
 
 
 def _accepts_any_kwarg(fn) -> bool:
-    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    try:
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return True
 
 
 def _keep_named(fn, kwargs: dict) -> dict:

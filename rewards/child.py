@@ -13,8 +13,9 @@ An item is what one call takes (a sample, a group's samples, or a chunk's; see a
 ok | none | error | timeout | nan, and error text the full traceback for a raised exception.
 Synchronous rewards run their items one after another, sending each result as it is ready (the
 parent kills this process when one is late: code stuck in C cannot be stopped any other way).
-`async def` rewards run all items of a call at once on one event loop, each under
-`asyncio.wait_for(limit)`; the parent's kill still bounds one that blocks the loop.
+`async def` rewards run all items of a call at once on the process's one event loop, each under
+`asyncio.wait_for(limit)` (no cap on how many: a reward that calls a rate-limited service bounds
+its own concurrency); the parent's kill still bounds one that blocks the loop.
 """
 from __future__ import annotations
 
@@ -63,12 +64,12 @@ async def _await(awaitable, limit: float):
     return await asyncio.wait_for(awaitable, limit)
 
 
-def call_one(reward: BuiltReward, item, limit: float) -> list[tuple]:
-    """One synchronous call (awaiting its result if it returned an awaitable)."""
+def call_one(reward: BuiltReward, item, limit: float, loop: asyncio.AbstractEventLoop) -> list[tuple]:
+    """One synchronous call (awaiting its result on `loop` if it returned an awaitable)."""
     try:
         raw = reward.call(item)
         if inspect.isawaitable(raw):
-            raw = asyncio.run(_await(raw, limit))
+            raw = loop.run_until_complete(_await(raw, limit))
         return outcomes(raw, item, reward.unit)
     except asyncio.TimeoutError:
         return failed("timeout", f"no result after {limit:.3g}s (asyncio.wait_for)", _size(item))
@@ -96,8 +97,10 @@ def serve(conn: Connection) -> None:
     _, components, sys_path, cwd = conn.recv()
     sys.path[:] = sys_path  # resolve user code exactly as the parent does
     os.chdir(cwd)
-    import math_verify  # noqa: F401 - math_answer's first call would pay this import inside its time limit
-
+    try:
+        import math_verify  # noqa: F401 - math_answer's first call (and anyone's) would pay this import in its limit
+    except ImportError:
+        pass
     rewards = []
     for c in components:
         try:
@@ -106,6 +109,7 @@ def serve(conn: Connection) -> None:
             conn.send(("failed", f"reward component {c.key!r} ({c.name}) failed to build:\n{traceback.format_exc()}"))
             return
     conn.send(("ready", [(r.unit, r.is_async) for r in rewards]))
+    loop = asyncio.new_event_loop()  # one loop for the process's life: async rewards may keep clients bound to it
     while True:
         try:
             message = conn.recv()
@@ -116,10 +120,10 @@ def serve(conn: Connection) -> None:
         _, index, items, limits = message
         reward = rewards[index]
         if reward.is_async:
-            asyncio.run(call_all_async(reward, items, limits, conn.send))
+            loop.run_until_complete(call_all_async(reward, items, limits, conn.send))
         else:
             for j, item in enumerate(items):
-                conn.send(("result", j, call_one(reward, item, limits[j])))
+                conn.send(("result", j, call_one(reward, item, limits[j], loop)))
 
 
 def _die_with_parent(parent_pid: int) -> None:

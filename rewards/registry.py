@@ -75,16 +75,19 @@ def style_of(comp: RewardComponentConfig, obj: object) -> str:
 def check_kwargs(comp: RewardComponentConfig, obj: object, style: str) -> None:
     """Bind the component's kwargs to the signature they go to; ValueError naming the component."""
     try:
+        sig = inspect.signature(obj) if inspect.isclass(obj) else call_signature(obj)
+    except (TypeError, ValueError):  # no readable signature: the first call will tell
+        return
+    try:
         if inspect.isclass(obj):
-            inspect.signature(obj).bind(**comp.kwargs)
+            sig.bind(**comp.kwargs)
         elif style == "sample":  # fn(sample_or_samples, **kwargs): every required argument is given
-            call_signature(obj).bind(None, **comp.kwargs)
+            sig.bind(None, **comp.kwargs)
         else:  # trl / verl: the other arguments come from the samples
-            call_signature(obj).bind_partial(**comp.kwargs)
+            sig.bind_partial(**comp.kwargs)
     except TypeError as e:
         raise ValueError(f"reward component {comp.key!r} ({comp.name}): kwargs {sorted(comp.kwargs)} do not fit "
-                         f"its signature {call_signature(obj) if not inspect.isclass(obj) else inspect.signature(obj)}: "
-                         f"{e}") from None
+                         f"its signature {sig}: {e}") from None
 
 
 def failure_value_of(comp: RewardComponentConfig, obj: object) -> float:

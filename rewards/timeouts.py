@@ -114,7 +114,7 @@ class RewardProcess:
         try:
             proc = self._spawner.popen(
                 [sys.executable, "-m", "dsarl.rewards.child", str(child_sock.fileno()), str(os.getpid())],
-                pass_fds=(child_sock.fileno(),), start_new_session=True, cwd=os.getcwd())
+                pass_fds=(child_sock.fileno(),), start_new_session=True, cwd=os.getcwd(), stdin=subprocess.DEVNULL)
         finally:
             child_sock.close()
         conn = Connection(parent_sock.detach())

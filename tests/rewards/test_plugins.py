@@ -119,3 +119,15 @@ def test_validation_resolves_without_building_and_the_combiner_reports_build_err
         RewardCombiner(cfg)
     with pytest.raises(ValueError, match="'reward_plugins:FailsToBuild'.*model_pth"):
         validate_reward_config(RewardConfig([C("reward_plugins:FailsToBuild", kwargs={"model_pth": "x"})]))
+
+
+def test_a_missing_dependency_inside_a_user_module_is_named(tmp_path, monkeypatch):
+    from dsarl.rewards.imports import import_attr
+
+    (tmp_path / "cwd_broken_b2.py").write_text("import not_installed_pkg_zz\n\ndef f(sample):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    with pytest.raises(ValueError, match="'cwd_broken_b2:f'.*No module named 'not_installed_pkg_zz'"):
+        import_attr("cwd_broken_b2:f")
+    with pytest.raises(ValueError, match="no file"):
+        import_attr("missing_dir/rewards.py:f")
