@@ -76,7 +76,7 @@ def _keep_named(fn, kwargs: dict) -> dict:
 
 
 def _is_chat(prompt) -> bool:
-    return isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "content" in m for m in prompt)
 
 
 def trl_arguments(samples: list[RewardSample]) -> dict:

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from types import MappingProxyType
 from typing import Callable, Mapping
 
 from dsarl.rewards import code, language, length, rubric, rules
-from dsarl.rewards.adapters import BuiltReward, adapt, call_signature, detect_style
+from dsarl.rewards.adapters import STYLES, BuiltReward, adapt, call_signature, detect_style
 from dsarl.rewards.config import RewardComponentConfig, RewardConfig
 from dsarl.rewards.imports import import_attr
 
@@ -99,6 +100,10 @@ def failure_value_of(comp: RewardComponentConfig, obj: object) -> float:
 
 def validate_component(comp: RewardComponentConfig) -> object:
     """Resolve one component and check its style and kwargs without building it; -> the resolved object."""
+    if comp.style != "auto" and comp.style not in STYLES:
+        raise ValueError(f"reward component {comp.key!r}: style={comp.style!r}; expected auto or one of {STYLES}")
+    if comp.failure_value is not None and not math.isfinite(comp.failure_value):
+        raise ValueError(f"reward component {comp.key!r}: failure_value must be finite, got {comp.failure_value}")
     try:
         obj = resolve_reward(comp.name)
     except ValueError as e:

@@ -132,8 +132,10 @@ def test_bad_names_fail_at_build(name, match):
     (C("overlong", kwargs={"max_len": 10}), r"'overlong'.*buffer"),  # a required kwarg is missing
     (C("reward_plugins:Scaled", kwargs={"factr": 2.0}, label="scaled"), r"'scaled'.*factr"),
     (C("math_answer", kwargs={"answer_kye": "a"}), r"'math_answer'.*answer_kye"),
+    (C("math_answer", style="TRL"), r"'math_answer'.*style='TRL'"),
+    (C("math_answer", failure_value=float("nan")), r"'math_answer'.*failure_value"),
 ])
-def test_kwarg_typos_fail_when_the_combiner_is_built(combine, component, match):
+def test_config_mistakes_fail_when_the_combiner_is_built(combine, component, match):
     with pytest.raises(ValueError, match=match):
         validate_reward_config(RewardConfig([component]))
     with pytest.raises(ValueError, match=match):
