@@ -115,6 +115,11 @@ def _numeric_entries(out):
     return kept
 
 
+def item_size(item) -> int:
+    """Samples in one call's argument: a list of them, or one sample."""
+    return len(item) if isinstance(item, list) else 1
+
+
 @dataclass(frozen=True)
 class BuiltReward:
     """A reward ready to call: `call(item)`, where an item is one RewardSample (unit "sample") or the

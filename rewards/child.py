@@ -27,7 +27,7 @@ import sys
 import traceback
 from multiprocessing.connection import Connection
 
-from dsarl.rewards.adapters import BuiltReward
+from dsarl.rewards.adapters import BuiltReward, item_size
 from dsarl.rewards.registry import build_component
 from dsarl.rewards.values import to_value
 
@@ -56,10 +56,6 @@ def failed(status: str, error: str, n: int) -> list[tuple]:
     return [(status, None, {}, error)] * n
 
 
-def _size(item) -> int:
-    return len(item) if isinstance(item, list) else 1
-
-
 async def _await(awaitable, limit: float):
     return await asyncio.wait_for(awaitable, limit)
 
@@ -72,9 +68,9 @@ def call_one(reward: BuiltReward, item, limit: float, loop: asyncio.AbstractEven
             raw = loop.run_until_complete(_await(raw, limit))
         return outcomes(raw, item, reward.unit)
     except asyncio.TimeoutError:
-        return failed("timeout", f"no result after {limit:.3g}s (asyncio.wait_for)", _size(item))
+        return failed("timeout", f"no result after {limit:.3g}s (asyncio.wait_for)", item_size(item))
     except BaseException:  # noqa: BLE001 - a reward's failure is a result, not the end of this process
-        return failed("error", traceback.format_exc(), _size(item))
+        return failed("error", traceback.format_exc(), item_size(item))
 
 
 async def call_all_async(reward: BuiltReward, items: list, limits: list, send) -> None:
@@ -85,9 +81,9 @@ async def call_all_async(reward: BuiltReward, items: list, limits: list, send) -
             raw = await asyncio.wait_for(raw, limits[j]) if inspect.isawaitable(raw) else raw
             result = outcomes(raw, items[j], reward.unit)
         except asyncio.TimeoutError:
-            result = failed("timeout", f"no result after {limits[j]:.3g}s (asyncio.wait_for)", _size(items[j]))
+            result = failed("timeout", f"no result after {limits[j]:.3g}s (asyncio.wait_for)", item_size(items[j]))
         except Exception:  # noqa: BLE001
-            result = failed("error", traceback.format_exc(), _size(items[j]))
+            result = failed("error", traceback.format_exc(), item_size(items[j]))
         send(("result", j, result))
 
     await asyncio.gather(*(one(j) for j in range(len(items))))

@@ -26,6 +26,8 @@ import weakref
 from multiprocessing.connection import Connection
 from typing import Callable
 
+from dsarl.rewards.adapters import item_size
+
 START_TIMEOUT_S = 120.0  # a fresh child's imports and reward constructors (a judge model may load)
 ASYNC_GRACE_S = 1.0  # async calls: the child's own asyncio.wait_for reports first, the kill is the backstop
 RESTART_ALLOWANCE_S = 5.0  # what time_bound allows for each kill and restart (usually ~1 s)
@@ -90,10 +92,6 @@ class _Spawner:
 
     def close(self) -> None:
         self._requests.put(None)
-
-
-def _size(item) -> int:
-    return len(item) if isinstance(item, list) else 1
 
 
 class RewardProcess:
@@ -181,7 +179,7 @@ class RewardProcess:
             for i in stuck:
                 error = (f"no result within its {limits[i]:.3g}s limit: the reward process was killed"
                          if status == "timeout" else f"the reward process died (exit code {code}) during this call")
-                out[i] = [(status, None, {}, error)] * _size(items[i])
+                out[i] = [(status, None, {}, error)] * item_size(items[i])
             todo = [i for i in waiting if i not in stuck]
         return out
 

@@ -45,8 +45,8 @@ def test_split_keeps_groups_whole():
 
 
 @pytest.mark.parametrize("pool", [RewardConfig(
-    [C("math_answer"), C("reward_plugins:boom_if", label="boom"), C("reward_plugins:spin_in_c", weight=5.0, label="spin")],
-    timeout_s=1.0, num_workers=2)], indirect=True)
+    [C("math_answer"), C("reward_plugins:boom_if", label="boom"),
+     C("reward_plugins:spin_in_c", weight=5.0, label="spin")], timeout_s=1.0, num_workers=2)], indirect=True)
 def test_pool_returns_every_sample_with_raising_and_stuck_rewards(pool):
     samples = batch()
     flagged = {1: {"boom": True}, 2: {"spin": True}, 4: {"boom": True, "spin": True}}
