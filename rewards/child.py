@@ -82,7 +82,7 @@ async def call_all_async(reward: BuiltReward, items: list, limits: list, send) -
             result = outcomes(raw, items[j], reward.unit)
         except asyncio.TimeoutError:
             result = failed("timeout", f"no result after {limits[j]:.3g}s (asyncio.wait_for)", item_size(items[j]))
-        except Exception:  # noqa: BLE001
+        except BaseException:  # noqa: BLE001 - incl. a CancelledError or SystemExit of the reward's own
             result = failed("error", traceback.format_exc(), item_size(items[j]))
         send(("result", j, result))
 
