@@ -124,3 +124,8 @@ def test_bad_config_fails_in_the_driver():
         RewardPool(RewardConfig([C("not_a_reward")]))
     with pytest.raises(ValueError, match="'reward_plugins:words'.*per_wrd"):
         RewardPool(RewardConfig([C("reward_plugins:words", kwargs={"per_wrd": 1.0})]))
+
+
+def test_a_reward_that_fails_to_build_fails_the_pool_at_start():
+    with pytest.raises(ValueError, match=r"(?s)'reward_plugins:FailsToBuild'.*cannot load judge-7b"):
+        RewardPool(RewardConfig([C("reward_plugins:FailsToBuild", kwargs={"model_path": "judge-7b"})]))
