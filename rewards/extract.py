@@ -5,6 +5,7 @@
 - `final_answer(text)`: `last_boxed`, else `last_number`, else None.
 - `parse_number(s)`: a float when `s` is a plain number, possibly with a unit or trailing text
   ("0.5", "1/2", "\\frac{1}{2}", "50%", "12 cm", "$3.00"); None otherwise.
+- `parse_exact(s)`: the same value as an exact Fraction (so integers compare exactly).
 """
 from __future__ import annotations
 
@@ -56,24 +57,34 @@ def _strip_wrappers(s: str) -> str:
     return s.lstrip("$").strip()
 
 
-def parse_number(s: str) -> Optional[float]:
-    """Value of a plain numeric answer, ignoring a trailing unit; None for anything symbolic."""
+def parse_exact(s: str) -> Optional[Fraction]:
+    """Exact value of a plain numeric answer (decimals as written: "0.1" is 1/10), ignoring a trailing
+    unit; None for anything symbolic."""
     s = _strip_wrappers(s)
     m = _FRAC.match(s)
     if m:
-        den = float(m.group(2))
-        return float(m.group(1)) / den if den != 0 else None
+        den = Fraction(m.group(2))
+        return Fraction(m.group(1)) / den if den != 0 else None
     m = _LEADING_NUMBER.match(s)
     if m is None or not _UNIT_TAIL.match(s[m.end():]):
         return None
     try:
         value = Fraction(m.group(1).replace(",", ""))
-        if m.group(2):
-            if int(m.group(2)) == 0:
-                return None
-            value /= int(m.group(2))
-        if m.group(3):
-            value /= 100
-        return float(value)
-    except (ValueError, ZeroDivisionError, OverflowError):
+    except (ValueError, ZeroDivisionError):
+        return None
+    if m.group(2):
+        if int(m.group(2)) == 0:
+            return None
+        value /= int(m.group(2))
+    if m.group(3):
+        value /= 100
+    return value
+
+
+def parse_number(s: str) -> Optional[float]:
+    """Value of a plain numeric answer, ignoring a trailing unit; None for anything symbolic."""
+    value = parse_exact(s)
+    try:
+        return None if value is None else float(value)
+    except OverflowError:
         return None

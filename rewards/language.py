@@ -70,6 +70,8 @@ def language_share(text: str, target: str, identify: Callable[[str], str]) -> fl
 class LanguageConsistency:
     """Reward `-(1 - share)` of the completion in the row's (or the task's) target language."""
 
+    failure_value = -1.0  # a failed call scores the worst penalty, not the best (0)
+
     def __init__(self, language_key: str = "language", target: Optional[str] = None,
                  backend: str = "langid"):
         self.language_key, self.target = language_key, target

@@ -28,6 +28,9 @@ def overlong_penalty(sample: RewardSample, max_len: int, buffer: int) -> float:
     return max(-1.0, (start - sample.num_tokens) / buffer)
 
 
+overlong_penalty.failure_value = -1.0  # a failed call scores the worst penalty, not the best (0)
+
+
 def shortest_correct_shaping(lengths: list[int], correct: list[bool], scale: float = 1.0) -> list[float]:
     """The shaping formula on plain lists (lengths in tokens, one correctness flag per sample)."""
     correct_lengths = [n for n, ok in zip(lengths, correct) if ok]
@@ -44,6 +47,8 @@ class LengthShaping:
     correct_fn: the reward deciding correctness (registry name or `module:function`), with
     correct_kwargs; a sample is correct when that reward is >= threshold.
     """
+
+    failure_value = -1.0  # a failed call scores the worst penalty, not the best (0)
 
     def __init__(self, correct_fn: str = "math_answer", correct_kwargs: Optional[dict] = None,
                  threshold: float = 1.0, scale: float = 1.0):

@@ -2,7 +2,8 @@
 
 All return 1.0 (pass) or 0.0 (fail); a malformed completion scores 0.0, it never raises.
 Math answers are compared by value: plain numbers (with units, %, fractions, thousands separators)
-numerically with a relative tolerance, anything else (LaTeX, symbolic) with `math-verify`.
+exactly when both are integers (1000001 is not 1000000) and with a relative tolerance when either
+is not, anything else (LaTeX, symbolic) with `math-verify`.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from typing import Optional
 
 import jsonschema
 
-from dsarl.rewards.extract import final_answer, last_boxed, parse_number
+from dsarl.rewards.extract import final_answer, last_boxed, parse_exact
 from dsarl.rewards.types import RewardSample
 
 # math-verify warns on every call when its own signal-based timeout is disabled; we disable it
-# because signals only work on the main thread, and the combiner enforces the time limit instead.
+# because signals only work on the main thread, and the combiner enforces the time limit instead
+# (by killing the reward process: math-verify can compute for ever inside sympy's C code).
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
@@ -29,10 +31,16 @@ def _reference(sample: RewardSample, answer_key: str) -> str:
 
 
 def math_equal(pred: str, gold: str, rel_tol: float = 1e-6) -> bool:
-    """True when two final answers have the same value (numeric first, then math-verify)."""
-    p, g = parse_number(pred), parse_number(gold)
+    """True when two final answers have the same value (numeric first, then math-verify). Two
+    integers must be equal; otherwise numbers are equal within `rel_tol`."""
+    p, g = parse_exact(pred), parse_exact(gold)
     if p is not None and g is not None:
-        return math.isclose(p, g, rel_tol=rel_tol, abs_tol=1e-9)
+        if p.denominator == 1 and g.denominator == 1:
+            return p == g
+        try:
+            return p == g or math.isclose(float(p), float(g), rel_tol=rel_tol, abs_tol=1e-9)
+        except OverflowError:  # one side beyond float range and they differ
+            return False
     from math_verify import parse, verify
 
     gold_parsed = parse(f"${gold}$", parsing_timeout=None)

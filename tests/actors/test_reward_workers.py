@@ -1,3 +1,4 @@
+import inspect
 import sys
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import ray
 
 from dsarl.actors.reward_workers import RewardPool, split_by_group
 from dsarl.rewards.config import RewardComponentConfig as C, RewardConfig
+from dsarl.rewards.health import RewardComponentDead
 from dsarl.rewards.types import RewardSample
 
 PLUGINS = str(Path(__file__).resolve().parents[1] / "rewards")  # tests/rewards/reward_plugins.py
@@ -13,7 +15,7 @@ PLUGINS = str(Path(__file__).resolve().parents[1] / "rewards")  # tests/rewards/
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    sys.path.insert(0, PLUGINS)  # the driver validates the config by building it once
+    sys.path.insert(0, PLUGINS)  # the driver validates the config by resolving it
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": PLUGINS}})
     yield
@@ -21,8 +23,15 @@ def ray_cluster():
     sys.path.remove(PLUGINS)
 
 
-def batch(n_groups=3, g=2):
-    return [RewardSample("q", rf"\boxed{{{k}}}", 10 + k, {"answer": "1"}, group_id=gid, sample_index=k)
+@pytest.fixture
+def pool(request):
+    p = RewardPool(request.param)
+    yield p
+    p.shutdown()
+
+
+def batch(n_groups=3, g=2, **row):
+    return [RewardSample("q", rf"\boxed{{{k}}}", 10 + k, {"answer": "1", **row}, group_id=gid, sample_index=k)
             for gid in range(n_groups) for k in range(g)]
 
 
@@ -35,38 +44,88 @@ def test_split_keeps_groups_whole():
     assert sorted(map(len, chunks)) == [6, 9]
 
 
-def test_pool_returns_every_sample_with_raising_and_hanging_rewards():
-    cfg = RewardConfig([C("math_answer"), C("reward_plugins:boom"), C("reward_plugins:hang", weight=5.0)],
-                       timeout_s=0.5, num_workers=2)
-    pool = RewardPool(cfg)
+@pytest.mark.parametrize("pool", [RewardConfig(
+    [C("math_answer"), C("reward_plugins:boom_if", label="boom"),
+     C("reward_plugins:spin_in_c", weight=5.0, label="spin")], timeout_s=1.0, num_workers=2)], indirect=True)
+def test_pool_returns_every_sample_with_raising_and_stuck_rewards(pool):
     samples = batch()
+    flagged = {1: {"boom": True}, 2: {"spin": True}, 4: {"boom": True, "spin": True}}
+    samples = [RewardSample(s.prompt, s.completion, s.num_tokens, {**s.row, **flagged.get(i, {})}, s.group_id,
+                            s.sample_index) for i, s in enumerate(samples)]
+    workers = list(pool.workers)
     results, metrics = pool.score(samples)
-    assert len(results) == len(samples)
     # input order: sample_index 1 has \boxed{1} == answer 1, sample_index 0 has \boxed{0}
     assert [r["math_answer"] for r in results] == [0.0, 1.0] * 3
-    assert all(r["reward_plugins:boom"] == 0.0 and r["reward_plugins:hang"] == 0.0 for r in results)
-    assert [r["total"] for r in results] == [0.0, 1.0] * 3
-    assert metrics["reward/reward_plugins:boom/errors"] == 6.0
-    assert metrics["reward/reward_plugins:hang/timeouts"] == 6.0
-    assert metrics["reward/failures"] == 12.0
+    assert [r["boom"] for r in results] == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert [r["spin"] for r in results] == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert [r["total"] for r in results] == [0 + 1 + 5, 1 + 0 + 5, 0 + 1 + 0, 1 + 1 + 5, 0 + 0 + 0, 1 + 1 + 5]
+    assert metrics["reward/boom/errors"] == 2.0 and metrics["reward/spin/timeouts"] == 2.0
+    assert metrics["reward/spin/failed_frac"] == 2 / 6
+    assert metrics["reward/failures"] == 4.0
     assert metrics["reward/math_answer/mean"] == pytest.approx(0.5)
-    assert metrics["reward/worker_failures"] == 0.0
-    pool.shutdown()
+    assert metrics["reward/worker_failures"] == 0.0 and metrics["reward/process_restarts"] == 2.0
+    assert pool.workers == workers  # the stuck calls were killed in the reward process, not the worker
+    results, metrics = pool.score(batch(n_groups=1))
+    assert [r["spin"] for r in results] == [1.0, 1.0] and metrics["reward/failures"] == 0.0
 
 
-def test_pool_replaces_a_dead_worker_and_finishes_the_batch():
-    cfg = RewardConfig([C("math_answer"), C("reward_plugins:exit_process")], timeout_s=2.0, num_workers=1)
-    pool = RewardPool(cfg)
-    dying = [RewardSample("q", r"\boxed{1}", 5, {"answer": "1", "die": True}, group_id=g) for g in range(3)]
-    results, metrics = pool.score(dying)
-    assert len(results) == 3 and all(r["total"] == 0.0 and r["math_answer"] == 0.0 for r in results)
-    assert metrics["reward/worker_failures"] == 3.0
+@pytest.mark.parametrize("pool", [RewardConfig([C("math_answer"), C("overlong", kwargs={"max_len": 11, "buffer": 1})],
+                                               num_workers=1)], indirect=True)
+def test_pool_replaces_a_lost_worker_and_fails_its_chunk(pool):
+    ray.kill(pool.workers[0], no_restart=True)  # lost at the Ray level (node gone, OOM kill)
+    results, metrics = pool.score(batch(n_groups=2))
+    # failure values: math_answer 0.0, overlong -1.0 (its worst)
+    assert all(r == {"math_answer": 0.0, "overlong": -1.0, "total": -1.0} for r in results)
+    assert metrics["reward/worker_failures"] == 4.0 and metrics["reward/failures"] == 8.0
+    assert metrics["reward/math_answer/errors"] == 0.0  # a lost worker is not the component's failure
     results, metrics = pool.score(batch(n_groups=1))  # the replacement worker scores normally
     assert [r["math_answer"] for r in results] == [0.0, 1.0]
+    assert [r["overlong"] for r in results] == [0.0, -1.0]  # 10 tokens -> 0, 11 tokens -> -1
     assert metrics["reward/worker_failures"] == 0.0
-    pool.shutdown()
+
+
+@pytest.mark.parametrize("pool", [RewardConfig([C("reward_plugins:boom"), C("math_answer")], num_workers=2)],
+                         indirect=True)
+def test_a_reward_failing_on_every_sample_stops_the_pool_with_its_traceback(pool):
+    from reward_plugins import boom
+
+    line = inspect.getsourcelines(boom)[1] + 1  # the raise is the line after the def
+    with pytest.raises(RewardComponentDead) as dead:
+        pool.score(batch())
+    text = str(dead.value)
+    assert "'reward_plugins:boom' failed on 6 of 6 samples" in text
+    assert f'reward_plugins.py", line {line}, in boom' in text and "RuntimeError: reward bug" in text
+    assert isinstance(dead.value, RuntimeError)
+
+
+@pytest.mark.parametrize("pool", [RewardConfig([C("reward_plugins:boom_if", label="boom")], num_workers=2)],
+                         indirect=True)
+def test_a_reward_failing_on_one_sample_in_eight_does_not_stop_the_pool(pool):
+    samples = batch(n_groups=4)
+    samples[5] = RewardSample("q", "x", 1, {"boom": True}, group_id=2, sample_index=1)
+    results, metrics = pool.score(samples)
+    assert [r["boom"] for r in results] == [1.0] * 5 + [0.0] + [1.0] * 2
+    assert metrics["reward/boom/failed_frac"] == 1 / 8
+
+
+@pytest.mark.parametrize("pool", [RewardConfig([C("reward_plugins:none_if_skipped", label="n")], num_workers=2)],
+                         indirect=True)
+def test_samples_may_have_different_keys(pool):
+    samples = batch(n_groups=2)
+    samples[0] = RewardSample("q", "x", 7, {"skip": True}, group_id=0)
+    results, metrics = pool.score(samples)
+    assert "n" not in results[0] and [r["n"] for r in results[1:]] == [11.0, 10.0, 11.0]
+    assert metrics["reward/n/mean"] == pytest.approx((11 + 10 + 11) / 3)
+    assert metrics["reward/n/unscored"] == 1.0 and metrics["reward/total/mean"] == pytest.approx(32 / 4)
 
 
 def test_bad_config_fails_in_the_driver():
     with pytest.raises(ValueError, match="neither a built-in"):
         RewardPool(RewardConfig([C("not_a_reward")]))
+    with pytest.raises(ValueError, match="'reward_plugins:words'.*per_wrd"):
+        RewardPool(RewardConfig([C("reward_plugins:words", kwargs={"per_wrd": 1.0})]))
+
+
+def test_a_reward_that_fails_to_build_fails_the_pool_at_start():
+    with pytest.raises(ValueError, match=r"(?s)'reward_plugins:FailsToBuild'.*cannot load judge-7b"):
+        RewardPool(RewardConfig([C("reward_plugins:FailsToBuild", kwargs={"model_path": "judge-7b"})]))

@@ -46,3 +46,84 @@ def exit_process(sample):
     if sample.row.get("die"):
         os._exit(1)
     return 0.0
+
+
+def spin_in_c(sample):
+    """Big-integer power: minutes inside one C call that holds the GIL, when the row says so."""
+    if sample.row.get("spin"):
+        return float(10 ** (10 ** 10) % 7)
+    return 1.0
+
+
+def boom_if(sample):
+    if sample.row.get("boom"):
+        raise RuntimeError(f"bad row {sample.row}")
+    return 1.0
+
+
+def none_if_skipped(sample):
+    """No score for rows marked skip (e.g. another task's rows), else the token count."""
+    return None if sample.row.get("skip") else float(sample.num_tokens)
+
+
+def array_scalars(sample):
+    """numpy / torch scalars as a reward library returns them, chosen by row["kind"]."""
+    import numpy as np
+    import torch
+
+    kind = sample.row["kind"]
+    return {"f32": np.float32(0.5), "i64": np.int64(3), "bool": np.bool_(True), "tensor": torch.tensor(0.25),
+            "tensor1": torch.tensor([1.5]), "dict": {"score": np.float64(0.75), "n": np.int64(2)},
+            "list": [1.0], "str": "1.0", "vector": np.array([1.0, 2.0])}[kind]
+
+
+class DeclaresFailureValue:
+    """A penalty in [-0.5, 0] that declares its worst value as what a failed call scores."""
+
+    failure_value = -0.5
+
+    def __call__(self, sample):
+        if sample.row.get("boom"):
+            raise ValueError("cannot score")
+        return -0.25
+
+
+class WaitForAll:
+    """Async: each call waits until `n` calls have started, so awaiting them one by one never finishes."""
+
+    def __init__(self, n):
+        self.n, self.arrived, self.all_in = n, 0, None
+
+    async def __call__(self, sample):
+        import asyncio
+
+        if self.arrived == 0:
+            self.all_in = asyncio.Event()
+        event = self.all_in
+        self.arrived += 1
+        if self.arrived == self.n:
+            self.arrived = 0
+            event.set()
+        await event.wait()
+        return float(sample.sample_index)
+
+
+async def sleeps_forever_if(sample):
+    import asyncio
+
+    if sample.row.get("sleep"):
+        await asyncio.sleep(3600)
+    return 2.0
+
+
+class FailsToBuild:
+    def __init__(self, model_path="missing"):
+        raise RuntimeError(f"cannot load {model_path}")
+
+    def __call__(self, sample):
+        return 1.0
+
+
+def trl_without_names(*args, **kwargs):
+    """Nothing in this signature says TRL: `style: trl` in the config says it."""
+    return [float(len(c)) for c in kwargs["completions"]]

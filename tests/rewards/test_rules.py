@@ -39,6 +39,19 @@ def test_math_answer(completion, answer, expected):
     assert math_answer(S(completion, answer=answer)) == expected
 
 
+@pytest.mark.parametrize("completion,answer,expected", [
+    (r"\boxed{1000001}", "1000000", 0.0),  # within 1e-6 relative, but integers compare exactly
+    ("there are 1,000,001 of them", "1000000", 0.0),
+    ("12345678901234567891", "12345678901234567890", 0.0),  # beyond float precision
+    (r"\boxed{1000000}", "1,000,000", 1.0),
+    (r"\boxed{3.0}", "3", 1.0),  # an integer written with a decimal point
+    (r"\boxed{1000000.5}", "1000000", 1.0),  # a non-integer side keeps the relative tolerance
+    (r"\boxed{0.3333333}", r"\frac{1}{3}", 1.0),
+])
+def test_integers_compare_exactly(completion, answer, expected):
+    assert math_answer(S(completion, answer=answer)) == expected
+
+
 def test_math_answer_unclosed_box_falls_back_to_last_number():
     assert math_answer(S(r"it is 8 so \boxed{8", answer="8")) == 1.0
 
