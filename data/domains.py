@@ -13,7 +13,7 @@ domain's generator) and `mixed` (documents drawn from several domains, for pretr
 all of them).
 """
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dsarl.rewards.config import RewardComponentConfig
@@ -65,8 +65,7 @@ class Domain:
     def grpo_fields(self, task_kwargs: dict | None = None) -> dict:
         """The GRPOConfig fields this domain sets (data, rewards, accuracy, generation length)."""
         return {"task": self.task, "task_kwargs": {**self.task_kwargs, **(task_kwargs or {})},
-                "components": [RewardComponentConfig(c.name, c.weight, dict(c.kwargs), c.group, c.label)
-                               for c in self.rewards],
+                "components": [replace(c, kwargs=dict(c.kwargs)) for c in self.rewards],  # every field kept
                 "accuracy_component": self.accuracy_component, "max_new_tokens": self.max_new_tokens,
                 "timeout_s": self.reward_timeout_s}
 

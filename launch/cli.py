@@ -113,6 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dsarl: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not isinstance(e, _run_stopped_errors()):
+            raise
+        # the run stopped itself on purpose: its message says why (a reward's first traceback included)
+        print(f"dsarl: run stopped: {type(e).__name__}: {e}", file=sys.stderr)
+        return 3
+
+
+def _run_stopped_errors() -> tuple[type[BaseException], ...]:
+    """Errors a run raises to stop on purpose (a reward that always fails, a learner stuck on NaN)."""
+    from dsarl.learner.grpo_learner import NonFiniteError
+    from dsarl.rewards.health import RewardComponentDead
+
+    return RewardComponentDead, NonFiniteError
 
 
 if __name__ == "__main__":

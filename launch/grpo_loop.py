@@ -259,6 +259,7 @@ class GRPOTrainer:
     def _score(self, rows, completions):
         samples = [RewardSample(prompt=rows[c.prompt_index]["prompt"], completion=c.text, num_tokens=len(c.token_ids),
                                 row=rows[c.prompt_index], group_id=c.prompt_index, sample_index=c.sample_index,
+                                completion_ids=list(c.token_ids),
                                 finish_reason=c.finish_reason) for c in completions]
         return self.rewards.score(samples)
 

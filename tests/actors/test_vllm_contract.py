@@ -22,7 +22,7 @@ def vllm_source(request):
 
 
 def test_llm_constructor_accepts_every_engine_argument_we_pass(vllm_source):
-    passed = set(llm_kwargs("/models/m", max_batch_size=32))
+    passed = set(llm_kwargs("models/m", max_batch_size=32))
     accepted = vllm_source.parameters("LLM", "__init__", "vllm/entrypoints/") | vllm_source.fields(
         "EngineArgs", "vllm/engine/")  # LLM(**kwargs) builds EngineArgs(**kwargs)
     assert passed <= accepted, f"not vLLM arguments in {vllm_source.wheel.name}: {sorted(passed - accepted)}"

@@ -18,6 +18,10 @@ USER_REWARDS = textwrap.dedent('''
         if sample.sample_index == 1:
             raise RuntimeError("flaky reward")
         return {"score": 1.0, "chars": float(len(sample.completion))}
+
+
+    def always_fails(sample):
+        raise KeyError("gold_answer")  # a reward reading a column the dataset does not have
 ''')
 
 
@@ -69,3 +73,22 @@ def test_progress_line_names_the_phase_and_reward_failures(workdir, capfd):
     err = capfd.readouterr().err
     assert "initial eval (4 prompts)" in err
     assert "reward failures 3" in err
+
+
+def test_a_reward_failing_on_every_sample_stops_the_run_with_its_traceback(workdir, capsys):
+    import yaml
+
+    from dsarl.launch.cli import main
+
+    cfg = {"init_from": str(workdir / "init"), "run_dir": str(workdir / "dead"), "steps": 3, "prompts_per_step": 2,
+           "group_size": 2, "eval_samples": 2, "tensorboard": False, "learner_num_cpus": 0.5,
+           "data": {"task": "arithmetic", "task_kwargs": {"max_digits": 1}, "num_train": 16, "num_test": 4},
+           "rollout": {"num_cpus_per_worker": 0.25, "max_new_tokens": 4},
+           "rewards": {"num_cpus_per_worker": 0.25, "components": [{"name": "math_answer"},
+                                                                 {"name": "my_rewards:always_fails"}]}}
+    (workdir / "dead.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["grpo", str(workdir / "dead.yaml")]) == 3
+    err = capsys.readouterr().err
+    assert "dsarl: run stopped: RewardComponentDead" in err and "my_rewards:always_fails" in err
+    assert 'in always_fails' in err and "KeyError: 'gold_answer'" in err  # the user's own traceback
+    assert not (workdir / "dead" / "final").exists()
