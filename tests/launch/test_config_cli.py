@@ -68,7 +68,8 @@ def test_dsarl_config_prints_the_resolved_config_the_stage_would_load(capsys):
     expected = load_config(GRPOConfig, "configs/grpo_tiny.yaml", ["steps=5", "rollout.max_new_tokens=4"])
     assert printed["steps"] == 5 and printed["rollout"]["max_new_tokens"] == 4
     assert printed["rewards"]["components"][1] == {"name": "regex_match", "weight": 0.1, "group": False,
-                                                  "label": "format", "kwargs": {"pattern": r"-?\d+", "fullmatch": True}}
+                                                  "label": "format", "kwargs": {"pattern": r"-?\d+", "fullmatch": True},
+                                                  "style": "auto", "failure_value": None}
     assert printed["init_from"] == expected.init_from and printed["config_path"] == expected.config_path
 
 

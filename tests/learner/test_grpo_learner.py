@@ -4,29 +4,13 @@ import random
 import pytest
 import torch
 
-from dsarl.learner.grpo_batch import GroupSample, pad_groups
+from dsarl.learner.grpo_batch import pad_groups
 from dsarl.learner.grpo_learner import GRPOLearner, LearnerConfig, group_forward
 from dsarl.learner.grpo_loss import GRPOLossConfig, grpo_loss
 from dsarl.learner.logprobs import token_logprobs
-from dsarl.models import DSAConfig, build_model
+from dsarl.models import build_model
 
-
-def small_cfg(**kw):
-    base = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=24,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=2,
-                index_head_dim=16, index_topk=4)
-    base.update(kw)
-    return DSAConfig(**base)
-
-
-def random_groups(rng: random.Random, P: int, G: int) -> list[GroupSample]:
-    groups = []
-    for _ in range(P):
-        prompt = [rng.randrange(256) for _ in range(rng.randint(2, 9))]
-        comps = [[rng.randrange(256) for _ in range(rng.randint(1, 7))] for _ in range(G)]
-        groups.append(GroupSample(prompt, comps, [[-1.0] * len(c) for c in comps],
-                                  [rng.uniform(-1, 1) for _ in range(G)]))
-    return groups
+from tiny_groups import random_groups, small_cfg
 
 
 def per_sample_logp(model, groups, attention, temperature):
