@@ -49,6 +49,9 @@ class ByteTokenizer:
     def stop_ids(self) -> tuple[int, ...]:
         return (self.eos_id,)
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return apply_chat_template(self, messages, add_generation_prompt)
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
         return [self.bos_id, *ids] if add_bos else ids
@@ -166,6 +169,9 @@ class HFTokenizer:
             if tid is not None:
                 out[f"{role}_token"] = self.tok.id_to_token(tid)
         return out
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return apply_chat_template(self, messages, add_generation_prompt)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids
