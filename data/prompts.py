@@ -7,7 +7,11 @@ before that message and, when no answer_key is given, the message's content is t
 Out, per row: every column unchanged, plus `prompt` (the text or the messages the policy is prompted with)
 and, where there is one, `answer` (the reference reward functions read by default: `answer_key: answer`).
 Reward functions see the whole row as `sample.row`, so any other column reaches them by its own name.
+`load_prompts` is the one reader of a prompt dataset: the GRPO driver and the pre-start checks both call it.
 """
+from pathlib import Path
+
+from .datasets import load_rows
 
 
 def check_messages(messages, where: str = "messages") -> list[dict]:
@@ -47,3 +51,12 @@ def prompt_rows(rows: list[dict], prompt_key: str = "prompt", answer_key: str | 
                 source: str = "data") -> list[dict]:
     """Rows with `prompt` (and `answer`) set from the named columns; raises ValueError naming the row and column."""
     return [prompt_row(r, prompt_key, answer_key, f"{source}: row {i}") for i, r in enumerate(rows)]
+
+
+def load_prompts(source: str, resolve=lambda p: p, prompt_key: str = "prompt", answer_key: str | None = None,
+                 split: str | None = "train", limit: int | None = None, subset: str | None = None) -> list[dict]:
+    """prompt_rows of load_rows(source): `source` resolved (config-relative) where such a path exists, else taken
+    as a `datasets` name."""
+    local = resolve(source)
+    found = local if local is not None and Path(local).exists() else source
+    return prompt_rows(load_rows(found, split, limit, subset), prompt_key, answer_key, source)

@@ -22,7 +22,6 @@ from dsarl.actors.learner_group import LearnerGroup
 from dsarl.actors.placement import ResourceSpec, create_placement_group
 from dsarl.actors.reward_workers import RewardPool
 from dsarl.actors.rollout_workers import RolloutPool
-from dsarl.data.datasets import load_rows
 from dsarl.data.rollout_schema import completions_to_table, write_rollouts
 from dsarl.data.tasks import make_rows
 from dsarl.data.step_types import ScoredRound
@@ -165,12 +164,10 @@ def load_prompt_rows(data: PromptData, seed: int, resolve) -> tuple[list[dict], 
     """(train rows, test rows): each with `prompt` (text or messages) and, where there is one, `answer` from
     data.prompt_key / data.answer_key (data/prompts.py), every other column kept."""
     if data.path is not None:
-        from dsarl.data.prompts import prompt_rows
+        from dsarl.data.prompts import load_prompts
 
         def rows(source: str, split: str, limit: int | None) -> list[dict]:
-            local = resolve(source)
-            found = local if Path(local).exists() else source  # not a local path: a datasets name
-            return prompt_rows(load_rows(found, split, limit, data.subset), data.prompt_key, data.answer_key, source)
+            return load_prompts(source, resolve, data.prompt_key, data.answer_key, split, limit, data.subset)
 
         train = rows(data.path, data.split, data.limit)
         test = []
