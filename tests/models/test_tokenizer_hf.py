@@ -117,3 +117,18 @@ def test_chat_without_a_template_or_markers_is_refused_by_name(tmp_path):
     assert tok.encode("hi", add_bos=True)[0] == tok.token_id("<s>")
     with pytest.raises(ValueError, match="no chat_template"):
         apply_chat_template(tok, CHATS[0])
+
+
+@pytest.mark.parametrize("layout", ["v5", "v4"])
+def test_grpo_prompt_ids_of_text_and_message_rows(layout, v5_dir, v4_dir):
+    from dsarl.launch.grpo_loop import prompt_ids_for
+
+    d = v5_dir if layout == "v5" else v4_dir
+    auto, ours = AutoTokenizer.from_pretrained(d), load_tokenizer(d)
+    text, chat = "What is 3 + 4?", CHATS[1]
+    bos = [] if auto.bos_token_id is None else [auto.bos_token_id]
+    assert prompt_ids_for([{"prompt": text}], ours, "raw") == [bos + auto.encode(text, add_special_tokens=False)]
+    assert prompt_ids_for([{"prompt": text}], ours, "chat") == [
+        reference_chat(auto, [{"role": "user", "content": text}], True)]
+    for fmt in ("raw", "chat"):  # a message list is a chat whatever the format says
+        assert prompt_ids_for([{"prompt": chat}], ours, fmt) == [reference_chat(auto, chat, True)]
