@@ -228,10 +228,12 @@ def _as_list(value) -> list:
 
 
 def _stops_beside(directory: Path, tokenizer_config: dict) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(eos ids, stop strings) of a checkpoint directory: generation_config.json's and config.json's eos_token_id,
-    generation_config.json's stop_strings (and those HFTokenizer.save kept in tokenizer_config.json)."""
-    gen, model = _read_json(directory / "generation_config.json"), _read_json(directory / "config.json")
-    ids = [int(i) for cfg in (gen, model) for i in _as_list(cfg.get("eos_token_id"))]
+    """(eos ids, stop strings) of a checkpoint directory: generation_config.json's eos_token_id (else
+    config.json's, as transformers' generate() takes them), generation_config.json's stop_strings (and those
+    HFTokenizer.save kept in tokenizer_config.json)."""
+    gen = _read_json(directory / "generation_config.json")
+    source = gen if "eos_token_id" in gen else _read_json(directory / "config.json")
+    ids = [int(i) for i in _as_list(source.get("eos_token_id"))]
     strings = [str(s) for s in (*_as_list(gen.get("stop_strings")), *tokenizer_config.get("dsarl_stop_strings", []))]
     return tuple(dict.fromkeys(ids)), tuple(dict.fromkeys(strings))
 
