@@ -9,7 +9,8 @@ used for pretraining on the synthetic tasks.
   them out (`train.jsonl`, `test-00000-of-00001.parquet`, `data/validation/...`) give the `split` only; a
   directory with no split in its names is all one split, whatever `split` says;
 - anything else: a `datasets.load_dataset` name (a hub id where a hub is reachable, with `subset` as its
-  config name).
+  config name). A missing source that reads as a path (`data/train.jsonl`, `/abs/dir`, `./set`, `a/b/c`) is
+  a FileNotFoundError, never a hub query.
 Only the first `limit` rows are kept (None: all), in file order.
 """
 import csv
@@ -77,6 +78,13 @@ def is_saved_dataset(directory: Path) -> bool:
     return (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file()
 
 
+def looks_like_path(source: str) -> bool:
+    """A source meant as a local path (a data-file suffix, absolute, ./ ../ ~, or more than one /), which must
+    not be tried as a hub name: a mistyped path would wait on the hub's retries, then fail as a name."""
+    return (Path(source).suffix in FILE_SUFFIXES or source.startswith(("/", "./", "../", "~"))
+            or source.count("/") > 1)
+
+
 def load_hf_rows(source: str, split: str | None, limit: int | None, subset: str | None) -> list[dict]:
     import datasets
 
@@ -106,6 +114,8 @@ def load_rows(source: str | Path, split: str | None = "train", limit: int | None
     path = Path(source)
     if path.is_file():
         rows = read_file(path)
+    elif looks_like_path(str(source)) and not path.exists():
+        raise FileNotFoundError(f"{source}: no such file or directory")
     elif path.is_dir() and not is_saved_dataset(path):
         rows = []
         for f in directory_files(path, split):

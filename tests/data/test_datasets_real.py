@@ -5,6 +5,9 @@ Parquet file is written by pyarrow from the same Python rows, so its reference i
 """
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,12 +87,18 @@ def test_saved_dataset_directories_and_their_splits(tmp_path):
         load_rows(tmp_path / "dict", split="dev")
 
 
-def test_an_unknown_name_says_it_is_no_file_and_not_loadable(tmp_path, monkeypatch):
+def test_a_missing_path_is_no_file_and_an_unknown_name_is_not_loadable(tmp_path):
     pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(ValueError, match="neither a file nor a directory"):
-        load_rows(str(tmp_path / "no-such-org" / "no-such-set"))
+    for missing in (tmp_path / "gone.jsonl", tmp_path / "gone-dir", "data/train.jsonl", "./set", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="no such file or directory"):
+            load_rows(missing)  # a path is never tried as a hub name
+    # a name goes to datasets.load_dataset; offline (set before huggingface_hub is imported, so in a fresh process)
+    # it fails at once instead of retrying a hub that cannot be reached here
+    code = ("from dsarl.data.datasets import load_rows\n"
+            "try:\n    load_rows('no-such-org/no-such-set')\nexcept ValueError as e:\n    print(e)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "neither a file nor a directory here" in out and "no-such-org/no-such-set" in out
 
 
 def test_prompt_and_answer_keys_and_chats(tmp_path):
