@@ -162,10 +162,11 @@ class HFTokenizer:
         return tuple(dict.fromkeys([*ids, *self.extra_stop_ids]))
 
     def special_tokens_map(self) -> dict[str, str]:
-        """{"bos_token": ..., "eos_token": ...}: what a chat template sees, as in transformers."""
+        """{"bos_token": ..., "eos_token": ...}: what a chat template sees, as in transformers (the tokens the
+        config names; not pad's fallback to eos)."""
         out = {}
         for role in SPECIAL_ROLES:
-            tid = self.pad_id if role == "pad" else self._special_id(role)
+            tid = self._special_id(role)
             if tid is not None:
                 out[f"{role}_token"] = self.tok.id_to_token(tid)
         return out

@@ -87,7 +87,8 @@ def test_null_bos_and_stop_ids_from_generation_config(v4_dir):
     im_end = ours.token_id("<|im_end|>")
     assert ours.bos_id is None and ours.eos_id == im_end and ours.pad_id == im_end
     assert ours.stop_ids == (im_end, 3, 1) and ours.stop_strings == ("\n\n",)
-    assert ours.special_tokens_map() == {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
+    assert ours.special_tokens_map() == {"eos_token": "<|im_end|>"}  # as AutoTokenizer passes them to a template
+    assert AutoTokenizer.from_pretrained(v4_dir).special_tokens_map == {"eos_token": "<|im_end|>"}
 
 
 def test_saved_tokenizer_reloads_in_transformers_and_dsarl_with_the_template(v4_dir, tmp_path):
