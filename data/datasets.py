@@ -41,7 +41,10 @@ def read_file(path: Path) -> list[dict]:
         if text.lstrip().startswith("["):
             rows = json.loads(text)
         else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            try:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: neither JSON lines nor a JSON array of rows ({e})") from None
         bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
         if bad is not None:
             raise ValueError(f"{path}: row {bad} is not a JSON object: {rows[bad]!r:.200}")

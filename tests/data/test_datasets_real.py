@@ -53,6 +53,9 @@ def test_jsonl_json_array_parquet_and_csv_give_every_row_and_column(tmp_path):
     got = load_rows(tmp_path / "d.csv")
     assert got == plain_csv(tmp_path / "d.csv") and len(got) == 7 and got[3]["solution"] == "006"
     assert load_rows(jl, limit=3) == ROWS[:3] and load_rows(jl, limit=0) == []
+    (tmp_path / "e.json").write_text(json.dumps({"data": ROWS}, indent=1))
+    with pytest.raises(ValueError, match="neither JSON lines nor a JSON array"):
+        load_rows(tmp_path / "e.json")
 
 
 def test_a_directory_is_read_in_path_order_and_split_by_hub_file_names(tmp_path):
