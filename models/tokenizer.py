@@ -16,6 +16,10 @@ HF_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 ROLES = ("system", "user", "assistant")
+# dsarl's own chat format (apply_chat_template) as Jinja, saved with the byte tokenizer so AutoTokenizer applies it
+# too; the ids are the same unless message text spells a marker such as <|user|> (dsarl keeps that as bytes)
+BYTE_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 class ByteTokenizer:
@@ -86,7 +90,8 @@ class ByteTokenizer:
         self.to_hf().save(str(Path(directory) / "tokenizer.json"))
         cfg = {"tokenizer_class": HF_TOKENIZER_CLASS, "dsarl_tokenizer": "byte",
                "dsarl_special_tokens": self.special_tokens, "bos_token": self.special_tokens[1],
-               "eos_token": self.special_tokens[2], "pad_token": self.special_tokens[0]}
+               "eos_token": self.special_tokens[2], "pad_token": self.special_tokens[0],
+               "chat_template": BYTE_CHAT_TEMPLATE}  # for transformers: dsarl builds the same ids itself
         (Path(directory) / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 

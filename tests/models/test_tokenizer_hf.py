@@ -133,3 +133,14 @@ def test_grpo_prompt_ids_of_text_and_message_rows(layout, v5_dir, v4_dir):
         reference_chat(auto, [{"role": "user", "content": text}], True)]
     for fmt in ("raw", "chat"):  # a message list is a chat whatever the format says
         assert prompt_ids_for([{"prompt": chat}], ours, fmt) == [reference_chat(auto, chat, True)]
+
+
+def test_byte_tokenizer_checkpoints_carry_dsarl_chat_format_for_transformers(tmp_path):
+    from dsarl.models import ByteTokenizer
+
+    ByteTokenizer().save(tmp_path)
+    auto, ours = AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    assert ours.kind == "byte" and ours.chat_template is None  # dsarl still builds its chats from ids
+    for chat in CHATS:
+        for gen in (True, False):
+            assert apply_chat_template(ours, chat, add_generation_prompt=gen) == reference_chat(auto, chat, gen)
