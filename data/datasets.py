@@ -109,6 +109,13 @@ def load_hf_rows(source: str, split: str | None, limit: int | None, subset: str 
     return ds.to_list()
 
 
+def local_or_name(source: str, resolve) -> str:
+    """A config's data source: the resolved (config-relative) path where one exists, else as written (a missing
+    file, or a datasets name)."""
+    local = resolve(source)
+    return local if local is not None and Path(local).exists() else source
+
+
 def load_rows(source: str | Path, split: str | None = "train", limit: int | None = None,
               subset: str | None = None) -> list[dict]:
     """Rows of a data file, a directory of them, a saved dataset or a `datasets` name (see the module docstring)."""

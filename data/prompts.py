@@ -9,9 +9,7 @@ and, where there is one, `answer` (the reference reward functions read by defaul
 Reward functions see the whole row as `sample.row`, so any other column reaches them by its own name.
 `load_prompts` is the one reader of a prompt dataset: the GRPO driver and the pre-start checks both call it.
 """
-from pathlib import Path
-
-from .datasets import load_rows
+from .datasets import load_rows, local_or_name
 
 
 def check_messages(messages, where: str = "messages") -> list[dict]:
@@ -57,6 +55,4 @@ def load_prompts(source: str, resolve=lambda p: p, prompt_key: str = "prompt", a
                  split: str | None = "train", limit: int | None = None, subset: str | None = None) -> list[dict]:
     """prompt_rows of load_rows(source): `source` resolved (config-relative) where such a path exists, else taken
     as a `datasets` name."""
-    local = resolve(source)
-    found = local if local is not None and Path(local).exists() else source
-    return prompt_rows(load_rows(found, split, limit, subset), prompt_key, answer_key, source)
+    return prompt_rows(load_rows(local_or_name(source, resolve), split, limit, subset), prompt_key, answer_key, source)

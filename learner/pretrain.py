@@ -59,14 +59,13 @@ def task_batches(tokenizer, task: TaskSpec, batch_size: int, seq_len: int, seed:
 
 def dataset_batches(tokenizer, task: TaskSpec, batch_size: int, seq_len: int, seed: int, resolve):
     """step -> (ids, None): the dataset's documents packed end to end (data/text_data.py), fixed by (seed, step)."""
-    from dsarl.data.datasets import load_rows
+    from dsarl.data.datasets import load_rows, local_or_name
     from dsarl.data.text_data import load_documents, packed_document_batch
 
     if task.non_answer_weight != 1.0 or not task.pack or task.eos_prob != 1.0:
         raise ValueError(f"task.path={task.path!r}: non_answer_weight, pack and eos_prob shape the synthetic tasks' "
                          f"documents only; leave them at 1.0, true, 1.0 with a dataset")
-    local = resolve(task.path)
-    rows = load_rows(local if Path(local).exists() else task.path, task.split, task.limit, task.subset)
+    rows = load_rows(local_or_name(task.path, resolve), task.split, task.limit, task.subset)
     docs = load_documents(tokenizer, rows, task.text_key, task.path)
     return lambda step: (packed_document_batch(docs, batch_size, seq_len, seed, step), None)
 
