@@ -5,7 +5,8 @@ ends with an assistant message (a `messages` SFT file) is a prompt and its refer
 before that message and, when no answer_key is given, the message's content is the answer.
 
 Out, per row: every column unchanged, plus `prompt` (the text or the messages the policy is prompted with)
-and, where there is one, `answer` (the reference reward functions read by default: `answer_key: answer`).
+and, where there is one, `answer` (the reference reward functions read by default: `answer_key: answer`);
+these two are set even where the row had columns of those names (prompt_key / answer_key name the source).
 Reward functions see the whole row as `sample.row`, so any other column reaches them by its own name.
 `load_prompts` is the one reader of a prompt dataset: the GRPO driver and the pre-start checks both call it.
 """
@@ -13,7 +14,7 @@ from .datasets import load_rows, local_or_name
 
 
 def check_messages(messages, where: str = "messages") -> list[dict]:
-    """A chat as a list of {role, content} dicts (content a string); raises ValueError naming `where`."""
+    """A chat as a non-empty list of {role, content} dicts; raises ValueError naming `where`."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"{where}: expected a non-empty list of {{role, content}} messages, got {messages!r:.200}")
     for i, m in enumerate(messages):
