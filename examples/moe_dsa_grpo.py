@@ -1,6 +1,6 @@
 """Bring your own model: GRPO on a DeepSeek-V3.2-architecture MoE with a real tokenizer and a chat dataset.
 
-    python examples/moe_dsa_grpo.py                        # a tiny random model, made here: minutes on a CPU
+    python examples/moe_dsa_grpo.py                        # a tiny random model, made here: under a minute on a CPU
     python examples/moe_dsa_grpo.py --model /path/to/ckpt  # your Hugging Face checkpoint and its tokenizer
     python examples/moe_dsa_grpo.py steps=20 rollout.max_new_tokens=32   # any config key
 
