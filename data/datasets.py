@@ -1,6 +1,22 @@
-"""Prompt datasets on disk (Parquet or JSONL) and the packed LM batches used for pretraining."""
+"""Datasets on disk or by name, as rows (one dict of every column per example), and the packed LM batches
+used for pretraining on the synthetic tasks.
+
+`load_rows(source, split, limit, subset)` reads, by what `source` is:
+- a file: Parquet (pyarrow), JSONL, a JSON array of objects (or JSON lines under a .json name), CSV (the csv
+  module: every value a string, exactly as written, so an answer "007" stays "007");
+- a directory written by `datasets`' save_to_disk (a Dataset, or a DatasetDict whose `split` is taken);
+- a directory of such files, read in sorted path order. Files named by split as the Hugging Face hub lays
+  them out (`train.jsonl`, `test-00000-of-00001.parquet`, `data/validation/...`) give the `split` only; a
+  directory with no split in its names is all one split, whatever `split` says;
+- anything else: a `datasets.load_dataset` name (a hub id where a hub is reachable, with `subset` as its
+  config name). A missing source that reads as a path (`data/train.jsonl`, `/abs/dir`, `./set`, `a/b/c`) is
+  a FileNotFoundError, never a hub query.
+Only the first `limit` rows are kept (None: all), in file order.
+"""
+import csv
 import json
 import random
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -9,20 +25,116 @@ import torch
 
 from .tasks import get_task
 
+FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
+SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
 
-def load_rows(path: str | Path) -> list[dict]:
-    """Rows of a Parquet or JSONL file; each must have a `prompt` column (all columns are kept)."""
-    path = Path(path)
+
+def read_file(path: Path) -> list[dict]:
+    """Every row of one data file."""
     if path.suffix == ".parquet":
-        rows = pq.read_table(path).to_pylist()
-    elif path.suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if path.suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            try:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: neither JSON lines nor a JSON array of rows ({e})") from None
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ValueError(f"{path}: row {bad} is not a JSON object: {rows[bad]!r:.200}")
+        return rows
+    raise ValueError(f"{path}: expected a {', '.join(FILE_SUFFIXES)} file")
+
+
+def file_split(relative: Path) -> str | None:
+    """The split a file's path inside a dataset directory names (hub layout), or None."""
+    for part in [*relative.parent.parts, relative.name]:
+        m = re.match(rf"^({'|'.join(SPLIT_NAMES)})(?=$|[-_.])", part)
+        if m:
+            return m.group(1)
+    return None
+
+
+def directory_files(directory: Path, split: str | None) -> list[Path]:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no {', '.join(FILE_SUFFIXES)} files in it")
+    splits = {f: file_split(f.relative_to(directory)) for f in files}
+    if split is None or all(s is None for s in splits.values()):
+        return files
+    chosen = [f for f, s in splits.items() if s == split]
+    if not chosen:
+        raise ValueError(f"{directory}: no files of split {split!r} (splits there: "
+                         f"{sorted({s for s in splits.values() if s})})")
+    return chosen
+
+
+def is_saved_dataset(directory: Path) -> bool:
+    """A directory `datasets`' save_to_disk wrote (a Dataset or a DatasetDict)."""
+    return (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file()
+
+
+def looks_like_path(source: str) -> bool:
+    """A source meant as a local path (a data-file suffix, absolute, ./ ../ ~, or more than one /), which must
+    not be tried as a hub name: a mistyped path would wait on the hub's retries, then fail as a name."""
+    return (Path(source).suffix in FILE_SUFFIXES or source.startswith(("/", "./", "../", "~"))
+            or source.count("/") > 1)
+
+
+def load_hf_rows(source: str, split: str | None, limit: int | None, subset: str | None) -> list[dict]:
+    import datasets
+
+    path = Path(source)
+    if path.is_dir() and is_saved_dataset(path):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{source}: no split {split!r} (splits: {sorted(ds)})")
+            ds = ds[split]
     else:
-        raise ValueError(f"{path}: expected a .parquet or .jsonl prompt file")
-    for i, row in enumerate(rows):
-        if "prompt" not in row:
-            raise ValueError(f"{path}: row {i} has no 'prompt' column (columns: {sorted(row)})")
-    return rows
+        try:
+            ds = datasets.load_dataset(source, subset, split=split or "train")
+        except Exception as e:
+            raise ValueError(f"data source {source!r} is neither a file nor a directory here, and "
+                             f"datasets.load_dataset could not load it: {type(e).__name__}: {e}") from e
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds.to_list()
+
+
+def local_or_name(source: str, resolve) -> str:
+    """A config's data source: the resolved (config-relative) path where one exists, else as written (a missing
+    file, or a datasets name)."""
+    local = resolve(source)
+    return local if local is not None and Path(local).exists() else source
+
+
+def load_rows(source: str | Path, split: str | None = "train", limit: int | None = None,
+              subset: str | None = None) -> list[dict]:
+    """Rows of a data file, a directory of them, a saved dataset or a `datasets` name (see the module docstring)."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    path = Path(source)
+    if path.is_file():
+        rows = read_file(path)
+    elif looks_like_path(str(source)) and not path.exists():
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    elif path.is_dir() and not is_saved_dataset(path):
+        rows = []
+        for f in directory_files(path, split):
+            rows += read_file(f)
+            if limit is not None and len(rows) >= limit:
+                break
+    else:
+        return load_hf_rows(str(source), split, limit, subset)
+    return rows if limit is None else rows[:limit]
 
 
 def save_rows(rows: list[dict], path: str | Path) -> Path:

@@ -23,7 +23,6 @@ from dsarl.actors.learner_group import LearnerGroup
 from dsarl.actors.placement import ResourceSpec, create_placement_group
 from dsarl.actors.reward_workers import RewardPool
 from dsarl.actors.rollout_workers import RolloutPool
-from dsarl.data.datasets import load_rows
 from dsarl.data.rollout_schema import completions_to_table, write_rollouts
 from dsarl.data.tasks import make_rows
 from dsarl.data.step_types import ScoredRound
@@ -42,13 +41,25 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PromptData:
-    path: str | None = None  # Parquet/JSONL with a `prompt` column (+ any metadata columns), or
+    # A dataset (data/datasets.py load_rows): a Parquet / JSONL / JSON / CSV file, a directory of them, a
+    # datasets save_to_disk directory, or a `datasets.load_dataset` name. Every column reaches the rewards
+    # as sample.row. None: the synthetic `task`.
+    path: str | None = None
+    prompt_key: str = "prompt"  # the prompt column: text, or a list of {role, content} messages
+    answer_key: str | None = None  # the reference column, copied to row["answer"] (None: an `answer` column
+    #                               or a chat's final assistant message, if any)
+    split: str = "train"  # the split of a directory or a datasets name (a single file is one split)
+    subset: str | None = None  # a datasets name's config (load_dataset(path, subset))
+    limit: int | None = None  # use only the first `limit` rows of path (None: all)
     task: str | None = "arithmetic"  # a synthetic task from dsarl.data.tasks
     task_kwargs: dict[str, Any] = field(default_factory=dict)
     num_train: int = 2048
-    num_test: int = 128  # held-out rows for eval (task only; from a file: test_path)
-    test_path: str | None = None
-    prompt_format: Literal["raw", "chat"] = "raw"  # raw: bos + prompt text; chat: the chat template
+    num_test: int = 128  # held-out rows for eval (task only; from a dataset: test_path / test_split)
+    test_path: str | None = None  # eval rows (same keys as path); None: test_split of path, if set
+    test_split: str | None = None  # eval rows from this split of path (with test_path: of test_path)
+    # raw: bos + prompt text; chat: the tokenizer's chat template (add_generation_prompt) around a text prompt
+    # as one user message. A message-list prompt always goes through the chat template.
+    prompt_format: Literal["raw", "chat"] = "raw"
 
 
 @dataclass
@@ -151,17 +162,34 @@ class GRPOConfig:
 
 
 def prompt_ids_for(rows: list[dict], tokenizer, fmt: str) -> list[list[int]]:
-    if fmt == "chat":
-        from dsarl.models import apply_chat_template
+    """Token ids of each row's `prompt` (load_prompt_rows): a chat (or, with fmt "chat", a text as one user
+    message) through the tokenizer's chat template with the generation prompt; else bos + the text."""
+    from dsarl.models import apply_chat_template
 
-        return [apply_chat_template(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows]
-    return [[tokenizer.bos_id, *tokenizer.encode(r["prompt"])] for r in rows]
+    out = []
+    for r in rows:
+        prompt = r["prompt"]
+        if isinstance(prompt, str) and fmt != "chat":
+            out.append(tokenizer.encode(prompt, add_bos=True))
+            continue
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        out.append(apply_chat_template(tokenizer, messages, add_generation_prompt=True))
+    return out
 
 
 def load_prompt_rows(data: PromptData, seed: int, resolve) -> tuple[list[dict], list[dict]]:
+    """(train rows, test rows): each with `prompt` (text or messages) and, where there is one, `answer` from
+    data.prompt_key / data.answer_key (data/prompts.py), every other column kept."""
     if data.path is not None:
-        train = load_rows(resolve(data.path))
-        test = load_rows(resolve(data.test_path)) if data.test_path else []
+        from dsarl.data.prompts import load_prompts
+
+        def rows(source: str, split: str, limit: int | None) -> list[dict]:
+            return load_prompts(source, resolve, data.prompt_key, data.answer_key, split, limit, data.subset)
+
+        train = rows(data.path, data.split, data.limit)
+        test = []
+        if data.test_path is not None or data.test_split is not None:
+            test = rows(data.test_path or data.path, data.test_split or data.split, None)
         return train, test
     train = make_rows(data.task, data.num_train, seed, "train", **data.task_kwargs)
     test = make_rows(data.task, data.num_test, seed, "test", **data.task_kwargs)

@@ -1,4 +1,5 @@
-"""`dsarl pretrain`: language-model training of a (dense) DSA decoder on synthetic task text.
+"""`dsarl pretrain`: language-model training of a (dense) DSA decoder on synthetic task text or a text / chat
+dataset (task.path).
 
 AdamW, warmup + cosine schedule, gradient clipping, a progress bar, metrics.jsonl, atomic checkpoints
 and exact resume (batches depend only on (seed, step); optimizer and RNG state are checkpointed).
@@ -26,7 +27,15 @@ from .optim import OptimConfig, build_optimizer, clip_grad, lr_at, set_lr
 
 @dataclass
 class TaskSpec:
-    name: str = "arithmetic"  # a task registered in dsarl.data.tasks
+    name: str = "arithmetic"  # a task registered in dsarl.data.tasks (unless `path` is set)
+    # A text or chat dataset instead of the task (data/datasets.py load_rows: a file, a directory of files, a
+    # saved dataset or a datasets name). Each row's `text_key` is a document: a string (bos + text + eos) or a
+    # list of {role, content} messages (the chat template, no generation prompt); data/text_data.py.
+    path: str | None = None
+    text_key: str = "text"
+    split: str = "train"
+    subset: str | None = None  # a datasets name's config
+    limit: int | None = None  # only the first `limit` rows (None: all)
     kwargs: dict[str, Any] = field(default_factory=dict)
     # LM-loss weight of the tokens that are not answers (answers weigh 1): 1 is the plain LM loss;
     # 0 trains on answers only (data/retrieval_docs.py; documents there, e.g. kv_multi_query, need it)
@@ -40,10 +49,25 @@ class TaskSpec:
     doc_mask: bool = False
 
 
-def task_batches(tokenizer, task: TaskSpec, batch_size: int, seq_len: int, seed: int):
+def task_batches(tokenizer, task: TaskSpec, batch_size: int, seq_len: int, seed: int, resolve=lambda p: p):
     """step -> (ids [B, seq_len + 1], loss weights or None): the task's batches, each fixed by (seed, step)."""
+    if task.path is not None:
+        return dataset_batches(tokenizer, task, batch_size, seq_len, seed, resolve)
     return lambda step: lm_batch(tokenizer, task.name, task.kwargs, task.non_answer_weight, batch_size, seq_len,
                                  seed, step, task.pack, task.eos_prob)
+
+
+def dataset_batches(tokenizer, task: TaskSpec, batch_size: int, seq_len: int, seed: int, resolve):
+    """step -> (ids, None): the dataset's documents packed end to end (data/text_data.py), fixed by (seed, step)."""
+    from dsarl.data.datasets import load_rows, local_or_name
+    from dsarl.data.text_data import load_documents, packed_document_batch
+
+    if task.non_answer_weight != 1.0 or not task.pack or task.eos_prob != 1.0:
+        raise ValueError(f"task.path={task.path!r}: non_answer_weight, pack and eos_prob shape the synthetic tasks' "
+                         f"documents only; leave them at 1.0, true, 1.0 with a dataset")
+    rows = load_rows(local_or_name(task.path, resolve), task.split, task.limit, task.subset)
+    docs = load_documents(tokenizer, rows, task.text_key, task.path)
+    return lambda step: (packed_document_batch(docs, batch_size, seq_len, seed, step), None)
 
 
 @dataclass
@@ -121,7 +145,9 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, resolve=lambda p: 
     torch.manual_seed(cfg.seed + start)
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                            mlflow_experiment=cfg.mlflow_experiment, resume_step=start if ckpt else None)
-    batch = task_batches(tokenizer, cfg.task, cfg.batch_size, cfg.seq_len, cfg.seed)
+    if cfg.task.doc_mask and tokenizer.bos_id is None:
+        raise ValueError("pretrain: task.doc_mask splits documents at bos, and this tokenizer has no bos token")
+    batch = task_batches(tokenizer, cfg.task, cfg.batch_size, cfg.seq_len, cfg.seed, resolve)
     baseline = unigram_entropy([batch(-1 - i)[0] for i in range(4)], model.config.vocab_size)
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", disable=not show_progress)

@@ -18,7 +18,7 @@ def _schemas():
         "conversion/warmup.yaml": WarmupConfig, "conversion/sparse.yaml": SparseConfig,
         "conversion/eval.yaml": EvalConfig, "conversion/eval_parity.yaml": EvalConfig,
         "pretrain_tiny.yaml": PretrainConfig, "grpo_tiny.yaml": GRPOConfig, "quickstart.yaml": PipelineConfig,
-        "distill.yaml": DistillConfig,
+        "distill.yaml": DistillConfig, "examples/moe_dsa_grpo.yaml": GRPOConfig,
     }
 
 
