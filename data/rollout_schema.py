@@ -73,7 +73,7 @@ def completions_to_table(completions, prompt_ids: list[str] | None = None, group
         "finish_reason": [c.finish_reason for c in completions],
         "weight_version": [c.weight_version for c in completions],
         "text": [c.text for c in completions],
-        "metadata": [json.dumps(m) for m in metadata] if metadata else [None] * n,
+        "metadata": [json.dumps(m, default=str) for m in metadata] if metadata else [None] * n,  # dates etc.
         "reward_components": [list(r.items()) if r is not None else None for r in reward_components]
         if reward_components else [None] * n,
         "reward": rewards or [None] * n,

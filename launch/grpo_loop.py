@@ -284,8 +284,14 @@ class GRPOTrainer:
                               return_keep_mask=self.record_keep and not greedy,
                               return_indices=self.record_indices and not greedy)
 
+    def _prompt_text(self, row: dict, completion) -> str:
+        """The prompt as the policy saw it: the text, or a chat's messages rendered by the template."""
+        prompt = row["prompt"]
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(completion.prompt_ids, skip_special=False)
+
     def _score(self, rows, completions):
-        samples = [RewardSample(prompt=rows[c.prompt_index]["prompt"], completion=c.text, num_tokens=len(c.token_ids),
+        samples = [RewardSample(prompt=self._prompt_text(rows[c.prompt_index], c), completion=c.text,
+                                num_tokens=len(c.token_ids),
                                 row=rows[c.prompt_index], group_id=c.prompt_index, sample_index=c.sample_index,
                                 completion_ids=list(c.token_ids),
                                 finish_reason=c.finish_reason) for c in completions]

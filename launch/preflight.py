@@ -18,12 +18,11 @@ Nothing here imports ray, builds a reward or a judge, or loads a model: it reads
 import contextlib
 import importlib.util
 import inspect
-from dataclasses import replace
 from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
-from dsarl.data.datasets import load_rows
+from dsarl.data.prompts import load_prompts
 from dsarl.learner.checkpointing import latest_checkpoint
 from dsarl.models.config import ConfigError
 from dsarl.rewards import registry
@@ -94,48 +93,17 @@ def check_packages(cfg, prefix: str = "") -> None:
 
 
 # ---- rewards --------------------------------------------------------------------------------------
-def _resolve_reward(name: str):
-    """The object a reward name stands for, as registry.build_reward_fn resolves it, not built."""
-    if name in registry.BUILTIN_REWARDS:
-        return registry.BUILTIN_REWARDS[name]
-    if ":" in name:
-        return import_attr(name)
-    return registry.build_reward_fn(name)  # raises its own ValueError naming the built-ins
-
-
-def _bind_kwargs(component) -> None:
-    """Until the registry validates: the kwargs must bind to the reward's signature. A class takes them
-    in its constructor; a function (per sample or per group) after its first argument."""
-    obj = _resolve_reward(component.name)
-    if not callable(obj):
-        raise ValueError(f"reward {component.name!r} resolved to {type(obj).__name__}, which is not callable")
-    try:
-        if inspect.isclass(obj):
-            inspect.signature(obj).bind(**component.kwargs)
-        else:
-            inspect.signature(obj).bind(None, **component.kwargs)
-    except TypeError as e:
-        raise ValueError(f"reward {component.name!r}: kwargs {dict(component.kwargs)} do not fit its "
-                         f"signature: {e}") from None
-
-
-def _validate_fallback(rewards) -> None:
-    for c in rewards.components:
-        _bind_kwargs(c)
-
-
 def check_reward_components(rewards, prefix: str = "") -> None:
-    """Names resolve and kwargs bind (no reward is built, no process starts). The registry's own
-    `validate_reward_config` does this once it exists; one component at a time, so the error can
-    name its index."""
-    validate = getattr(registry, "validate_reward_config", None) or _validate_fallback
+    """Names resolve and kwargs bind (no reward is built, no process starts): the registry's checks, one
+    component at a time so the error names its index, then the whole config (unique labels, limits)."""
     for i, c in enumerate(rewards.components):
         try:
-            validate(replace(rewards, components=[c]))
+            registry.validate_component(c)
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"{prefix}rewards.components[{i}] ({c.name}): {e}") from None
-    try:  # then whatever spans components (two with one key, ...)
-        validate(rewards)
+            why = str(e).removeprefix(f"reward component {c.key!r}: ")  # the index and name are said here
+            raise ConfigError(f"{prefix}rewards.components[{i}] ({c.name}): {why}") from None
+    try:
+        registry.validate_reward_config(rewards)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{prefix}rewards.components: {e}") from None
 
@@ -149,10 +117,9 @@ def check_accuracy_component(cfg, prefix: str = "") -> None:
 
 
 def _resolved_or_none(name: str):
-    """For the checks after the names are validated: a name form this module cannot resolve (one the
-    registry added) is skipped by them rather than failing here."""
+    """The class or function a (validated) reward name stands for, not built; None if it cannot resolve."""
     try:
-        return _resolve_reward(name)
+        return registry.resolve_reward(name)
     except ValueError:
         return None
 
@@ -213,28 +180,30 @@ def check_rubrics(rewards, rows_by_source: dict[str, list[dict]], prefix: str = 
 
 
 # ---- data -----------------------------------------------------------------------------------------
-def _rows(path: str | None, key: str, resolve) -> tuple[str, list[dict]] | None:
-    if path is None:
+def _rows(data, source, split, limit, key, resolve) -> tuple[str, list[dict]] | None:
+    """(label, rows) read exactly as the GRPO driver reads them (load_prompts: prompt_key/answer_key applied)."""
+    if source is None:
         return None
-    found = resolve(path)
-    if not Path(found).is_file():
-        raise ConfigError(f"{key}: no such file {path!r}" + (f" (looked at {found})" if found != path else ""))
     try:
-        rows = load_rows(found)
-    except (ValueError, OSError) as e:  # wrong suffix, no `prompt` column, unreadable JSON or Parquet
+        rows = load_prompts(source, resolve, data.prompt_key, data.answer_key, split, limit, data.subset)
+    except (ValueError, OSError) as e:  # no such file/name, missing prompt_key/answer_key column, bad chat, bad split
         raise ConfigError(f"{key}: {e}") from None
     if not rows:
-        raise ConfigError(f"{key}: {found} has no rows")
-    return found, rows
+        raise ConfigError(f"{key}: {source} (split {split!r}) has no rows")
+    return f"{source} (split {split!r})", rows
 
 
 def prompt_files(data, resolve, prefix: str = "") -> dict[str, list[dict]]:
-    """{file: rows} of the data files (train `path`, `test_path`); {} for a synthetic task, whose rows
-    our own code makes. Reading them here costs one extra read of each file at start."""
+    """{source: rows} of the data sources (train `path`, the test split or `test_path`); {} for a synthetic
+    task, whose rows our own code makes. Reading them here costs one extra read of each at start."""
     if data.path is None and data.task is None:
-        raise ConfigError(f"{prefix}data: set data.path (a Parquet/JSONL file) or data.task (a synthetic task)")
-    files = [_rows(data.path, f"{prefix}data.path", resolve), _rows(data.test_path, f"{prefix}data.test_path", resolve)]
-    return {found: rows for found, rows in filter(None, files)}
+        raise ConfigError(f"{prefix}data: set data.path (a data file, directory or datasets name) or data.task "
+                          f"(a synthetic task)")
+    test_key = f"{prefix}data.test_path" if data.test_path is not None else f"{prefix}data.test_split"
+    test_source = data.test_path if data.test_path is not None else data.path if data.test_split else None
+    files = [_rows(data, data.path, data.split, data.limit, f"{prefix}data.path", resolve),
+             _rows(data, test_source, data.test_split or data.split, None, test_key, resolve)]
+    return dict(filter(None, files))
 
 
 # ---- stages ---------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_an_unknown_reward_name_names_the_component(tmp_path, ckpt, capsys):
     comps = [{"name": "math_answer"}, {"name": "math_answr", "weight": 0.5}]
     path, err = grpo_error(tmp_path, capsys, grpo_cfg(tmp_path, ckpt, rewards={"components": comps}))
     assert err == (f"{path}: rewards.components[1] (math_answr): reward name 'math_answr' is neither a built-in "
-                   f"({sorted(BUILTIN_REWARDS)}) nor a 'module:function' path")
+                   f"({sorted(BUILTIN_REWARDS)}) nor a 'module:function' or 'file.py:function' path")
 
 
 def test_a_reward_module_that_does_not_import_names_the_component(tmp_path, ckpt, capsys):
@@ -109,21 +109,22 @@ def test_an_accuracy_component_that_is_not_a_reward_key(tmp_path, ckpt, capsys):
 # ---- data ---------------------------------------------------------------------------------------
 def test_a_missing_data_file(tmp_path, ckpt, capsys):
     path, err = grpo_error(tmp_path, capsys, grpo_cfg(tmp_path, ckpt, data={"path": str(tmp_path / "train.jsonl")}))
-    assert err == f"{path}: data.path: no such file {str(tmp_path / 'train.jsonl')!r}"
+    assert err == f"{path}: data.path: {tmp_path / 'train.jsonl'}: no such file or directory"
 
 
 def test_a_missing_test_file(tmp_path, ckpt, capsys):
     train = write_rows(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}])
     data = {"path": str(train), "test_path": "held_out.jsonl"}
     path, err = grpo_error(tmp_path, capsys, grpo_cfg(tmp_path, ckpt, data=data))
-    assert err.startswith(f"{path}: data.test_path: no such file 'held_out.jsonl'")
+    assert err.startswith(f"{path}: data.test_path: held_out.jsonl: no such file or directory")
 
 
 def test_a_data_file_without_a_prompt_column(tmp_path, ckpt, capsys):
     rows = [{"prompt": "1+1=", "answer": "2"}, {"question": "2+2=", "answer": "4"}]
     train = write_rows(tmp_path / "train.jsonl", rows)
     path, err = grpo_error(tmp_path, capsys, grpo_cfg(tmp_path, ckpt, data={"path": str(train)}))
-    assert err == f"{path}: data.path: {train}: row 1 has no 'prompt' column (columns: ['answer', 'question'])"
+    assert err == (f"{path}: data.path: {train}: row 1: no 'prompt' column (data.prompt_key; "
+                   f"columns: ['answer', 'question'])")
 
 
 def test_a_data_file_without_the_column_a_reward_reads(tmp_path, ckpt, capsys):
@@ -132,7 +133,7 @@ def test_a_data_file_without_the_column_a_reward_reads(tmp_path, ckpt, capsys):
     cfg = grpo_cfg(tmp_path, ckpt, data={"path": str(train)}, rewards={"components": comps})
     path, err = grpo_error(tmp_path, capsys, cfg)
     assert err == (f"{path}: rewards.components[0] (math_answer) reads column 'answer' (answer_key), which row 0 "
-                   f"of {train} lacks (columns: ['gold', 'prompt'])")
+                   f"of {train} (split 'train') lacks (columns: ['gold', 'prompt'])")
 
 
 # ---- rubrics ------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def test_a_row_naming_a_rubric_that_does_not_exist(tmp_path, ckpt, capsys):
     cfg = grpo_cfg(tmp_path, ckpt, data={"path": str(train)}, rewards={"components": [{"name": "rubric"}]},
                    accuracy_component="rubric")
     path, err = grpo_error(tmp_path, capsys, cfg)
-    assert err == (f"{path}: rewards.components[0] (rubric): row 1 of {train}: rubric id 'concise_maths': "
+    assert err == (f"{path}: rewards.components[0] (rubric): row 1 of {train} (split 'train'): rubric id 'concise_maths': "
                    f"no file {default_rubric_dir() / 'concise_maths.yaml'}")
 
 
