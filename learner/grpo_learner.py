@@ -79,11 +79,11 @@ def group_forward(model, batch: PaddedGroups, attention: str, temperature: float
                                 use_experts)[:2]
 
 
-def _per_layer(experts: torch.Tensor | None, moe_layers: list[bool]) -> list[torch.Tensor | None] | None:
+def _per_layer(experts: torch.Tensor | None, moe_layers: list[bool], device) -> list[torch.Tensor | None] | None:
     """[B, T, M, k] routing of the M MoE layers -> the model's per-layer list ([B, T, k], None for dense)."""
     if experts is None:
         return None
-    it = iter(experts.unbind(2))
+    it = iter(experts.to(device).unbind(2))
     return [next(it) if moe else None for moe in moe_layers]
 
 
@@ -98,7 +98,7 @@ def routed_group_forward(model, batch: PaddedGroups, attention: str, temperature
     replay = use_experts and batch.experts is not None
     prefix = PrefixKV(model.config.num_hidden_layers)
     prompt_out = model(batch.prompts, cache=prefix, attention=attention, return_experts=True,
-                       experts=_per_layer(batch.prompt_experts if replay else None, moe_layers))
+                       experts=_per_layer(batch.prompt_experts if replay else None, moe_layers, model.device))
     prompt_logits = prompt_out.logits  # [P, Lp, V]
     last = prompt_logits[torch.arange(P), batch.prompt_lens - 1]  # [P, V] predicts completion token 0
     prefix.set_lengths(batch.prompt_lens)
@@ -108,8 +108,9 @@ def routed_group_forward(model, batch: PaddedGroups, attention: str, temperature
     indices = batch.indices if (use_indices and attention == "sparse") else None
     if indices is not None and model.config.index_dense_when_all_fit and Lp + Lc <= model.config.index_topk:
         indices = None  # every query sees <= k keys: the sampler selected them all, the model runs dense
+    comp_experts = _per_layer(batch.experts if replay else None, moe_layers, model.device)
     comp_out = model(batch.completions, positions=positions, cache=shared, attention=attention, indices=indices,
-                     return_experts=True, experts=_per_layer(batch.experts if replay else None, moe_layers))
+                     return_experts=True, experts=comp_experts)
     comp_logits = comp_out.logits  # [P*G, Lc, V]
     logits = torch.cat([last.repeat_interleave(G, dim=0)[:, None], comp_logits[:, :-1]], dim=1)  # [P*G, Lc, V]
     km = batch.keep_mask if keep_mask else None
