@@ -9,11 +9,13 @@ layer: per token both run the same MLP FLOPs (the router, E * hidden per MoE lay
 timed with and without recording its routing (rollout) and with and without replaying it (learner), the
 RL setting being record + replay. Random weights, random prompts, fixed lengths (ignore_eos); the
 learner trains on the rollout's own completions with alternating +-1 advantages. Times are the minimum
-of `--repeats` runs after a warm-up: on a shared CPU they are noisy, compare within one run only.
+of `--repeats` runs after a warm-up, the cases taking turns; on a shared CPU they are still noisy:
+compare within one run only. wall_s is one generate() (rollout) or one update() (learner_step).
 """
 import argparse
 import json
 import time
+from functools import partial
 
 import torch
 
@@ -47,33 +49,12 @@ def active_params(model) -> int:
     return total - moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def rollout_case(model, prompts, params: SamplingParams, repeats: int) -> tuple[dict, list]:
-    engine = NativeEngine(model, ByteTokenizer(), max_batch_size=len(prompts) * params.n)
-    engine.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up: first-call costs
-    out = []
-    wall = best_of(lambda: out.__setitem__(slice(None), engine.generate(prompts, params)), repeats)
-    tokens = sum(len(c.token_ids) for c in out)
-    return dict(case="rollout", tok_s=round(tokens / wall, 1), wall_s=round(wall, 3), tokens=tokens,
-                record_experts=params.return_experts), out
-
-
-def learner_case(model, groups: list[GroupSample], replay: bool, repeats: int) -> dict:
-    learner = GRPOLearner(model, None, LearnerConfig(use_sampler_experts=replay, micro_batch_groups=len(groups)))
-    learner.update(groups)  # warm-up
-    step = best_of(lambda: learner.update(groups), repeats)
-    return dict(case="learner_step", step_s=round(step, 3), replay_experts=replay and groups[0].experts is not None,
-                tokens=sum(g.num_tokens for g in groups))
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def groups_of(completions, group_size: int, record: bool) -> list[GroupSample]:
@@ -86,12 +67,36 @@ def groups_of(completions, group_size: int, record: bool) -> list[GroupSample]:
     return groups
 
 
+def cases(models: dict, prompts, group: int, new_tokens: int) -> list[tuple[dict, object]]:
+    """(description, run) per timed case; each run is one generate() or one update(). The learners
+    train on their model's own (recorded) completions; every case gets one warm-up run here."""
+    out = []
+    for name, model in models.items():
+        engine = NativeEngine(model, ByteTokenizer(), max_batch_size=len(prompts) * group)
+        for record in ([False, True] if name == "moe" else [False]):
+            params = SamplingParams(max_new_tokens=new_tokens, n=group, seed=1, ignore_eos=True,
+                                    return_experts=record)
+            run = partial(engine.generate, prompts, params)
+            completions = run()  # warm-up, and the learner's data
+            out.append((dict(model=name, case="rollout", record_experts=record,
+                             tokens=sum(len(c.token_ids) for c in completions)), run))
+        for replay in ([False, True] if name == "moe" else [False]):
+            groups = groups_of(completions, group, record=replay)
+            learner = GRPOLearner(model, None, LearnerConfig(use_sampler_experts=replay,
+                                                             micro_batch_groups=len(groups)))
+            run = partial(learner.update, groups)
+            run()  # warm-up
+            out.append((dict(model=name, case="learner_step", replay_experts=replay,
+                             tokens=sum(g.num_tokens for g in groups)), run))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="4 prompts x 4 samples, 64-token prompts, 16 new tokens")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,21 +104,18 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 256, (prompts_n, context), generator=g).tolist()
     device = torch.device(args.device)
-    for name, cfg in configs().items():
-        model = build_model(cfg, device=device, seed=0)
-        info = dict(bench="moe", model=name, device=str(device), params=model.num_params(),
-                    active_params=active_params(model), prompts=prompts_n, group_size=group, context=context,
-                    new_tokens=new_tokens)
-        for record in ([False, True] if name == "moe" else [False]):
-            params = SamplingParams(max_new_tokens=new_tokens, n=group, seed=1, ignore_eos=True,
-                                    return_experts=record)
-            with torch.no_grad():
-                row, completions = rollout_case(model.requires_grad_(False), prompts, params, args.repeats)
-            print(json.dumps({**info, **row}), flush=True)
-        model.requires_grad_(True)
-        for replay in ([False, True] if name == "moe" else [False]):
-            groups = groups_of(completions, group, record=replay)
-            print(json.dumps({**info, **learner_case(model, groups, replay, args.repeats)}), flush=True)
+    models = {name: build_model(cfg, device=device, seed=0) for name, cfg in configs().items()}
+    todo = cases(models, prompts, group, new_tokens)
+    best = [float("inf")] * len(todo)
+    for _ in range(args.repeats):  # round-robin: a busy spell on a shared machine hits every case alike
+        for i, (_, run) in enumerate(todo):
+            best[i] = min(best[i], timed(run))
+    for (desc, _), wall in zip(todo, best):
+        model = models[desc["model"]]
+        rate = {"tok_s": round(desc["tokens"] / wall, 1)} if desc["case"] == "rollout" else {}
+        print(json.dumps(dict(bench="moe", **desc, device=str(device), params=model.num_params(),
+                              active_params=active_params(model), prompts=prompts_n, group_size=group,
+                              context=context, new_tokens=new_tokens, wall_s=round(wall, 3), **rate)), flush=True)
 
 
 if __name__ == "__main__":
