@@ -4,15 +4,20 @@ Columns: prompt id, group id (the GRPO group: one prompt's n samples in one step
 sample index, prompt and completion token ids, per-token sampling log-probabilities, finish reason,
 weight version, completion text, task metadata (JSON text: tasks carry different fields), reward
 components (a map name -> value) and the total reward; optionally the sampler's keep mask (kept
-token ids per step) and the indexer's selections (flat int32 with their [T, L, K] shape).
+token ids per step), the indexer's selections (flat int32 with their [T, L, K] shape) and the MoE
+routing (`experts`: the ids' raw little-endian bytes, uint8 or int16 as the engine recorded them, with
+their [P + T - 1, M, k] shape in `experts_shape`; the byte count over the element count is the item size,
+so one id costs one byte for up to 256 experts, in memory and on disk, and the dtype comes back exact).
 
 Completions are `dsarl.data.step_types.Completion`, the engines' output type.
 """
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -36,7 +41,26 @@ ROLLOUT_SCHEMA = pa.schema([
     pa.field("keep_mask", pa.list_(pa.list_(pa.int32()))),
     pa.field("indices", pa.list_(pa.int32())),
     pa.field("indices_shape", pa.list_(pa.int32())),
+    pa.field("experts", pa.large_binary()),  # large: a step's routing can pass 2 GiB (int32 offsets)
+    pa.field("experts_shape", pa.list_(pa.int32())),
 ])
+# item size -> (little-endian numpy dtype, torch dtype) of recorded expert ids
+EXPERT_ID_DTYPES = {1: (np.dtype("<u1"), torch.uint8), 2: (np.dtype("<i2"), torch.int16),
+                    4: (np.dtype("<i4"), torch.int32)}
+
+
+def experts_to_bytes(experts: torch.Tensor) -> bytes:
+    """[S, M, k] uint8 / int16 / int32 expert ids -> their little-endian bytes."""
+    np_dtype, dtype = EXPERT_ID_DTYPES[experts.element_size()]
+    assert experts.dtype == dtype, f"expert ids must be uint8, int16 or int32, got {experts.dtype}"
+    return experts.contiguous().numpy().astype(np_dtype, copy=False).tobytes()
+
+
+def experts_from_bytes(data: bytes, shape: list[int]) -> torch.Tensor:
+    """The inverse of experts_to_bytes: the item size is the byte count over the element count."""
+    np_dtype, _ = EXPERT_ID_DTYPES[len(data) // math.prod(shape)]
+    ids = np.frombuffer(data, dtype=np_dtype).astype(np_dtype.newbyteorder("="))  # a native, writable copy
+    return torch.from_numpy(ids).view(*shape)
 
 
 @dataclass
@@ -80,6 +104,8 @@ def completions_to_table(completions, prompt_ids: list[str] | None = None, group
         "keep_mask": [c.keep_mask for c in completions],
         "indices": [None if c.indices is None else c.indices.flatten().tolist() for c in completions],
         "indices_shape": [None if c.indices is None else list(c.indices.shape) for c in completions],
+        "experts": [None if c.experts is None else experts_to_bytes(c.experts) for c in completions],
+        "experts_shape": [None if c.experts is None else list(c.experts.shape) for c in completions],
     }
     return pa.Table.from_pydict(cols, schema=ROLLOUT_SCHEMA)
 
@@ -91,11 +117,12 @@ def table_to_records(table: pa.Table) -> list[RolloutRecord]:
     for row in table.to_pylist():
         idx = row["indices"]
         indices = None if idx is None else torch.tensor(idx, dtype=torch.int32).view(*row["indices_shape"])
+        experts = None if row["experts"] is None else experts_from_bytes(row["experts"], row["experts_shape"])
         comp = Completion(
             prompt_index=row["prompt_index"], sample_index=row["sample_index"],
             prompt_ids=row["prompt_token_ids"], token_ids=row["completion_token_ids"], logprobs=row["logprobs"],
             finish_reason=row["finish_reason"], text=row["text"], weight_version=row["weight_version"],
-            keep_mask=row["keep_mask"], indices=indices,
+            keep_mask=row["keep_mask"], indices=indices, experts=experts,
         )
         rc = row["reward_components"]
         out.append(RolloutRecord(comp, row["prompt_id"], row["group_id"],

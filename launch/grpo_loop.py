@@ -30,7 +30,7 @@ from dsarl.learner.group_building import build_groups, enough_informative, flatt
 from dsarl.learner.grpo_learner import LearnerConfig
 from dsarl.learner.metrics import MetricsLogger
 from dsarl.models import load_tokenizer
-from dsarl.models.config import ConfigError
+from dsarl.models.config import ConfigError, DSAConfig
 from dsarl.rewards.config import RewardComponentConfig, RewardConfig
 from dsarl.rewards.types import RewardSample
 
@@ -275,6 +275,11 @@ class GRPOTrainer:
         attention = cfg.model_overrides.get("attention") or _checkpoint_attention(init)
         self.record_indices = attention == "sparse" and cfg.learner.use_sampler_indices
         self.record_keep = cfg.learner.keep_sampling_mask and (ro.top_p < 1.0 or ro.top_k > 0)
+        # MoE routing: recorded for replay, and with the native engine also with replay off, where the
+        # learner reports how often its own routing differs from the sampler's (vLLM cannot record it)
+        has_moe = "sparse" in DSAConfig.from_file(Path(init) / "config.json").replace(
+            **cfg.model_overrides).layer_mlp_types
+        self.record_experts = has_moe and (cfg.learner.use_sampler_experts or ro.engine == "native")
 
     def sampling(self, step: int, n: int, greedy: bool = False) -> SamplingParams:
         ro = self.cfg.rollout
@@ -282,7 +287,8 @@ class GRPOTrainer:
                               max_new_tokens=ro.max_new_tokens, stop_strings=list(ro.stop_strings), n=n,
                               seed=self.cfg.seed * 1_000_003 + step,
                               return_keep_mask=self.record_keep and not greedy,
-                              return_indices=self.record_indices and not greedy)
+                              return_indices=self.record_indices and not greedy,
+                              return_experts=self.record_experts and not greedy)
 
     def _prompt_text(self, row: dict, completion) -> str:
         """The prompt as the policy saw it: the text, or a chat's messages rendered by the template."""

@@ -6,7 +6,8 @@ A step samples `target` prompts (round 0); with `filter_uniform`, groups whose G
 (no signal) are dropped and the driver may sample further rounds until `enough_informative` says the
 batch is full. The first `target` informative groups, in round order, are kept (so the choice is
 deterministic given the rounds); without the filter the first `target` groups are. Advantages are
-group-relative (learner/advantages.py), computed from each group's own rewards.
+group-relative (learner/advantages.py), computed from each group's own rewards. The sampler's MoE routing
+passes through whenever the engine recorded it (it does only when the driver asks: return_experts).
 """
 from dataclasses import replace
 
@@ -63,7 +64,9 @@ def build_groups(rounds: list[ScoredRound], group_size: int, target: int, std_no
         groups.append(GroupSample(cs[0].prompt_ids, [c.token_ids for c in cs], [c.logprobs for c in cs],
                                   adv.tolist(), [c.keep_mask for c in cs] if record_keep else None,
                                   [c.indices for c in cs] if record_indices else None,
-                                  [c.weight_version for c in cs]))
+                                  [c.weight_version for c in cs],
+                                  experts=[c.experts for c in cs] if all(c.experts is not None for c in cs)
+                                  else None))
     all_rewards = torch.stack(candidates)  # [P_all, G]
     uniform = int((all_rewards.amax(dim=1) == all_rewards.amin(dim=1)).sum())
     return groups, {"groups/kept": float(len(groups)), "groups/uniform": float(uniform),

@@ -24,6 +24,8 @@ class PaddedGroups:
     keep_mask: torch.Tensor | None  # [P*G, Lc, V] bool
     indices: list[torch.Tensor] | None  # per layer [P*G, Lc, K]: sampler selections in learner key slots
     group_size: int
+    prompt_experts: torch.Tensor | None = None  # [P, Lp, M, k]: the sampler's routing of the prompt tokens
+    experts: torch.Tensor | None = None  # [P*G, Lc, M, k]: ... of the completion tokens the learner feeds
 
 
 def pad_groups(groups: list[GroupSample], vocab_size: int, pad_id: int = 0) -> PaddedGroups:
@@ -54,9 +56,12 @@ def pad_groups(groups: list[GroupSample], vocab_size: int, pad_id: int = 0) -> P
     indices = None
     if all(g.indices is not None for g in groups):
         indices = _sampler_indices_in_learner_slots(groups, Lp, Lc)
+    prompt_experts = experts = None
+    if all(g.experts is not None for g in groups):
+        prompt_experts, experts = _sampler_experts_in_learner_slots(groups, Lp, Lc)
     return PaddedGroups(prompts, torch.tensor([len(g.prompt_ids) for g in groups]), completions, comp_lens, mask,
                         sampler_logp, torch.tensor([a for g in groups for a in g.advantages], dtype=torch.float32),
-                        keep, indices, G)
+                        keep, indices, G, prompt_experts, experts)
 
 
 def _sampler_indices_in_learner_slots(groups: list[GroupSample], Lp: int, Lc: int) -> list[torch.Tensor]:
@@ -78,3 +83,32 @@ def _sampler_indices_in_learner_slots(groups: list[GroupSample], Lp: int, Lc: in
             rows.append(shifted)
     stacked = torch.stack(rows)  # [P*G, Lc, L, K]
     return [stacked[:, :, layer].contiguous() for layer in range(stacked.shape[2])]
+
+
+def _sampler_experts_in_learner_slots(groups: list[GroupSample], Lp: int, Lc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's routing per fed token (rows [P + T - 1, M, k]) as the inputs of the learner's two forwards.
+
+    No shift, unlike the indexer's selection: routing belongs to the token a position feeds, not to the
+    token it predicts. The prompt forward feeds prompt token s at slot s: row s of any of the group's
+    completions (the engine routed the prompt once, in the prefill its G samples share). The completion
+    forward feeds completion token j at slot j: row plen + j, for j < T - 1. The sampler never fed a
+    completion's last token (nothing it routes reaches a log-prob), nor padding: those slots route to
+    experts 0..k-1, which keeps the replayed routing a valid distinct top-k everywhere.
+    -> (prompt [P, Lp, M, k], completions [P*G, Lc, M, k]) in the recorded dtype.
+    """
+    first = groups[0].experts[0]
+    M, k = first.shape[1:]
+    filler = torch.arange(k, dtype=first.dtype)
+    prompts = filler.expand(len(groups), Lp, M, k).clone()  # [P, Lp, M, k]
+    comps = filler.expand(len(groups) * groups[0].group_size, Lc, M, k).clone()  # [P*G, Lc, M, k]
+    row = 0
+    for p, g in enumerate(groups):
+        plen = len(g.prompt_ids)
+        prompts[p, :plen] = g.experts[0][:plen]
+        for c, e in zip(g.completions, g.experts):
+            if e.shape != (plen + len(c) - 1, M, k):
+                raise ValueError(f"experts of a {plen}-token prompt's {len(c)}-token completion have shape "
+                                 f"{tuple(e.shape)}, expected {(plen + len(c) - 1, M, k)}")
+            comps[row, : len(c) - 1] = e[plen:]
+            row += 1
+    return prompts, comps

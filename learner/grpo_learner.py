@@ -19,6 +19,11 @@ Departures and choices (the loss maths and its departures are in grpo_loss.py):
   The reference model attends with its own indexer's selection (pi_ref is the reference model's
   distribution); `reference_replays_indices` makes it reuse the sampler's selection instead (one
   indexer pass cheaper, but pi_ref is then the reference weights under the policy's selection).
+- With `use_sampler_experts` (MoE) every token, prompt and completion, is routed to the experts the sampler
+  chose (DeepSeek-V3.2 "keep routing"); the router still weighs them, so it keeps its gradient. The router
+  bias is a buffer: frozen. The reference model routes by itself (pi_ref is its own distribution). The
+  expert load and, with replay off, the share of routing that differs from the sampler's are reported
+  (routing_metrics.py).
 - Data parallel over ranks (a torch.distributed group, gloo on CPU, NCCL on GPU): every rank receives
   the whole rollout batch and takes groups rank, rank + world, ... of each mini-batch; the loss is
   normalised by the mini-batch's global token count (or, with `aggregation: sequence`, its non-empty
@@ -41,6 +46,7 @@ from .grpo_batch import GroupSample, PaddedGroups, pad_groups
 from .grpo_loss import GRPOLossConfig, grpo_loss
 from .logprobs import token_entropy, token_logprobs
 from .optim import OptimConfig, build_optimizer, clip_grad, lr_at, set_lr
+from .routing_metrics import RoutingCounts, routed_token_masks, routing_counts, routing_metrics
 
 COUNT_METRICS = ("tokens", "sequences", "offpolicy_masked_seqs")  # summed, not averaged
 
@@ -59,6 +65,7 @@ class LearnerConfig:
     attention: Literal["model", "dense", "sparse"] = "model"  # "model": the checkpoint's own setting
     use_sampler_indices: bool = True  # sparse: attend to the keys the sampler selected, when recorded
     reference_replays_indices: bool = False  # sparse: pi_ref reuses the sampler's selection (else its own)
+    use_sampler_experts: bool = True  # MoE: route every token to the experts the sampler chose, when recorded
     keep_sampling_mask: bool = True  # apply the sampler's top-p/top-k keep mask to pi and pi_old
     train_indexer: bool = False  # train the indexer by its KL on the selected set (else frozen)
     indexer_kl_weight: float = 1.0
@@ -69,13 +76,34 @@ class LearnerConfig:
 
 
 def group_forward(model, batch: PaddedGroups, attention: str, temperature: float, use_indices: bool,
-                  keep_mask: bool, with_entropy: bool = False):
+                  keep_mask: bool, with_entropy: bool = False, use_experts: bool = False):
     """-> (logp [P*G, Lc], entropy [P*G, Lc] | None): each prompt forward once, its G completions on
     top of its (differentiable) KV."""
+    return routed_group_forward(model, batch, attention, temperature, use_indices, keep_mask, with_entropy,
+                                use_experts)[:2]
+
+
+def _per_layer(experts: torch.Tensor | None, moe_layers: list[bool], device) -> list[torch.Tensor | None] | None:
+    """[B, T, M, k] routing of the M MoE layers -> the model's per-layer list ([B, T, k], None for dense)."""
+    if experts is None:
+        return None
+    it = iter(experts.to(device).unbind(2))
+    return [next(it) if moe else None for moe in moe_layers]
+
+
+def routed_group_forward(model, batch: PaddedGroups, attention: str, temperature: float, use_indices: bool,
+                         keep_mask: bool, with_entropy: bool = False, use_experts: bool = False):
+    """group_forward, and the routing it used: -> (logp, entropy, routing), routing = (prompt [P, Lp, M, k],
+    completions [P*G, Lc, M, k]) expert ids of the M MoE layers, or None for a model without MoE.
+    use_experts: route as the sampler did (batch.prompt_experts / batch.experts), when recorded."""
     P, Lp = batch.prompts.shape
     G = batch.group_size
+    moe_layers = [t == "sparse" for t in model.config.layer_mlp_types]
+    replay = use_experts and batch.experts is not None
     prefix = PrefixKV(model.config.num_hidden_layers)
-    prompt_logits = model(batch.prompts, cache=prefix, attention=attention).logits  # [P, Lp, V]
+    prompt_out = model(batch.prompts, cache=prefix, attention=attention, return_experts=True,
+                       experts=_per_layer(batch.prompt_experts if replay else None, moe_layers, model.device))
+    prompt_logits = prompt_out.logits  # [P, Lp, V]
     last = prompt_logits[torch.arange(P), batch.prompt_lens - 1]  # [P, V] predicts completion token 0
     prefix.set_lengths(batch.prompt_lens)
     shared = prefix.repeat_rows(G)
@@ -84,13 +112,19 @@ def group_forward(model, batch: PaddedGroups, attention: str, temperature: float
     indices = batch.indices if (use_indices and attention == "sparse") else None
     if indices is not None and model.config.index_dense_when_all_fit and Lp + Lc <= model.config.index_topk:
         indices = None  # every query sees <= k keys: the sampler selected them all, the model runs dense
-    comp_logits = model(batch.completions, positions=positions, cache=shared, attention=attention,
-                        indices=indices).logits  # [P*G, Lc, V]
+    comp_experts = _per_layer(batch.experts if replay else None, moe_layers, model.device)
+    comp_out = model(batch.completions, positions=positions, cache=shared, attention=attention, indices=indices,
+                     return_experts=True, experts=comp_experts)
+    comp_logits = comp_out.logits  # [P*G, Lc, V]
     logits = torch.cat([last.repeat_interleave(G, dim=0)[:, None], comp_logits[:, :-1]], dim=1)  # [P*G, Lc, V]
     km = batch.keep_mask if keep_mask else None
     logp = token_logprobs(logits, batch.completions, temperature, km)
     entropy = token_entropy(logits.detach(), temperature, km) if with_entropy else None
-    return logp, entropy
+    routing = None
+    if any(moe_layers):
+        routing = tuple(torch.stack([e for e in out.experts if e is not None], dim=2)  # [B, T, M, k]
+                        for out in (prompt_out, comp_out))
+    return logp, entropy, routing
 
 
 class NonFiniteError(RuntimeError):
@@ -153,17 +187,20 @@ class GRPOLearner:
             out.append((self._normalizer(mini), [pad_groups(local[j: j + m], V) for j in range(0, len(local), m)]))
         return out
 
-    def _logp(self, model, mb: PaddedGroups, with_entropy=False, use_indices: bool | None = None):
+    def _logp(self, model, mb: PaddedGroups, with_entropy=False, use_indices: bool | None = None,
+              use_experts: bool | None = None):
+        """-> (logp, entropy, routing) of routed_group_forward."""
         use = self.cfg.use_sampler_indices if use_indices is None else use_indices
-        return group_forward(model, mb, self.attention, self.temperature, use, self.cfg.keep_sampling_mask,
-                             with_entropy)
+        experts = self.cfg.use_sampler_experts if use_experts is None else use_experts
+        return routed_group_forward(model, mb, self.attention, self.temperature, use, self.cfg.keep_sampling_mask,
+                                    with_entropy, experts)
 
     def reference_logp(self, mb: PaddedGroups) -> torch.Tensor:
         """log pi_ref of the sampled tokens: the reference model with its own indexer's selection, or
         the sampler's selection with `reference_replays_indices`."""
         with torch.no_grad():
             return self._logp(self.reference, mb, use_indices=self.cfg.use_sampler_indices
-                              and self.cfg.reference_replays_indices)[0]
+                              and self.cfg.reference_replays_indices, use_experts=False)[0]
 
     def _indexer_kl_backward(self, groups: list[GroupSample], normalizer_groups: int) -> float:
         """train_indexer: the DSA sparse-stage indexer loss on the policy's own samples. One no-grad
@@ -236,12 +273,15 @@ class GRPOLearner:
             old = [[self._logp(self.policy, mb)[0] for mb in mbs] for _, mbs in minis] if need_old else None
         sums: dict[str, float] = {}
         weight_total, loss_total, grad_norms, indexer_norms, lrs, skipped = 0.0, 0.0, [], [], [], 0
+        routed = self._zero_routing_counts()
         for _ in range(cfg.ppo_epochs):
             for i, (normalizer, mbs) in enumerate(minis):
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for j, mb in enumerate(mbs):
-                    logp, entropy = self._logp(self.policy, mb, with_entropy=True)
+                    logp, entropy, used = self._logp(self.policy, mb, with_entropy=True)
+                    if routed is not None:
+                        routed = routed + self._routing_counts(mb, used)
                     old_logp = old[i][j] if old is not None else logp.detach()
                     loss, metrics = grpo_loss(logp, old_logp, mb.advantages, mb.mask,
                                               ref_logp=None if ref is None else ref[i][j],
@@ -289,8 +329,32 @@ class GRPOLearner:
             out["indexer_grad_norm"] = sum(indexer_norms) / len(indexer_norms)
         out["optimizer_steps"] = float(len(grad_norms))
         out["nonfinite_skipped"] = float(skipped)
+        if routed is not None:
+            out.update(self._routing_metrics(routed))
         out["lr"] = lrs[-1]
         return out
+
+    def _moe_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.policy.config.layer_mlp_types) if t == "sparse"]
+
+    def _zero_routing_counts(self) -> RoutingCounts | None:
+        moe = self._moe_layers()
+        return RoutingCounts.zeros(len(moe), self.policy.config.n_routed_experts) if moe else None
+
+    def _routing_counts(self, mb: PaddedGroups, used) -> RoutingCounts:
+        """Expert load of the routing the policy used; with replay off, compared with the sampler's."""
+        compare = mb.experts is not None and not self.cfg.use_sampler_experts
+        masks = routed_token_masks(mb.prompt_lens, mb.prompts.shape[1], mb.completion_lens, mb.completions.shape[1])
+        return routing_counts(used, (mb.prompt_experts, mb.experts) if compare else None, masks,
+                              self.policy.config.n_routed_experts)
+
+    def _routing_metrics(self, counts: RoutingCounts) -> dict[str, float]:
+        """moe/* metrics over the whole batch: counts summed over the data-parallel ranks."""
+        if self.world_size > 1:
+            flat = counts.flat()
+            dist.all_reduce(flat)
+            counts = RoutingCounts.from_flat(flat, len(self._moe_layers()))
+        return routing_metrics(counts, self._moe_layers(), self.cfg.ppo_epochs)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.policy.state_dict().items()}

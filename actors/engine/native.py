@@ -11,6 +11,10 @@ rows [0, highest active slot], and refills take the lowest free slot, so a drain
 
 Sampling (temperature, top-p/k, per-sample counter-based RNG) is in sampling.py; stopping in
 stopping.py. Completions come back ordered by prompt, then sample.
+
+Replay records (SamplingParams.return_indices / return_experts): the indexer's selection of the query
+that produced each token, and the MoE routing of every token fed through the model: the prompt's (from
+its one prefill, shared by the n samples) and each decoded token's, stored as uint8/int16 ids.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,6 +40,7 @@ class _Prefix:
     k_idx: torch.Tensor  # [L, P, d_I] indexer keys
     logits: torch.Tensor  # [V] next-token logits at P - 1
     indices: torch.Tensor | None  # [L, K] selection of query P - 1 (sparse)
+    experts: torch.Tensor | None  # [P, M, k] routing of the prompt's tokens (MoE layers)
     unplaced: int  # samples not yet given a slot
 
 
@@ -50,7 +55,23 @@ class _Seq:
     logprobs: list[float] = field(default_factory=list)
     keep: list[list[int]] = field(default_factory=list)
     indices: list[torch.Tensor] = field(default_factory=list)
+    experts: list[torch.Tensor] = field(default_factory=list)  # [P, M, k] of the prompt, then [1, M, k] per fed token
     finish_reason: str | None = None
+
+
+def expert_id_dtype(n_experts: int) -> torch.dtype:
+    """The smallest dtype holding expert ids 0..n_experts-1 exactly: replay records are per token and layer."""
+    if n_experts <= 256:
+        return torch.uint8
+    if n_experts <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+def stack_moe_experts(experts: list[torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
+    """The model's per-layer routing (None for dense layers, else [B, T, k]) -> [B, T, M, k] for the M MoE
+    layers, compact dtype, on the CPU."""
+    return torch.stack([e for e in experts if e is not None], dim=2).to(dtype).cpu()  # [B, T, M, k]
 
 
 class NativeEngine:
@@ -191,6 +212,8 @@ class _Run:
         self.prompt_indices = prompt_indices
         self.stop = StopRule.build(params, getattr(engine.tokenizer, "eos_id", None))
         self.want_indices = params.return_indices and engine.attention == "sparse"
+        self.want_experts = params.return_experts and "sparse" in engine.cfg.layer_mlp_types
+        self.expert_dtype = expert_id_dtype(engine.cfg.n_routed_experts or 1)
         B = min(engine.max_batch_size, len(prompts) * params.n)
         self.cache_len = min(engine.max_len, max(len(p) for p in prompts) + params.max_new_tokens)
         dtype = engine.model.lm_head.weight.dtype
@@ -238,11 +261,14 @@ class _Run:
             ids[r, : lens[r]] = torch.tensor(self.prompts[i])
         scratch = StaticKVCache(e.cfg, len(prompt_pos), P, device=e.device, dtype=self.cache.kv.dtype)
         out = e.model(ids.to(e.device), cache=scratch, attention=e.attention, return_indices=self.want_indices,
+                      return_experts=self.want_experts,
                       logits_slice=slice(P0 - 1, P))  # logits only where some prompt ends
+        routed = stack_moe_experts(out.experts, self.expert_dtype) if self.want_experts else None  # [B, P, M, k]
         for r, i in enumerate(prompt_pos):
             idx = None if out.indices is None else torch.stack([x[r, lens[r] - 1] for x in out.indices])  # [L, K]
             self.prefixes[i] = _Prefix(scratch.kv[:, r, : lens[r]], scratch.k_idx[:, r, : lens[r]],
-                                       out.logits[r, lens[r] - P0], idx, self.params.n)
+                                       out.logits[r, lens[r] - P0], idx,
+                                       None if routed is None else routed[r, : lens[r]], self.params.n)
 
     def _place(self, pairs: list[tuple[int, tuple[int, int]]]) -> None:
         """Copies each prompt's latent KV into its sample's slot and samples the first token."""
@@ -254,7 +280,7 @@ class _Run:
             self.cache.k_idx[:, b, :P] = pre.k_idx
             self.cache.lengths[b] = P
             key = sample_keys(self.params.seed, np.array([self.prompt_indices[i]]), np.array([j]))[0]
-            seqs.append(_Seq(i, j, key))
+            seqs.append(_Seq(i, j, key, experts=[] if pre.experts is None else [pre.experts]))
             logits.append(pre.logits)
             first_idx.append(pre.indices)
             pre.unplaced -= 1
@@ -271,8 +297,12 @@ class _Run:
         live[active] = True
         positions = torch.where(live, view.lengths, torch.zeros_like(view.lengths))[:, None]  # [hi, 1]
         out = self.e.model(self.last_token[:hi, None], positions=positions, cache=view, attention=self.e.attention,
-                           return_indices=self.want_indices)
+                           return_indices=self.want_indices, return_experts=self.want_experts)
         rows = torch.tensor(active, device=out.logits.device)
+        if self.want_experts:  # the routing of the token fed now: the one each slot sampled last step
+            routed = stack_moe_experts(out.experts, self.expert_dtype)  # [hi, 1, M, k]
+            for b in active:
+                self.slots[b].experts.append(routed[b])  # [1, M, k]
         logits = out.logits[rows, -1]  # [A, V]
         step_idx = [None] * len(active)
         if out.indices is not None:
@@ -314,4 +344,5 @@ class _Run:
             finish_reason=s.finish_reason, text=text, weight_version=self.e.weight_version,
             keep_mask=s.keep if self.params.return_keep_mask else None,
             indices=torch.stack(s.indices) if s.indices else None,
+            experts=torch.cat(s.experts) if s.experts else None,  # [P + T - 1, M, k]
         )

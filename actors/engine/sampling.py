@@ -33,6 +33,7 @@ class SamplingParams:
     seed: int = 0
     return_keep_mask: bool = False  # per step, the kept token ids
     return_indices: bool = False  # per step and layer, the indexer's top-k selection (sparse)
+    return_experts: bool = False  # per fed token (prompt too) and MoE layer, the routed experts
     ignore_eos: bool = False  # do not stop at the tokenizer's eos (benchmarks of fixed lengths)
 
     def __post_init__(self):

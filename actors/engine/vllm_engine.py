@@ -7,7 +7,7 @@
   log-probability. We build `LLM(..., logprobs_mode="processed_logprobs")` so that value is taken
   after temperature and top-p/k, like the native engine's; with older vLLMs that lack the option it
   is the raw model log-probability (the mismatch the learner's importance correction then absorbs).
-- Not available from vLLM: the keep mask and the indexer's selections (asking raises).
+- Not available from vLLM: the keep mask, the indexer's selections and the MoE routing (asking raises).
 - Every keyword passed to vLLM (`llm_kwargs`, the request kwargs, `generate(use_tqdm=)`,
   `collective_rpc(method, args=)`, `TokensPrompt(prompt_token_ids=)`) is checked against the source
   of CHECKED_VLLM_VERSIONS by tests/actors/test_vllm_contract.py.
@@ -47,6 +47,9 @@ def vllm_request_kwargs(params: SamplingParams, prompt_index: int, eos_id: int |
     """Our SamplingParams -> keyword arguments of vllm.SamplingParams for one prompt."""
     if params.return_keep_mask or params.return_indices:
         raise ValueError("engine 'vllm' cannot return keep masks or indexer selections; use engine 'native'")
+    if params.return_experts:
+        raise ValueError("engine 'vllm' does not return MoE routing (return_experts) here; use engine 'native', "
+                         "or set learner.use_sampler_experts: false to let the learner route by itself")
     stop_ids = list(params.stop_token_ids)
     return dict(
         n=params.n, temperature=params.temperature, top_p=params.top_p,

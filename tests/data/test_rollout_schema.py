@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pyarrow as pa
 import pytest
 import torch
@@ -49,3 +51,33 @@ def test_defaults_and_errors(completions):
         completions_to_table(completions, rewards=[1.0])
     with pytest.raises((pa.ArrowInvalid, ValueError, TypeError)):
         table_to_records(table.drop_columns(["text"]))
+
+
+@pytest.fixture(scope="module")
+def moe_completions():
+    cfg = DSAConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
+                    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=2, index_head_dim=8,
+                    index_topk=4, intermediate_size=64, n_routed_experts=8, num_experts_per_tok=3,
+                    moe_intermediate_size=8, first_k_dense_replace=1)
+    tok = ByteTokenizer()
+    engine = NativeEngine(build_model(cfg, seed=1), tok)
+    params = SamplingParams(max_new_tokens=5, n=2, return_experts=True)
+    return engine.generate([tok.encode("ab", add_bos=True), tok.encode("moe!", add_bos=True)], params)
+
+
+def test_parquet_roundtrip_keeps_expert_routing_exactly(moe_completions, completions, tmp_path):
+    # with a synthetic int16 record (> 256 experts) beside the engine's uint8 ones, and one without any
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    wide = replace(moe_completions[0], experts=torch.randint(0, 32768, (6, 4, 3), dtype=torch.int16, generator=g))
+    rows = [*moe_completions, wide, completions[0]]
+    write_rollouts(completions_to_table(rows), tmp_path / "r.parquet")
+    back = table_to_completions(read_rollouts(tmp_path / "r.parquet"))
+    for c, got in zip(rows, back):
+        if c.experts is None:
+            assert got.experts is None
+            continue
+        assert got.experts.dtype == c.experts.dtype and got.experts.shape == c.experts.shape
+        assert torch.equal(got.experts, c.experts)
+    assert moe_completions[0].experts.dtype == torch.uint8  # one byte per id for <= 256 experts
+    table = completions_to_table(moe_completions)
+    assert table.column("experts")[0].as_py() == moe_completions[0].experts.numpy().tobytes()
