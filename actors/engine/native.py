@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dsarl.models import StaticKVCache
 
@@ -210,7 +209,9 @@ class _Run:
     def __init__(self, engine: NativeEngine, prompts, params: SamplingParams, prompt_indices):
         self.e, self.prompts, self.params = engine, prompts, params
         self.prompt_indices = prompt_indices
-        self.stop = StopRule.build(params, getattr(engine.tokenizer, "eos_id", None))
+        tok = engine.tokenizer
+        self.stop = StopRule.build(params, getattr(tok, "stop_ids", getattr(tok, "eos_id", None)),
+                                   tuple(getattr(tok, "stop_strings", ())))
         self.want_indices = params.return_indices and engine.attention == "sparse"
         self.want_experts = params.return_experts and "sparse" in engine.cfg.layer_mlp_types
         self.expert_dtype = expert_id_dtype(engine.cfg.n_routed_experts or 1)

@@ -16,12 +16,17 @@ class StopRule:
     window: int  # tokens decoded to look for a stop string
 
     @classmethod
-    def build(cls, params, eos_id: int | None) -> "StopRule":
-        ids = set(params.stop_token_ids)
-        if eos_id is not None and not params.ignore_eos:
-            ids.add(eos_id)
-        longest = max((len(s) for s in params.stop_strings), default=0)
-        return cls(frozenset(ids), tuple(params.stop_strings), params.max_new_tokens, 4 * longest + 4)
+    def build(cls, params, eos_ids: int | tuple[int, ...] | None,
+              tokenizer_stop_strings: tuple[str, ...] = ()) -> "StopRule":
+        """eos_ids: the tokenizer's end ids (a chat model ends a turn with a token other than eos) and
+        tokenizer_stop_strings (generation_config.json's) apply unless ignore_eos."""
+        ids, strings = set(params.stop_token_ids), list(params.stop_strings)
+        if eos_ids is not None and not params.ignore_eos:
+            ids.update([eos_ids] if isinstance(eos_ids, int) else eos_ids)
+            strings += tokenizer_stop_strings
+        strings = tuple(dict.fromkeys(strings))
+        longest = max((len(s) for s in strings), default=0)
+        return cls(frozenset(ids), strings, params.max_new_tokens, 4 * longest + 4)
 
     def finish_reason(self, token_ids: list[int], decode, room_left: bool) -> str | None:
         """'stop' | 'length' | None (continue), after token_ids[-1] was appended."""

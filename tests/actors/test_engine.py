@@ -223,3 +223,27 @@ def test_yes_probability_matches_chained_conditionals(model):
             total += prob
         assert g == pytest.approx(total, rel=1e-5)
         assert 0 < g < 1
+
+
+class ChatByteTokenizer(ByteTokenizer):
+    """A tokenizer whose chat turn ends with a token other than eos (as generation_config.json's
+    eos_token_id list says for chat models) and which names a stop string."""
+
+    def __init__(self, turn_end: int, stop_string: str = ""):
+        super().__init__()
+        self.turn_end = turn_end
+        self.stop_strings = (stop_string,) if stop_string else ()
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return (self.eos_id, self.turn_end)
+
+
+def test_generation_stops_at_every_tokenizer_stop_id_unless_ignore_eos(model):
+    free = NativeEngine(model, TOK).generate(PROMPTS[:1], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    first = free.token_ids[0]  # what greedy decoding emits first: make it the turn-end token
+    stopped = NativeEngine(model, ChatByteTokenizer(first)).generate(PROMPTS[:1], SamplingParams(max_new_tokens=6))[0]
+    assert stopped.token_ids == [first] and stopped.finish_reason == "stop"
+    ignored = NativeEngine(model, ChatByteTokenizer(first)).generate(
+        PROMPTS[:1], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    assert ignored.token_ids == free.token_ids and ignored.finish_reason == "length"
