@@ -20,7 +20,7 @@ from dsarl.launch.distill_pipeline import (DistillConfig, DomainData, DomainEntr
 from dsarl.launch.grpo_loop import GRPOConfig, PromptData, RolloutConfig
 from dsarl.learner.distill import Distiller, Sequences, completion_log_probs
 from dsarl.learner.metrics import MetricsLogger, read_metrics
-from dsarl.models import DSAConfig, build_model, from_pretrained, save_pretrained
+from dsarl.models import ByteTokenizer, DSAConfig, build_model, from_pretrained, save_pretrained
 from dsarl.rewards.combiner import RewardCombiner
 from dsarl.rewards.config import RewardConfig
 from dsarl.rewards.types import RewardSample
@@ -113,19 +113,12 @@ def test_rejection_sampling_keeps_exactly_the_samples_above_the_threshold(tmp_pa
     rows = [{"prompt": f"p{i}", "answer": "x", "id": f"r{i}"} for i in range(5)]
     dom = DomainData("toy", rows, [], FakeRewards(), "acc", 4)
     sft = SFTConfig(samples_per_prompt=4, reward_threshold=0.5)
-    kept, m = specialist_samples(FakeTeachers(), dom, _Tok(), 6, sft, seed=0, out_dir=tmp_path)
+    kept, m = specialist_samples(FakeTeachers(), dom, ByteTokenizer(), 6, sft, seed=0, out_dir=tmp_path)
     assert m["sft_data/toy/samples"] == 24 and m["sft_data/toy/kept"] == 12 == len(kept)
     assert sorted({c[0] for _, c in kept}) == [12, 13]  # sample indices 2 and 3: totals 0.51 and 1.1
     import pyarrow.parquet as pq
     table = pq.read_table(tmp_path / "toy.parquet").to_pylist()
     assert [json.loads(r["metadata"])["kept"] for r in table] == [r["reward"] > 0.5 for r in table]
-
-
-class _Tok:
-    bos_id = 1
-
-    def encode(self, text):
-        return [ord(c) for c in text]
 
 
 def test_split_by_weight_and_mixed_batches_follow_the_weights():
