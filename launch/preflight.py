@@ -222,15 +222,21 @@ def _check_grpo(cfg, resolve, resume, init_pending: bool, prefix: str) -> None:
 
 
 def check_engine_replay(cfg, init: str, prefix: str = "") -> None:
-    """vLLM records no indexer selections: a sparse model's index replay needs the native engine."""
-    import json
+    """vLLM records no indexer selections and (as dsarl drives it) no MoE routing: replaying either
+    needs the native engine."""
+    from dsarl.models.config import DSAConfig
 
-    attention = cfg.model_overrides.get("attention") or json.loads(
-        (Path(init) / "config.json").read_text()).get("attention", "dense")
-    if cfg.rollout.engine == "vllm" and attention == "sparse" and cfg.learner.use_sampler_indices:
+    if cfg.rollout.engine != "vllm":
+        return
+    model = DSAConfig.from_file(Path(init) / "config.json").replace(**cfg.model_overrides)
+    if model.attention == "sparse" and cfg.learner.use_sampler_indices:
         raise ConfigError(f"{prefix}rollout.engine: vllm returns no indexer selections, which index replay "
                           f"(learner.use_sampler_indices, on for this sparse model) needs: use engine native, or "
                           f"set learner.use_sampler_indices: false")
+    if "sparse" in model.layer_mlp_types and cfg.learner.use_sampler_experts:
+        raise ConfigError(f"{prefix}rollout.engine: vllm returns no expert routing, which routing replay "
+                          f"(learner.use_sampler_experts, on for this MoE model) needs: use engine native, or "
+                          f"set learner.use_sampler_experts: false")
 
 
 def check_grpo_config(cfg, resolve=lambda p: p, resume: bool | str = False) -> None:

@@ -274,3 +274,22 @@ def test_vllm_with_index_replay_on_a_sparse_model_is_refused(ckpt):
         check_engine_replay(load_config(GRPOConfig, None, sparse_vllm), ckpt)
     check_engine_replay(load_config(GRPOConfig, None, [*sparse_vllm, "learner.use_sampler_indices=false"]), ckpt)
     check_engine_replay(load_config(GRPOConfig, None, ["rollout.engine=vllm"]), ckpt)  # the checkpoint is dense
+
+
+def test_vllm_with_routing_replay_on_a_moe_model_is_refused(tmp_path):
+    import json
+
+    from dsarl.launch.config import load_config
+    from dsarl.launch.grpo_loop import GRPOConfig
+    from dsarl.launch.preflight import check_engine_replay
+    from dsarl.models.config import ConfigError
+
+    moe = DSAConfig(vocab_size=264, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                    q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                    index_n_heads=2, index_head_dim=16, index_topk=4, n_routed_experts=4, n_group=1, topk_group=1,
+                    num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1)
+    (tmp_path / "config.json").write_text(json.dumps(moe.to_dict()))
+    with pytest.raises(ConfigError, match="vllm returns no expert routing"):
+        check_engine_replay(load_config(GRPOConfig, None, ["rollout.engine=vllm"]), str(tmp_path))
+    check_engine_replay(load_config(GRPOConfig, None, ["rollout.engine=vllm", "learner.use_sampler_experts=false"]),
+                        str(tmp_path))
