@@ -1,11 +1,13 @@
 """Seconds per GRPO step and its split (generate / reward / learn / sync), dense vs sparse.
 
-    python bench/grpo_step.py [--prompt-lens 16 1000 4000] [--steps 3] [--quick]
+    python bench/grpo_step.py [--prompt-lens 16 1000 4000] [--steps 3] [--quick] [--max-staleness 0 1]
 
 A 4-layer, width-256 DSA model (random weights), 8 prompts x 8 samples x 16 new tokens, a reference
 model (beta > 0), on an embedded Ray with this machine's CPUs. Prompts are key-value retrieval texts
 of about the given length. One JSON line per (prompt length, attention): the median over the steps
-after the first (which includes warm-up).
+after the first (which includes warm-up). `--max-staleness 0 1` also runs asynchronous rollouts (the
+rollout workers generate the next step while the learner trains) and reports each role's idle time and
+the generate/update overlap.
 """
 import argparse
 import json
@@ -27,7 +29,8 @@ MODEL = dict(hidden_size=256, intermediate_size=896, num_hidden_layers=4, num_at
              index_head_dim=32, index_topk=256, max_position_embeddings=8192)
 
 
-def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: int, group: int, new_tokens: int) -> dict:
+def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: int, group: int, new_tokens: int,
+             staleness: int = 0) -> dict:
     task_kwargs = {"context_len": prompt_len} if prompt_len > 32 else {}
     cfg = GRPOConfig(
         init_from=init, model_overrides={"attention": attention}, steps=steps, prompts_per_step=prompts,
@@ -35,7 +38,7 @@ def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: in
         data=PromptData(task="kv_retrieval" if task_kwargs else "arithmetic", task_kwargs=task_kwargs, num_train=64,
                         num_test=0),
         rollout=RolloutConfig(num_cpus_per_worker=0.5, num_threads=2, max_new_tokens=new_tokens,
-                              max_batch_size=prompts * group),
+                              max_batch_size=prompts * group, max_staleness=staleness),
         rewards=RewardConfig(components=[RewardComponentConfig(name="exact_match")], num_cpus_per_worker=0.25),
         learner=LearnerConfig(loss=GRPOLossConfig(beta=0.01), micro_batch_groups=prompts),
         learner_num_cpus=0.5, learner_num_threads=2, accuracy_component="exact_match",
@@ -54,7 +57,9 @@ def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: in
             "attention": attention, "index_topk": MODEL["index_topk"],
             "prompts": prompts, "group_size": group, "new_tokens": new_tokens, "beta": 0.01,
             "step_s": med("time/step"), "generate_s": med("time/generate"), "reward_s": med("time/reward"),
-            "learn_s": med("time/learn"), "sync_s": med("time/sync"), "steps_timed": len(timed)}
+            "learn_s": med("time/learn"), "sync_s": med("time/sync"), "max_staleness": staleness,
+            "staleness_max": max(r["staleness/max"] for r in rows), "rollout_idle_s": med("time/rollout_idle"),
+            "learner_idle_s": med("time/learner_idle"), "overlap_s": med("time/overlap"), "steps_timed": len(timed)}
 
 
 def main() -> None:
@@ -63,6 +68,7 @@ def main() -> None:
     parser.add_argument("--attention", nargs="+", default=["dense", "sparse"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="2 prompts x 2 samples x 4 tokens, 2 steps")
+    parser.add_argument("--max-staleness", type=int, nargs="+", default=[0], help="rollout.max_staleness values")
     args = parser.parse_args()
     prompts, group, new_tokens, steps = (2, 2, 4, 2) if args.quick else (8, 8, 16, args.steps)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -71,9 +77,10 @@ def main() -> None:
     save_pretrained(model, init)
     for prompt_len in args.prompt_lens:
         for attention in args.attention:
-            out = run_case(str(init), prompt_len, attention, steps, prompts, group, new_tokens)
-            out["model_params"] = model.num_params()
-            print(json.dumps(out), flush=True)
+            for staleness in args.max_staleness:
+                out = run_case(str(init), prompt_len, attention, steps, prompts, group, new_tokens, staleness)
+                out["model_params"] = model.num_params()
+                print(json.dumps(out), flush=True)
     ray.shutdown()
 
 
