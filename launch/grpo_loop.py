@@ -309,10 +309,12 @@ class GRPOTrainer:
             return {}
         comps = self.rollout.generate(prompt_ids_for(rows, self.tokenizer, self.cfg.data.prompt_format),
                                       self.sampling(step, 1, greedy=True))
-        scores, _ = self._score(rows, comps)
+        scores, rmetrics = self._score(rows, comps)
+        scores = [s for s in scores if s is not None]  # a lost reward worker's samples: no value to average
         key = self.cfg.accuracy_component
-        return {"eval/accuracy": sum(is_correct(s, key) for s in scores) / len(scores),
-                "eval/reward": sum(s["total"] for s in scores) / len(scores)}
+        return {"eval/accuracy": sum(is_correct(s, key) for s in scores) / len(scores) if scores else float("nan"),
+                "eval/reward": sum(s["total"] for s in scores) / len(scores) if scores else float("nan"),
+                "eval/unscored_samples": rmetrics["reward/unscored_samples"]}
 
     def _phase(self, name: str) -> None:
         """Shows what the step is doing now, with the run's reward failures so far."""
@@ -382,12 +384,13 @@ class GRPOTrainer:
             self._write_rollouts(step + 1, rows, comps, scores)
         n_tokens = sum(len(c.token_ids) for c in comps)
         t_gen, t_rew = sum(r.generate_s for r in rounds), sum(r.reward_s for r in rounds)
-        correct = [is_correct(s, cfg.accuracy_component) for s in scores]
+        scored = [s for s in scores if s is not None]  # unscored samples (a lost reward worker) have no value
+        correct = [is_correct(s, cfg.accuracy_component) for s in scored]
         busy = self.rollout.pop_busy()  # per worker: (start, end) of each generate call since the last step
         wall = time.perf_counter() - t_start
         metrics = {
-            "accuracy": sum(correct) / len(correct), **gmetrics,
-            **present_means(scores, prefix="reward/"),
+            "accuracy": sum(correct) / len(correct) if correct else float("nan"), **gmetrics,
+            **present_means(scored, prefix="reward/"),
             **merge_reward_metrics([r.reward_metrics for r in rounds]),
             "response_length/mean": n_tokens / len(comps),
             "response_length/clip_frac": sum(c.finish_reason == "length" for c in comps) / len(comps),
@@ -469,8 +472,9 @@ class GRPOTrainer:
         table = completions_to_table(
             comps, prompt_ids=[str(rows[c.prompt_index].get("id", c.prompt_index)) for c in comps],
             group_ids=[f"{step}-{c.prompt_index}" for c in comps], metadata=meta,
-            reward_components=[{k: v for k, v in s.items() if k != "total"} for s in scores],
-            rewards=[s["total"] for s in scores])
+            reward_components=[None if s is None else {k: v for k, v in s.items() if k != "total"} for s in scores],
+            rewards=[None if s is None else s["total"] for s in scores],
+            reward_failed=[s is None for s in scores])  # None: unscored (its reward worker was lost)
         path = self.run_dir / "rollouts" / f"step_{step:06d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_rollouts(table, path)
