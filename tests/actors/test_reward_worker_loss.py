@@ -4,6 +4,7 @@ learner's groups, counted, and flagged in the rollout log.
 
 The fault is real: a reward plug-in stalls inside the worker's reward process and tells the test the
 worker's pid, which the test kills with SIGKILL, as the kernel's OOM killer would."""
+import json
 import os
 import signal
 import sys
@@ -18,8 +19,9 @@ import ray
 from dsarl.actors.reward_workers import RewardPool
 from dsarl.data.rollout_schema import read_rollouts, table_to_records
 from dsarl.data.step_types import Completion, ScoredRound
-from dsarl.launch.grpo_loop import GRPOTrainer
+from dsarl.launch.grpo_loop import GRPOConfig, GRPOTrainer, PromptData, RolloutConfig, run_grpo
 from dsarl.learner.group_building import build_groups
+from dsarl.models import DSAConfig, build_model, save_pretrained
 from dsarl.rewards.config import RewardComponentConfig as C, RewardConfig
 from dsarl.rewards.types import RewardSample
 
@@ -142,3 +144,48 @@ def test_a_chunk_lost_on_every_try_stays_unscored_out_of_the_batch_and_flagged(t
     assert [r.reward for r in records] == [totals[0], totals[1], None, None, totals[4], totals[5]]
     assert records[2].reward_components is None and records[0].reward_components == {
         k: v for k, v in expected(samples[0]).items() if k != "total"}
+
+
+def test_a_grpo_step_whose_reward_worker_is_killed_trains_only_on_scored_groups(tmp_path):
+    """Through the real driver: one of two reward workers SIGKILLed mid-step, no retries. The step goes on;
+    its lost groups are counted, dropped from the learner's batch and flagged in the rollout log; accuracy
+    is over the scored samples only."""
+    cfg = DSAConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, q_lora_rank=24,
+                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=2,
+                    index_head_dim=16, index_topk=4)
+    init = str(save_pretrained(build_model(cfg, seed=0), tmp_path / "init"))
+    stall_dir = tmp_path / "stall"
+    stall_dir.mkdir()
+    (stall_dir / "stalls").write_text("1")  # the first reward call of the run stalls, whichever worker has it
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1), "stall_dir": str(stall_dir)})
+                             + "\n" for a in range(6)))
+    G, P = 2, 4
+    run = GRPOConfig(
+        init_from=init, run_dir=str(tmp_path / "run"), steps=1, prompts_per_step=P, group_size=G, save_every=1,
+        data=PromptData(path=str(train)), rollout=RolloutConfig(num_cpus_per_worker=0.25, max_new_tokens=4),
+        rewards=RewardConfig([C("math_answer"), C("reward_plugins:stalls_when_told", label="len")], timeout_s=300.0,
+                             num_workers=2, num_cpus_per_worker=0.25, chunk_retries=0),
+        learner_num_cpus=0.5, eval_samples=0, tensorboard=False)
+    killed: list[int] = []
+    thread = kill_stalled_workers(stall_dir, 1, killed)
+    run_grpo(run, show_progress=False)
+    thread.join()
+    assert len(killed) == 1
+    (metrics,) = [m for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                  if m["step"] == 1]
+    logged = pq_rows(tmp_path / "run" / "rollouts" / "step_000001.parquet")
+    failed_groups = {r.group_id for r in logged if r.reward_failed}
+    assert len(failed_groups) == P // 2  # the killed worker's chunk: two of the four groups, each whole
+    assert all(r.reward is None and r.reward_components is None for r in logged if r.reward_failed)
+    assert sum(r.reward_failed for r in logged) == G * len(failed_groups) == metrics["reward/unscored_samples"]
+    assert metrics["groups/dropped_unscored"] == len(failed_groups)
+    assert metrics["groups/kept"] == P - len(failed_groups)  # what the learner trained on
+    assert metrics["reward/worker_failures"] == 1.0 and metrics["reward/chunk_retries"] == 0.0
+    scored = [r for r in logged if not r.reward_failed]
+    assert metrics["accuracy"] == sum(r.reward_components["math_answer"] > 0.5 for r in scored) / len(scored)
+    assert metrics["reward/mean"] == pytest.approx(sum(r.reward for r in scored) / len(scored))
+
+
+def pq_rows(path: Path):
+    return table_to_records(read_rollouts(path))

@@ -130,21 +130,20 @@ def trl_without_names(*args, **kwargs):
 
 
 def stalls_when_told(sample):
-    """The completion's length; but while `<row["stall_dir"]>/stalls` counts above 0, the first call to
-    see it takes one off and stalls (for a test to SIGKILL the Ray worker mid-chunk), after writing the
-    worker's pid (this reward process's parent) to `stalled-<n>`."""
+    """The completion's length; but the first `<row["stall_dir"]>/stalls` calls to see that file (over every
+    worker: each claims its turn n with an exclusive create) stall, for a test to SIGKILL the Ray worker
+    mid-chunk, after writing the worker's pid (this reward process's parent) to `stalled-<n>`."""
     import os
 
     where = sample.row.get("stall_dir")
     if where:
-        counter = os.path.join(where, "stalls")
-        left = int(open(counter).read())
-        if left > 0:
-            with open(counter, "w") as f:
-                f.write(str(left - 1))
-            n = sum(name.startswith("stalled-") for name in os.listdir(where))
-            with open(os.path.join(where, ".pid"), "w") as f:
+        for n in range(int(open(os.path.join(where, "stalls")).read())):
+            try:
+                os.close(os.open(os.path.join(where, f"claim-{n}"), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:  # an earlier call (in this worker or another) had turn n
+                continue
+            with open(os.path.join(where, f".pid-{n}"), "w") as f:
                 f.write(str(os.getppid()))
-            os.rename(os.path.join(where, ".pid"), os.path.join(where, f"stalled-{n}"))  # never read half-written
+            os.rename(os.path.join(where, f".pid-{n}"), os.path.join(where, f"stalled-{n}"))  # never half-written
             time.sleep(600)  # ends with the worker: the reward process dies with its parent
     return float(len(sample.completion))
