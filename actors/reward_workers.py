@@ -1,17 +1,24 @@
 """Reward workers: a pool of Ray actors scoring batches with `dsarl.rewards.RewardCombiner`.
 
     pool = RewardPool(cfg)                       # cfg: dsarl.rewards.config.RewardConfig; needs ray.init
-    results, metrics = pool.score(samples)       # one dict per sample, input order
+    results, metrics = pool.score(samples)       # one dict (None: unscored) per sample, input order
     # raises dsarl.rewards.health.RewardComponentDead when a component keeps failing (the run must stop)
 
 A batch is split into `num_workers` chunks that keep each group_id whole (group rewards see all G
 samples). Inside a worker every call runs in the combiner's child process under a hard limit (see
 `RewardCombiner`): a call that raises, hangs (even in C code holding the GIL) or returns NaN scores
-its component's failure value, and the worker carries on. The pool's own deadline per chunk,
+its component's failure value, and the worker carries on.
+
+A worker lost at the Ray level (its process killed, OOM, its node gone) is different: nothing scored
+its chunk, so nothing is made up for it. The pool's own deadline per chunk,
 `dsarl.rewards.timeouts.time_bound(len(chunk), ...) + DEADLINE_SLACK_S` (every call running out its
-limit and being restarted), is a backstop for a worker lost at the Ray level: such a worker is replaced, its
-chunk scores every component's failure value and is counted in `reward/worker_failures` (not in the
-components' failure counts, which `RewardComponentDead` watches).
+limit and being restarted), catches a worker that never answers. A lost worker is replaced and its
+chunk scored again on the replacement, up to `cfg.chunk_retries` times; a sample whose chunk was lost
+on every try comes back as None ("unscored": no components, no total), which the driver keeps out of
+the loss (`dsarl.learner.group_building.build_groups` drops its group) and flags in the rollout log.
+Metrics: reward/worker_failures (workers lost), reward/chunk_retries (chunks sent again),
+reward/unscored_samples. None of these count as a component's failure (`RewardComponentDead` watches
+those): the worker failed, not the reward.
 
 A sample's dict holds only the components that scored it (a None return leaves its key out) and
 sub-scores only of successful calls, so samples may have different keys.
@@ -19,12 +26,13 @@ sub-scores only of successful calls, so samples may have different keys.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 
 import ray
 
-from dsarl.rewards.combiner import RewardCombiner, ScoredBatch, failure_values, reward_metrics
+from dsarl.rewards.combiner import RewardCombiner, ScoredBatch, reward_metrics
 from dsarl.rewards.config import RewardConfig
 from dsarl.rewards.health import FailureMonitor
 from dsarl.rewards.registry import validate_reward_config
@@ -44,6 +52,9 @@ class RewardWorker:
 
     def ready(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def score(self, samples: list[RewardSample]) -> ScoredBatch:
         return self.combiner.score_report(samples)
@@ -71,9 +82,10 @@ class RewardPool:
         Raises ValueError on a bad config (checked here, in the driver) or a reward that fails to build."""
         if cfg.num_workers < 1:
             raise ValueError(f"RewardConfig.num_workers must be >= 1, got {cfg.num_workers}")
+        if cfg.chunk_retries < 0:
+            raise ValueError(f"RewardConfig.chunk_retries must be >= 0, got {cfg.chunk_retries}")
         validate_reward_config(cfg)
         self.cfg = cfg
-        self.failure_values = failure_values(cfg)
         self.monitor = FailureMonitor([c.key for c in cfg.components], cfg.max_failure_rate, cfg.failure_window)
         self.placement = placement
         self.workers = [self._new_worker(w) for w in range(cfg.num_workers)]
@@ -92,43 +104,66 @@ class RewardPool:
         ray.kill(self.workers[w], no_restart=True)
         self.workers[w] = self._new_worker(w)
 
-    def _lost(self, n: int) -> list[dict[str, float]]:
-        failed = dict(self.failure_values)
-        total = sum(c.weight * failed[c.key] for c in self.cfg.components)
-        return [{**failed, "total": total} for _ in range(n)]
+    def pids(self) -> list[int]:
+        """The worker processes' ids (a fault test kills one)."""
+        return ray.get([w.pid.remote() for w in self.workers])
 
-    def score(self, samples: list[RewardSample]) -> tuple[list[dict[str, float]], dict[str, float]]:
-        """(results in input order, metrics): see RewardCombiner.score and reward_metrics, plus
-        reward/worker_failures and reward/process_restarts. Raises RewardComponentDead."""
-        if not samples:
-            return [], {"reward/failures": 0.0, "reward/worker_failures": 0.0}
-        chunks = split_by_group(samples, len(self.workers))
-        refs = [self.workers[w].score.remote([samples[i] for i in idx]) for w, idx in enumerate(chunks)]
-        bound = time_bound(max(map(len, chunks)), len(self.cfg.components), self.cfg.timeout_s)
-        deadline = time.monotonic() + DEADLINE_SLACK_S + bound
-        results: list = [None] * len(samples)
-        counts, first_errors, restarts, lost = Counter(), {}, 0, 0
-        for w, (idx, ref) in enumerate(zip(chunks, refs)):
+    def _deadline(self, n: int) -> float:
+        """When a chunk of n samples sent now is lost if it has not come back (see module docstring)."""
+        return time.monotonic() + DEADLINE_SLACK_S + time_bound(n, len(self.cfg.components), self.cfg.timeout_s)
+
+    def _collect_chunk(self, w: int, chunk: list[RewardSample], ref, deadline: float) -> tuple[ScoredBatch | None, int]:
+        """Worker w's scores of `chunk` (sent as `ref`), sending it again to a replacement worker each time
+        the worker is lost, up to cfg.chunk_retries times -> (the batch, or None if every try was lost;
+        workers lost)."""
+        for attempt in range(self.cfg.chunk_retries + 1):
             ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
             try:
                 if not ready:
-                    raise TimeoutError(f"chunk of {len(idx)} samples missed its deadline")
-                batch: ScoredBatch = ray.get(ref)
+                    raise TimeoutError(f"chunk of {len(chunk)} samples missed its deadline")
+                return ray.get(ref), attempt
             except (TimeoutError, ray.exceptions.RayError) as e:
-                self._replace(w, f"{type(e).__name__}: {e}")
-                lost += len(idx)
-                batch = ScoredBatch(self._lost(len(idx)))
+                self._replace(w, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            if attempt < self.cfg.chunk_retries:
+                logger.warning("reward chunk of %d samples sent again (retry %d of %d)", len(chunk), attempt + 1,
+                               self.cfg.chunk_retries)
+                ref, deadline = self.workers[w].score.remote(chunk), self._deadline(len(chunk))
+        logger.error("reward chunk of %d samples lost on %d worker(s): these samples stay unscored", len(chunk),
+                     self.cfg.chunk_retries + 1)
+        return None, self.cfg.chunk_retries + 1
+
+    def score(self, samples: list[RewardSample]) -> tuple[list[dict[str, float] | None], dict[str, float]]:
+        """(results in input order, None for an unscored sample; metrics): see RewardCombiner.score and
+        reward_metrics (over the scored samples), plus reward/worker_failures, reward/chunk_retries,
+        reward/unscored_samples and reward/process_restarts. Raises RewardComponentDead."""
+        if not samples:
+            return [], {"reward/failures": 0.0, "reward/worker_failures": 0.0, "reward/chunk_retries": 0.0,
+                        "reward/unscored_samples": 0.0}
+        indices = split_by_group(samples, len(self.workers))
+        chunks = [[samples[i] for i in idx] for idx in indices]
+        refs = [self.workers[w].score.remote(chunk) for w, chunk in enumerate(chunks)]
+        deadline = self._deadline(max(map(len, chunks)))  # the chunks run at once: one deadline for all
+        results: list = [None] * len(samples)
+        counts, first_errors, restarts, lost_workers, retries = Counter(), {}, 0, 0, 0
+        for w, (idx, chunk, ref) in enumerate(zip(indices, chunks, refs)):
+            batch, lost = self._collect_chunk(w, chunk, ref, deadline)
+            lost_workers += lost
+            retries += min(lost, self.cfg.chunk_retries)
+            if batch is None:
+                continue
             for i, r in zip(idx, batch.results):
                 results[i] = r
             counts.update(batch.counts)
             for key, error in batch.first_errors.items():
                 first_errors.setdefault(key, error)
             restarts += batch.restarts
-        metrics = reward_metrics(self.cfg.components, results, counts, len(samples) - lost)
-        metrics["reward/failures"] += lost * len(self.cfg.components)
-        metrics["reward/worker_failures"] = float(lost)
+        scored = [r for r in results if r is not None]
+        metrics = reward_metrics(self.cfg.components, scored, counts, len(scored))
+        metrics["reward/worker_failures"] = float(lost_workers)
+        metrics["reward/chunk_retries"] = float(retries)
+        metrics["reward/unscored_samples"] = float(len(samples) - len(scored))
         metrics["reward/process_restarts"] = float(restarts)
-        self.monitor.update(counts, len(samples) - lost, first_errors)
+        self.monitor.update(counts, len(scored), first_errors)
         return results, metrics
 
     def shutdown(self) -> None:

@@ -14,6 +14,7 @@ used for pretraining on the synthetic tasks.
 Only the first `limit` rows are kept (None: all), in file order.
 """
 import csv
+import io
 import json
 import random
 import re
@@ -29,15 +30,32 @@ FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
 
 
+def read_text(path: Path) -> str:
+    """A text data file's contents; bytes that are not UTF-8 raise ValueError naming the file, the line and,
+    where lines are rows (JSON lines), the row: found later, the bare UnicodeDecodeError named neither."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start)  # 0-based
+        where = f"line {line + 1}"
+        if path.suffix == ".jsonl" or (path.suffix == ".json" and not data.lstrip().startswith(b"[")):
+            row = sum(1 for ln in data[: data.rfind(b"\n", 0, e.start) + 1].split(b"\n") if ln.strip())
+            where = f"row {row} ({where})"
+        elif path.suffix == ".csv":
+            where = f"{where} (the header is line 1)"
+        raise ValueError(f"{path}: {where}: not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} "
+                         f"({e.reason})") from None
+
+
 def read_file(path: Path) -> list[dict]:
     """Every row of one data file."""
     if path.suffix == ".parquet":
         return pq.read_table(path).to_pylist()
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     if path.suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         if text.lstrip().startswith("["):
             rows = json.loads(text)
         else:

@@ -3,7 +3,8 @@
 Columns: prompt id, group id (the GRPO group: one prompt's n samples in one step), prompt index and
 sample index, prompt and completion token ids, per-token sampling log-probabilities, finish reason,
 weight version, completion text, task metadata (JSON text: tasks carry different fields), reward
-components (a map name -> value) and the total reward; optionally the sampler's keep mask (kept
+components (a map name -> value), the total reward and `reward_failed` (True: no reward worker scored
+it, so both are null; older logs read back with it null); optionally the sampler's keep mask (kept
 token ids per step), the indexer's selections (flat int32 with their [T, L, K] shape) and the MoE
 routing (`experts`: the ids' raw little-endian bytes, uint8 or int16 as the engine recorded them, with
 their [P + T - 1, M, k] shape in `experts_shape`; the byte count over the element count is the item size,
@@ -38,6 +39,10 @@ ROLLOUT_SCHEMA = pa.schema([
     pa.field("metadata", pa.string()),  # JSON object
     pa.field("reward_components", pa.map_(pa.string(), pa.float64())),
     pa.field("reward", pa.float64()),
+    # True: no reward worker scored this completion (lost on every try), so `reward` and
+    # `reward_components` are null and the learner never trained on it; False: scored; null: a log
+    # written before this column existed, or no rewards given
+    pa.field("reward_failed", pa.bool_()),
     pa.field("keep_mask", pa.list_(pa.list_(pa.int32()))),
     pa.field("indices", pa.list_(pa.int32())),
     pa.field("indices_shape", pa.list_(pa.int32())),
@@ -73,16 +78,19 @@ class RolloutRecord:
     metadata: dict = field(default_factory=dict)
     reward_components: dict[str, float] | None = None
     reward: float | None = None
+    reward_failed: bool | None = None  # see ROLLOUT_SCHEMA's reward_failed
 
 
 def completions_to_table(completions, prompt_ids: list[str] | None = None, group_ids: list[str] | None = None,
                          metadata: list[dict] | None = None, reward_components: list[dict] | None = None,
-                         rewards: list[float] | None = None) -> pa.Table:
+                         rewards: list[float | None] | None = None,
+                         reward_failed: list[bool] | None = None) -> pa.Table:
     """Completions (+ per-completion lists of the driver's fields) -> a table of ROLLOUT_SCHEMA.
     Defaults: prompt_id = group_id = str(prompt_index), no metadata, no rewards."""
     n = len(completions)
     for name, col in [("prompt_ids", prompt_ids), ("group_ids", group_ids), ("metadata", metadata),
-                      ("reward_components", reward_components), ("rewards", rewards)]:
+                      ("reward_components", reward_components), ("rewards", rewards),
+                      ("reward_failed", reward_failed)]:
         if col is not None and len(col) != n:
             raise ValueError(f"{name} has {len(col)} entries for {n} completions")
     pid = prompt_ids or [str(c.prompt_index) for c in completions]
@@ -101,6 +109,7 @@ def completions_to_table(completions, prompt_ids: list[str] | None = None, group
         "reward_components": [list(r.items()) if r is not None else None for r in reward_components]
         if reward_components else [None] * n,
         "reward": rewards or [None] * n,
+        "reward_failed": reward_failed or [None] * n,
         "keep_mask": [c.keep_mask for c in completions],
         "indices": [None if c.indices is None else c.indices.flatten().tolist() for c in completions],
         "indices_shape": [None if c.indices is None else list(c.indices.shape) for c in completions],
@@ -110,9 +119,19 @@ def completions_to_table(completions, prompt_ids: list[str] | None = None, group
     return pa.Table.from_pydict(cols, schema=ROLLOUT_SCHEMA)
 
 
+def with_current_columns(table: pa.Table) -> pa.Table:
+    """A table of an older log as ROLLOUT_SCHEMA: the nullable columns added since come back all null
+    (reward_failed null: "not recorded", never a made-up False)."""
+    for f in ROLLOUT_SCHEMA:
+        if f.name not in table.schema.names:
+            if not f.nullable:
+                raise ValueError(f"rollout table has no {f.name!r} column (columns: {table.schema.names})")
+            table = table.append_column(f, pa.nulls(len(table), f.type))
+    return table.select(ROLLOUT_SCHEMA.names).cast(ROLLOUT_SCHEMA)  # raises naming a mismatching field
+
+
 def table_to_records(table: pa.Table) -> list[RolloutRecord]:
-    if not table.schema.equals(ROLLOUT_SCHEMA):
-        table = table.cast(ROLLOUT_SCHEMA)  # raises naming the mismatching field
+    table = with_current_columns(table)
     out = []
     for row in table.to_pylist():
         idx = row["indices"]
@@ -127,7 +146,7 @@ def table_to_records(table: pa.Table) -> list[RolloutRecord]:
         rc = row["reward_components"]
         out.append(RolloutRecord(comp, row["prompt_id"], row["group_id"],
                                  json.loads(row["metadata"]) if row["metadata"] else {},
-                                 dict(rc) if rc is not None else None, row["reward"]))
+                                 dict(rc) if rc is not None else None, row["reward"], row["reward_failed"]))
     return out
 
 
@@ -147,4 +166,5 @@ def write_rollouts(table: pa.Table, path) -> None:
 
 
 def read_rollouts(path) -> pa.Table:
-    return pq.read_table(str(path), schema=ROLLOUT_SCHEMA)
+    """A rollout log as a table of ROLLOUT_SCHEMA; columns added since it was written come back null."""
+    return with_current_columns(pq.read_table(str(path)))

@@ -34,6 +34,7 @@ from dsarl.models.config import ConfigError, DSAConfig
 from dsarl.rewards.config import RewardComponentConfig, RewardConfig
 from dsarl.rewards.types import RewardSample
 
+from .prompt_tokens import OverlongPolicy, fit_to_context, prompt_ids_for, prompt_token_limit
 from .ray_setup import RayConfig, init_ray
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class PromptData:
     # raw: bos + prompt text; chat: the tokenizer's chat template (add_generation_prompt) around a text prompt
     # as one user message. A message-list prompt always goes through the chat template.
     prompt_format: Literal["raw", "chat"] = "raw"
+    # A prompt longer than the model's max_position_embeddings - rollout.max_new_tokens: error (at load,
+    # naming the file and row), skip the row, or truncate it to its last tokens (launch/prompt_tokens.py);
+    # skipped and truncated rows are counted in data/overlong_skipped, data/overlong_truncated.
+    overlong: OverlongPolicy = "error"
 
 
 @dataclass
@@ -161,22 +166,6 @@ class GRPOConfig:
         return truncated and (ro.engine == "vllm" or not self.learner.keep_sampling_mask)
 
 
-def prompt_ids_for(rows: list[dict], tokenizer, fmt: str) -> list[list[int]]:
-    """Token ids of each row's `prompt` (load_prompt_rows): a chat (or, with fmt "chat", a text as one user
-    message) through the tokenizer's chat template with the generation prompt; else bos + the text."""
-    from dsarl.models import apply_chat_template
-
-    out = []
-    for r in rows:
-        prompt = r["prompt"]
-        if isinstance(prompt, str) and fmt != "chat":
-            out.append(tokenizer.encode(prompt, add_bos=True))
-            continue
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        out.append(apply_chat_template(tokenizer, messages, add_generation_prompt=True))
-    return out
-
-
 def load_prompt_rows(data: PromptData, seed: int, resolve) -> tuple[list[dict], list[dict]]:
     """(train rows, test rows): each with `prompt` (text or messages) and, where there is one, `answer` from
     data.prompt_key / data.answer_key (data/prompts.py), every other column kept."""
@@ -195,6 +184,29 @@ def load_prompt_rows(data: PromptData, seed: int, resolve) -> tuple[list[dict], 
     test = make_rows(data.task, data.num_test, seed, "test", **data.task_kwargs)
     train_prompts = {r["prompt"] for r in train}
     return train, [r for r in test if r["prompt"] not in train_prompts]  # held out: never trained on
+
+
+def fit_prompt_rows(data: PromptData, train: list[dict], test: list[dict], tokenizer,
+                    limit: int) -> tuple[list[dict], list[dict], dict[str, float]]:
+    """load_prompt_rows' rows under data.overlong (launch/prompt_tokens.py): (train, test, counts of the train
+    rows skipped or truncated). Raises ValueError for an overlong row under "error", or no train rows left."""
+    train_source = data.path or f"data.task {data.task!r} (train)"
+    test_source = (data.test_path or (data.path and f"{data.path} (split {data.test_split})")
+                   or f"data.task {data.task!r} (test)")
+    fitted = []
+    for rows, source in ((train, train_source), (test, test_source)):
+        kept, over = fit_to_context(rows, prompt_ids_for(rows, tokenizer, data.prompt_format), limit, data.overlong,
+                                    source)
+        if over:
+            logger.warning("%s: %d prompt(s) longer than %d tokens %s (data.overlong)", source, over, limit,
+                           "skipped" if data.overlong == "skip" else "truncated to their last tokens")
+        fitted.append((kept, over))
+    if not fitted[0][0]:
+        raise ValueError(f"{train_source}: no prompt rows to train on"
+                         + (f" ({fitted[0][1]} skipped as longer than {limit} tokens)" if fitted[0][1] else ""))
+    over = float(fitted[0][1])
+    return fitted[0][0], fitted[1][0], {"data/overlong_skipped": over if data.overlong == "skip" else 0.0,
+                                        "data/overlong_truncated": over if data.overlong == "truncate" else 0.0}
 
 
 class LearnerLost(RuntimeError):
@@ -229,8 +241,12 @@ class GRPOTrainer:
         init_ray(RayConfig(num_cpus=cfg.ray_num_cpus, include_dashboard=False))
         init = resolve(cfg.init_from)
         self.tokenizer = load_tokenizer(init)
-        self.train_rows, self.test_rows = load_prompt_rows(cfg.data, cfg.seed, resolve)
         ro = cfg.rollout
+        self.train_rows, self.test_rows = load_prompt_rows(cfg.data, cfg.seed, resolve)
+        limit = prompt_token_limit(init, cfg.model_overrides, ro.max_new_tokens)
+        self.train_rows, self.test_rows, self.data_metrics = fit_prompt_rows(
+            cfg.data, self.train_rows, self.test_rows, self.tokenizer, limit)
+        self.prompt_limit = limit if cfg.data.overlong == "truncate" else None  # left truncation at generation
         # One placement group for every actor: a config the cluster cannot hold fails here, naming what
         # is missing, instead of leaving actors pending forever.
         self.placement = create_placement_group([
@@ -307,12 +323,15 @@ class GRPOTrainer:
         rows = self.test_rows[: self.cfg.eval_samples]
         if not rows:
             return {}
-        comps = self.rollout.generate(prompt_ids_for(rows, self.tokenizer, self.cfg.data.prompt_format),
+        comps = self.rollout.generate(prompt_ids_for(rows, self.tokenizer, self.cfg.data.prompt_format,
+                                                     self.prompt_limit),
                                       self.sampling(step, 1, greedy=True))
-        scores, _ = self._score(rows, comps)
+        scores, rmetrics = self._score(rows, comps)
+        scores = [s for s in scores if s is not None]  # a lost reward worker's samples: no value to average
         key = self.cfg.accuracy_component
-        return {"eval/accuracy": sum(is_correct(s, key) for s in scores) / len(scores),
-                "eval/reward": sum(s["total"] for s in scores) / len(scores)}
+        return {"eval/accuracy": sum(is_correct(s, key) for s in scores) / len(scores) if scores else float("nan"),
+                "eval/reward": sum(s["total"] for s in scores) / len(scores) if scores else float("nan"),
+                "eval/unscored_samples": rmetrics["reward/unscored_samples"]}
 
     def _phase(self, name: str) -> None:
         """Shows what the step is doing now, with the run's reward failures so far."""
@@ -325,7 +344,8 @@ class GRPOTrainer:
         order). Returns at once."""
         rng = random.Random(f"{self.cfg.seed}/grpo/{step}/{round_idx}")
         rows = rng.sample(self.train_rows, min(self.cfg.prompts_per_step, len(self.train_rows)))
-        refs = self.rollout.submit_generate(prompt_ids_for(rows, self.tokenizer, self.cfg.data.prompt_format),
+        refs = self.rollout.submit_generate(prompt_ids_for(rows, self.tokenizer, self.cfg.data.prompt_format,
+                                                           self.prompt_limit),
                                             self.sampling(step * 101 + round_idx, self.cfg.group_size))
         return PendingRound(rows, refs, time.perf_counter())
 
@@ -382,12 +402,13 @@ class GRPOTrainer:
             self._write_rollouts(step + 1, rows, comps, scores)
         n_tokens = sum(len(c.token_ids) for c in comps)
         t_gen, t_rew = sum(r.generate_s for r in rounds), sum(r.reward_s for r in rounds)
-        correct = [is_correct(s, cfg.accuracy_component) for s in scores]
+        scored = [s for s in scores if s is not None]  # unscored samples (a lost reward worker) have no value
+        correct = [is_correct(s, cfg.accuracy_component) for s in scored]
         busy = self.rollout.pop_busy()  # per worker: (start, end) of each generate call since the last step
         wall = time.perf_counter() - t_start
         metrics = {
-            "accuracy": sum(correct) / len(correct), **gmetrics,
-            **present_means(scores, prefix="reward/"),
+            "accuracy": sum(correct) / len(correct) if correct else float("nan"), **gmetrics, **self.data_metrics,
+            **present_means(scored, prefix="reward/"),
             **merge_reward_metrics([r.reward_metrics for r in rounds]),
             "response_length/mean": n_tokens / len(comps),
             "response_length/clip_frac": sum(c.finish_reason == "length" for c in comps) / len(comps),
@@ -469,8 +490,9 @@ class GRPOTrainer:
         table = completions_to_table(
             comps, prompt_ids=[str(rows[c.prompt_index].get("id", c.prompt_index)) for c in comps],
             group_ids=[f"{step}-{c.prompt_index}" for c in comps], metadata=meta,
-            reward_components=[{k: v for k, v in s.items() if k != "total"} for s in scores],
-            rewards=[s["total"] for s in scores])
+            reward_components=[None if s is None else {k: v for k, v in s.items() if k != "total"} for s in scores],
+            rewards=[None if s is None else s["total"] for s in scores],
+            reward_failed=[s is None for s in scores])  # None: unscored (its reward worker was lost)
         path = self.run_dir / "rollouts" / f"step_{step:06d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_rollouts(table, path)

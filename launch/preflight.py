@@ -2,7 +2,9 @@
 
 Everything a run needs that a typed config cannot check by itself: reward names and their kwargs,
 the rubric files named by kwargs and rows (and a judge where a rubric needs one), the accuracy
-component, the data files and the columns the rewards read, the checkpoint to start or resume from,
+component, the data files (every row read and its prompt checked: UTF-8, a string or a chat of
+string messages, at least one row, and a length that fits the model's context with
+rollout.max_new_tokens) and the columns the rewards read, the checkpoint to start or resume from,
 and the optional packages the config asks for. Each failure is a `ConfigError` naming the config key
 and the file or value, raised before `init_ray`: found later, each was a traceback from inside an
 actor wrapped in the driver's own, minutes into the run.
@@ -12,8 +14,8 @@ actor wrapped in the driver's own, minutes into the run.
     check_distill_config(cfg, resolve, resume)    dsarl distill
     check_resume(resume, run_dir)                 every stage that checkpoints
 
-Nothing here imports ray, builds a reward or a judge, or loads a model: it reads files and signatures
-(rubrics are loaded by a judge-less RubricReward, so by the very rule the reward workers use).
+Nothing here imports ray, builds a reward or a judge, or loads a model (only its tokenizer): it reads files
+and signatures (rubrics are loaded by a judge-less RubricReward, so by the very rule the reward workers use).
 """
 import contextlib
 import importlib.util
@@ -206,6 +208,30 @@ def prompt_files(data, resolve, prefix: str = "") -> dict[str, list[dict]]:
     return dict(filter(None, files))
 
 
+def check_prompt_lengths(cfg, init: str, files: dict[str, list[dict]], prefix: str = "") -> None:
+    """Every prompt, tokenized as the driver will (the checkpoint's tokenizer, data.prompt_format), fits the
+    model's context with rollout.max_new_tokens, or data.overlong says what to do with it (skip, truncate);
+    found in step 1, it crashed the step that sampled it, and `--resume` crashed again."""
+    from dsarl.models import load_tokenizer
+
+    from .prompt_tokens import fit_to_context, prompt_ids_for, prompt_token_limit
+
+    try:
+        limit = prompt_token_limit(init, cfg.model_overrides, cfg.rollout.max_new_tokens)
+    except ValueError as e:
+        raise ConfigError(f"{prefix}rollout.max_new_tokens: {e}") from None
+    tokenizer = load_tokenizer(init)
+    for source, rows in files.items():
+        try:
+            kept, over = fit_to_context(rows, prompt_ids_for(rows, tokenizer, cfg.data.prompt_format), limit,
+                                        cfg.data.overlong, source)
+        except ValueError as e:
+            raise ConfigError(f"{prefix}data: {e}") from None
+        if not kept:
+            raise ConfigError(f"{prefix}data.overlong: skip: all {over} rows of {source} are longer than {limit} "
+                              f"tokens")
+
+
 # ---- stages ---------------------------------------------------------------------------------------
 def _check_grpo(cfg, resolve, resume, init_pending: bool, prefix: str) -> None:
     check_packages(cfg, prefix)
@@ -218,6 +244,7 @@ def _check_grpo(cfg, resolve, resume, init_pending: bool, prefix: str) -> None:
     if not init_pending:
         check_checkpoint(resolve(cfg.init_from), f"{prefix}init_from")
         check_engine_replay(cfg, resolve(cfg.init_from), prefix)
+        check_prompt_lengths(cfg, resolve(cfg.init_from), files, prefix)
     check_resume(resume, cfg.run_dir)
 
 

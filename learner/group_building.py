@@ -5,10 +5,13 @@
 A step samples `target` prompts (round 0); with `filter_uniform`, groups whose G rewards are all equal
 (no signal) are dropped and the driver may sample further rounds until `enough_informative` says the
 batch is full. The first `target` informative groups, in round order, are kept (so the choice is
-deterministic given the rounds); without the filter the first `target` groups are. Advantages are
+deterministic given the rounds); without the filter the first `target` groups are. A group with an
+unscored sample (score None: its reward worker was lost, actors/reward_workers.py) is never kept: it is
+counted in groups/dropped_unscored and, with the filter, further rounds may replace it. Advantages are
 group-relative (learner/advantages.py), computed from each group's own rewards. The sampler's MoE routing
 passes through whenever the engine recorded it (it does only when the driver asks: return_experts).
 """
+import math
 from dataclasses import replace
 
 import torch
@@ -19,8 +22,9 @@ from .advantages import group_advantages, select_informative_groups
 
 
 def round_rewards(rnd: ScoredRound, group_size: int) -> torch.Tensor:
-    """[P, G] float64 totals of one round (float64: rewards are combined in it; advantages cast later)."""
-    totals = torch.tensor([s["total"] for s in rnd.scores], dtype=torch.float64)
+    """[P, G] float64 totals of one round (float64: rewards are combined in it; advantages cast later);
+    NaN for an unscored sample (score None: its reward worker was lost on every try)."""
+    totals = torch.tensor([math.nan if s is None else s["total"] for s in rnd.scores], dtype=torch.float64)
     if totals.numel() != len(rnd.rows) * group_size:
         raise ValueError(f"round has {totals.numel()} scores for {len(rnd.rows)} prompts x {group_size} samples")
     return totals.view(len(rnd.rows), group_size)
@@ -30,9 +34,23 @@ def _candidates(rounds: list[ScoredRound], group_size: int) -> list[torch.Tensor
     return [r for rnd in rounds for r in round_rewards(rnd, group_size)]
 
 
+def _fully_scored(candidates: list[torch.Tensor]) -> list[int]:
+    """Indices of the groups every sample of which has a score: a group with an unscored sample has no
+    baseline to compute its advantages from, and a made-up score would train on noise."""
+    return [p for p, r in enumerate(candidates) if not bool(r.isnan().any())]
+
+
+def _choose(candidates: list[torch.Tensor], target: int, filter_uniform: bool) -> list[int]:
+    """The first `target` fully scored groups (informative ones only, with the filter), in round order."""
+    scored = _fully_scored(candidates)
+    if not filter_uniform:
+        return scored[:target]
+    return [scored[i] for i in select_informative_groups([candidates[p] for p in scored], target)]
+
+
 def enough_informative(rounds: list[ScoredRound], group_size: int, target: int) -> bool:
-    """True when the rounds hold at least `target` groups with unequal rewards."""
-    return len(select_informative_groups(_candidates(rounds, group_size), target)) >= target
+    """True when the rounds hold at least `target` fully scored groups with unequal rewards."""
+    return len(_choose(_candidates(rounds, group_size), target, True)) >= target
 
 
 def flatten_rounds(rounds: list[ScoredRound]) -> tuple[list[dict], list[Completion], list[dict]]:
@@ -50,12 +68,10 @@ def flatten_rounds(rounds: list[ScoredRound]) -> tuple[list[dict], list[Completi
 def build_groups(rounds: list[ScoredRound], group_size: int, target: int, std_normalize: bool,
                  filter_uniform: bool, record_keep: bool = False,
                  record_indices: bool = False) -> tuple[list[GroupSample], dict[str, float]]:
-    """The learner's groups from the rounds, and {"groups/kept", "groups/uniform", "reward/mean"}."""
+    """The learner's groups from the rounds, and {"groups/kept", "groups/uniform", "groups/dropped_unscored",
+    "reward/mean"} (uniform and the mean over the scored samples only)."""
     candidates = _candidates(rounds, group_size)
-    if filter_uniform:
-        chosen = select_informative_groups(candidates, target)
-    else:
-        chosen = list(range(min(target, len(candidates))))
+    chosen = _choose(candidates, target, filter_uniform)
     _, comps, _ = flatten_rounds(rounds)
     groups = []
     for p in chosen:
@@ -67,7 +83,9 @@ def build_groups(rounds: list[ScoredRound], group_size: int, target: int, std_no
                                   [c.weight_version for c in cs],
                                   experts=[c.experts for c in cs] if all(c.experts is not None for c in cs)
                                   else None))
-    all_rewards = torch.stack(candidates)  # [P_all, G]
-    uniform = int((all_rewards.amax(dim=1) == all_rewards.amin(dim=1)).sum())
+    scored = _fully_scored(candidates)
+    all_rewards = torch.stack(candidates)  # [P_all, G], NaN where unscored
+    uniform = int((all_rewards[scored].amax(dim=1) == all_rewards[scored].amin(dim=1)).sum()) if scored else 0
     return groups, {"groups/kept": float(len(groups)), "groups/uniform": float(uniform),
-                    "reward/mean": float(all_rewards.mean())}
+                    "groups/dropped_unscored": float(len(candidates) - len(scored)),
+                    "reward/mean": float(all_rewards.nanmean())}  # over the samples with a score

@@ -54,3 +54,7 @@ class RewardConfig:
     # when a component fails on every sample of one batch; values above 1 never stop it.
     max_failure_rate: float = 1.0
     failure_window: int = 1
+    # A reward worker lost at the Ray level (its process killed, its node gone) mid-chunk: the chunk is
+    # scored again on a replacement worker up to this many times; samples still without a score then
+    # are unscored (None), never given made-up values (the driver drops their groups).
+    chunk_retries: int = 1

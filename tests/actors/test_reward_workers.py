@@ -71,17 +71,29 @@ def test_pool_returns_every_sample_with_raising_and_stuck_rewards(pool):
 
 @pytest.mark.parametrize("pool", [RewardConfig([C("math_answer"), C("overlong", kwargs={"max_len": 11, "buffer": 1})],
                                                num_workers=1)], indirect=True)
-def test_pool_replaces_a_lost_worker_and_fails_its_chunk(pool):
+def test_pool_replaces_a_lost_worker_and_scores_its_chunk_again(pool):
     ray.kill(pool.workers[0], no_restart=True)  # lost at the Ray level (node gone, OOM kill)
     results, metrics = pool.score(batch(n_groups=2))
-    # failure values: math_answer 0.0, overlong -1.0 (its worst)
-    assert all(r == {"math_answer": 0.0, "overlong": -1.0, "total": -1.0} for r in results)
-    assert metrics["reward/worker_failures"] == 4.0 and metrics["reward/failures"] == 8.0
+    # real scores from the replacement, not the failure values (math_answer 0.0, overlong -1.0)
+    assert [r["math_answer"] for r in results] == [0.0, 1.0] * 2
+    assert [r["overlong"] for r in results] == [0.0, -1.0] * 2  # 10 tokens -> 0, 11 tokens -> -1
+    assert metrics["reward/worker_failures"] == 1.0 and metrics["reward/chunk_retries"] == 1.0
+    assert metrics["reward/unscored_samples"] == 0.0 and metrics["reward/failures"] == 0.0
     assert metrics["reward/math_answer/errors"] == 0.0  # a lost worker is not the component's failure
-    results, metrics = pool.score(batch(n_groups=1))  # the replacement worker scores normally
-    assert [r["math_answer"] for r in results] == [0.0, 1.0]
-    assert [r["overlong"] for r in results] == [0.0, -1.0]  # 10 tokens -> 0, 11 tokens -> -1
-    assert metrics["reward/worker_failures"] == 0.0
+
+
+@pytest.mark.parametrize("pool", [RewardConfig([C("math_answer")], num_workers=2, num_cpus_per_worker=0.5,
+                                               chunk_retries=0)], indirect=True)
+def test_without_retries_a_lost_workers_chunk_is_unscored_not_made_up(pool):
+    ray.kill(pool.workers[1], no_restart=True)
+    results, metrics = pool.score(batch(n_groups=2))
+    assert results[:2] == [{"math_answer": 0.0, "total": 0.0}, {"math_answer": 1.0, "total": 1.0}]
+    assert results[2:] == [None, None]  # group 1 was worker 1's chunk
+    assert metrics["reward/unscored_samples"] == 2.0 and metrics["reward/worker_failures"] == 1.0
+    assert metrics["reward/math_answer/mean"] == 0.5 and metrics["reward/total/mean"] == 0.5
+    results, metrics = pool.score(batch(n_groups=2))  # the replacement scores normally
+    assert [r["math_answer"] for r in results] == [0.0, 1.0] * 2
+    assert metrics["reward/worker_failures"] == 0.0 and metrics["reward/unscored_samples"] == 0.0
 
 
 @pytest.mark.parametrize("pool", [RewardConfig([C("reward_plugins:boom"), C("math_answer")], num_workers=2)],

@@ -1,6 +1,7 @@
 from dataclasses import replace
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -81,3 +82,14 @@ def test_parquet_roundtrip_keeps_expert_routing_exactly(moe_completions, complet
     assert moe_completions[0].experts.dtype == torch.uint8  # one byte per id for <= 256 experts
     table = completions_to_table(moe_completions)
     assert table.column("experts")[0].as_py() == moe_completions[0].experts.numpy().tobytes()
+
+
+def test_a_log_written_before_reward_failed_existed_reads_with_it_null(completions, tmp_path):
+    # an older step_N.parquet: the same table without the column (issue #21 item 1 added it)
+    old = completions_to_table(completions, rewards=[0.5] * len(completions)).drop_columns(["reward_failed"])
+    pq.write_table(old, tmp_path / "old.parquet")
+    back = read_rollouts(tmp_path / "old.parquet")
+    assert back.schema.equals(ROLLOUT_SCHEMA)
+    records = table_to_records(back)
+    assert [r.reward_failed for r in records] == [None] * len(completions)  # not recorded, not a made-up False
+    assert [r.reward for r in records] == [0.5] * len(completions)

@@ -28,7 +28,8 @@ def test_filter_keeps_the_first_informative_groups_in_round_order_with_their_adv
     assert [g.advantages for g in groups] == [[-0.5, 0.5], [1.0, -1.0], [-1.0, 1.0]]  # r - mean(r)
     assert [g.weight_versions for g in groups] == [[0, 0], [3, 3], [3, 3]]
     assert groups[0].completions == [[0], [1, 1]] and groups[0].sampler_logprobs == [[-0.5], [-0.5, -0.5]]
-    assert info == {"groups/kept": 3.0, "groups/uniform": 2.0, "reward/mean": pytest.approx(9 / 10)}
+    assert info == {"groups/kept": 3.0, "groups/uniform": 2.0, "groups/dropped_unscored": 0.0,
+                    "reward/mean": pytest.approx(9 / 10)}
 
 
 def test_without_filter_the_first_round_is_the_batch_and_std_normalisation_divides_by_the_population_std():

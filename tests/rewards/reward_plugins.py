@@ -127,3 +127,23 @@ class FailsToBuild:
 def trl_without_names(*args, **kwargs):
     """Nothing in this signature says TRL: `style: trl` in the config says it."""
     return [float(len(c)) for c in kwargs["completions"]]
+
+
+def stalls_when_told(sample):
+    """The completion's length; but the first `<row["stall_dir"]>/stalls` calls to see that file (over every
+    worker: each claims its turn n with an exclusive create) stall, for a test to SIGKILL the Ray worker
+    mid-chunk, after writing the worker's pid (this reward process's parent) to `stalled-<n>`."""
+    import os
+
+    where = sample.row.get("stall_dir")
+    if where:
+        for n in range(int(open(os.path.join(where, "stalls")).read())):
+            try:
+                os.close(os.open(os.path.join(where, f"claim-{n}"), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:  # an earlier call (in this worker or another) had turn n
+                continue
+            with open(os.path.join(where, f".pid-{n}"), "w") as f:
+                f.write(str(os.getppid()))
+            os.rename(os.path.join(where, f".pid-{n}"), os.path.join(where, f"stalled-{n}"))  # never half-written
+            time.sleep(600)  # ends with the worker: the reward process dies with its parent
+    return float(len(sample.completion))
