@@ -40,11 +40,12 @@ class Completion:
 class ScoredRound:
     """One rollout round: `rows[p]` is prompt p's dataset row; its G completions are
     completions[p * G: (p + 1) * G] (prompt_index p) with their `scores` (one dict per completion:
-    every component's value, "total", and the sub-scores of dict rewards)."""
+    every component's value, "total", and the sub-scores of dict rewards; None for a sample no reward
+    worker could score, which never enters the loss)."""
 
     rows: list[dict]
     completions: list[Completion]
-    scores: list[dict]
+    scores: list[dict | None]
     reward_metrics: dict[str, float] = field(default_factory=dict)
     generate_s: float = 0.0
     reward_s: float = 0.0
