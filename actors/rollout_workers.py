@@ -62,23 +62,21 @@ class RolloutWorker:
         self.engine = ENGINES[engine](checkpoint_dir, config, state_dict, device, model_overrides,
                                       **(engine_kwargs or {}))
         self.group: BroadcastGroup | None = None
-        self.busy: list[tuple[float, float]] = []  # wall-clock (start, end) of each generate call
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  prompt_indices: list[int] | None = None) -> list[Completion]:
+        return self.engine.generate(prompts, params, prompt_indices)
+
+    def generate_timed(self, prompts: list[list[int]], params: SamplingParams,
+                       prompt_indices: list[int] | None = None) -> tuple[list[Completion], tuple[float, float]]:
+        """generate() and its wall-clock (start, end). The pool asks for the two as separate returns,
+        so the driver learns when a worker was busy without a call queued behind its next generation."""
         start = time.time()
-        out = self.engine.generate(prompts, params, prompt_indices)
-        self.busy.append((start, time.time()))
-        return out
+        return self.engine.generate(prompts, params, prompt_indices), (start, time.time())
 
     def pid(self) -> int:
         """This worker's process id (fault-injection tests and tools)."""
         return os.getpid()
-
-    def pop_busy(self) -> list[tuple[float, float]]:
-        """The generate calls' (start, end) since the last pop: the driver's rollout idle/overlap metrics."""
-        busy, self.busy = self.busy, []
-        return busy
 
     def score(self, prompt_ids, completion_ids, temperature: float = 1.0):
         return self.engine.score(prompt_ids, completion_ids, temperature)
@@ -127,6 +125,7 @@ class RolloutPool:
                         for i in range(num_workers)]
         ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
         self._pending_syncs: list[ray.ObjectRef] = []
+        self._spans: list[tuple[int, ray.ObjectRef]] = []  # (worker, its generate call's (start, end))
 
     @property
     def num_workers(self) -> int:
@@ -145,8 +144,13 @@ class RolloutPool:
         """Starts generation on every worker's shard and returns at once; `collect` gets the results.
         Each worker runs its calls in submission order, so a generate submitted after a weight sync
         samples with the new weights, and one submitted before it with the old."""
-        return [w.generate.remote(prompts[a:b], params, list(range(a, b)))
-                for w, (a, b) in zip(self.workers, self._shards(len(prompts))) if b > a]
+        refs = []
+        for i, (w, (a, b)) in enumerate(zip(self.workers, self._shards(len(prompts)))):
+            if b > a:
+                out, span = w.generate_timed.options(num_returns=2).remote(prompts[a:b], params, list(range(a, b)))
+                refs.append(out)
+                self._spans.append((i, span))
+        return refs
 
     def collect(self, refs: list[ray.ObjectRef]) -> list[Completion]:
         """The completions of a `submit_generate`, in prompt order (and any pending sync's errors)."""
@@ -158,8 +162,23 @@ class RolloutPool:
         return self.collect(self.submit_generate(prompts, params))
 
     def pop_busy(self) -> list[list[tuple[float, float]]]:
-        """Per worker, the (start, end) wall-clock times of its generate calls since the last pop."""
-        return self._ask_all("pop_busy")
+        """Per worker, the (start, end) wall-clock times of its generate calls that finished since the
+        last pop (one still running is reported by a later pop). Asks the workers nothing."""
+        busy: list[list[tuple[float, float]]] = [[] for _ in self.workers]
+        if not self._spans:
+            return busy
+        ready, _ = ray.wait([ref for _, ref in self._spans], num_returns=len(self._spans), timeout=0)
+        ready, pending = set(ready), []
+        for i, ref in self._spans:
+            if ref not in ready:
+                pending.append((i, ref))
+                continue
+            try:
+                busy[i].append(tuple(ray.get(ref)))
+            except ray.exceptions.RayError:  # a lost worker's call: it has no interval to report
+                pass
+        self._spans = pending
+        return busy
 
     def _ask_all(self, method: str, timeout_s: float = 300.0) -> list:
         """An idempotent call on every worker, asked again while a restarting worker is unavailable."""

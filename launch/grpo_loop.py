@@ -238,6 +238,7 @@ class GRPOTrainer:
         self._queue: deque[PendingRound] = deque()  # submitted, not yet collected rounds (oldest first)
         self._actor_failures = 0  # rollout workers lost and restarted over the run
         self._perf_to_wall = time.time() - time.perf_counter()
+        self._learn_windows: list[tuple[float, float]] = []  # wall-clock (start, end) of recent updates
         init_ray(RayConfig(num_cpus=cfg.ray_num_cpus, include_dashboard=False))
         init = resolve(cfg.init_from)
         self.tokenizer = load_tokenizer(init)
@@ -404,7 +405,8 @@ class GRPOTrainer:
         t_gen, t_rew = sum(r.generate_s for r in rounds), sum(r.reward_s for r in rounds)
         scored = [s for s in scores if s is not None]  # unscored samples (a lost reward worker) have no value
         correct = [is_correct(s, cfg.accuracy_component) for s in scored]
-        busy = self.rollout.pop_busy()  # per worker: (start, end) of each generate call since the last step
+        self._learn_windows = [*self._learn_windows[-7:], (self._wall_offset(t2), self._wall_offset(t3))]
+        busy = self.rollout.pop_busy()  # per worker: (start, end) of each generate call finished since the last step
         wall = time.perf_counter() - t_start
         metrics = {
             "accuracy": sum(correct) / len(correct) if correct else float("nan"), **gmetrics, **self.data_metrics,
@@ -418,7 +420,7 @@ class GRPOTrainer:
             "staleness/mean": sum(staleness) / max(len(staleness), 1),
             **({"sampling/unmasked_truncation": 1.0} if cfg.unmasked_truncation else {}),
             "time/generate": t_gen, "time/reward": t_rew, "time/learn": t3 - t2, "time/sync": t4 - t3,
-            **rollout_timing(busy, wall, self._wall_offset(t2), self._wall_offset(t3)),
+            **rollout_timing(busy, wall, self._learn_windows),
             "time/learner_idle": max(0.0, wall - (t3 - t2)),
         }
         return metrics
@@ -562,13 +564,15 @@ def merge_reward_metrics(per_round: list[dict[str, float]]) -> dict[str, float]:
     return {k: (v / len(per_round) if k.endswith(("/mean", "_frac")) else v) for k, v in out.items()}
 
 
-def rollout_timing(busy: list[list[tuple[float, float]]], wall: float, learn_start: float,
-                   learn_end: float) -> dict[str, float]:
+def rollout_timing(busy: list[list[tuple[float, float]]], wall: float,
+                   learn_windows: list[tuple[float, float]]) -> dict[str, float]:
     """Per-worker averages over a step of `wall` seconds: generating time, idle time, and the time spent
-    generating while the learner trained (the overlap asynchronous rollouts buy)."""
+    generating while the learner trained (the overlap asynchronous rollouts buy). `busy`: the generate
+    calls that finished since the last step (one may have run during an earlier step's update, hence the
+    recent update windows, wall clock)."""
     n = max(len(busy), 1)
     gen = sum(e - s for w in busy for s, e in w) / n
-    overlap = sum(max(0.0, min(e, learn_end) - max(s, learn_start)) for w in busy for s, e in w) / n
+    overlap = sum(max(0.0, min(e, l1) - max(s, l0)) for w in busy for s, e in w for l0, l1 in learn_windows) / n
     return {"time/rollout_busy": gen, "time/rollout_idle": max(0.0, wall - gen), "time/overlap": overlap}
 
 
