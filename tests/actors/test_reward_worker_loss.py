@@ -7,14 +7,12 @@ worker's pid, which the test kills with SIGKILL, as the kernel's OOM killer woul
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import ray
 
 from dsarl.actors.reward_workers import RewardPool
 from dsarl.data.rollout_schema import read_rollouts, table_to_records
@@ -25,17 +23,7 @@ from dsarl.models import DSAConfig, build_model, save_pretrained
 from dsarl.rewards.config import RewardComponentConfig as C, RewardConfig
 from dsarl.rewards.types import RewardSample
 
-PLUGINS = str(Path(__file__).resolve().parents[1] / "rewards")  # tests/rewards/reward_plugins.py
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    sys.path.insert(0, PLUGINS)  # the driver validates the config by resolving it
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": PLUGINS}})
-    yield
-    ray.shutdown()
-    sys.path.remove(PLUGINS)
+pytestmark = pytest.mark.usefixtures("reward_ray")  # tests/actors/conftest.py
 
 
 def make_pool(num_workers: int, chunk_retries: int = 1) -> RewardPool:

@@ -1,6 +1,4 @@
 import inspect
-import sys
-from pathlib import Path
 
 import pytest
 import ray
@@ -10,17 +8,7 @@ from dsarl.rewards.config import RewardComponentConfig as C, RewardConfig
 from dsarl.rewards.health import RewardComponentDead
 from dsarl.rewards.types import RewardSample
 
-PLUGINS = str(Path(__file__).resolve().parents[1] / "rewards")  # tests/rewards/reward_plugins.py
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    sys.path.insert(0, PLUGINS)  # the driver validates the config by resolving it
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": PLUGINS}})
-    yield
-    ray.shutdown()
-    sys.path.remove(PLUGINS)
+pytestmark = pytest.mark.usefixtures("reward_ray")  # tests/actors/conftest.py
 
 
 @pytest.fixture

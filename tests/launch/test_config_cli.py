@@ -51,15 +51,15 @@ def test_resume_takes_an_optional_checkpoint_and_leaves_overrides_alone():
     assert args.resume == "runs/x/checkpoints/step_000010" and args.overrides == ["steps=3"]
     args = parse_args(["grpo", "configs/grpo_tiny.yaml", "--resume", "steps=3", "seed=1"])
     assert args.resume is True and args.overrides == ["steps=3", "seed=1"]
-    args = parse_args(["submit", "grpo", "configs/grpo_tiny.yaml", "--resume", "/shared/ckpt"])
-    assert args.resume == "/shared/ckpt"
+    args = parse_args(["submit", "grpo", "configs/grpo_tiny.yaml", "--resume", "ckpts/step_000003"])
+    assert args.resume == "ckpts/step_000003"
 
 
 def test_a_submitted_job_passes_resume_and_its_checkpoint_on():
     assert entrypoint("python", "grpo", "c.yaml", ["a=1"], False) == "python -m dsarl.launch.cli grpo c.yaml a=1"
     assert entrypoint("python", "grpo", "c.yaml", [], True) == "python -m dsarl.launch.cli grpo c.yaml --resume"
-    assert (entrypoint("python", "grpo", "c.yaml", [], "/shared/run a/ckpt")
-            == "python -m dsarl.launch.cli grpo c.yaml --resume '/shared/run a/ckpt'")
+    assert (entrypoint("python", "grpo", "c.yaml", [], "ckpts/run a/step_000003")
+            == "python -m dsarl.launch.cli grpo c.yaml --resume 'ckpts/run a/step_000003'")
 
 
 def test_dsarl_config_prints_the_resolved_config_the_stage_would_load(capsys):
