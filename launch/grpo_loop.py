@@ -36,6 +36,7 @@ from dsarl.rewards.types import RewardSample
 
 from .prompt_tokens import OverlongPolicy, fit_to_context, prompt_ids_for, prompt_token_limit
 from .ray_setup import RayConfig, init_ray
+from .step_metrics import is_correct, merge_reward_metrics, present_means, rollout_timing
 
 logger = logging.getLogger(__name__)
 
@@ -289,13 +290,12 @@ class GRPOTrainer:
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                                     mlflow_experiment=cfg.mlflow_experiment,
                                     resume_step=self.start_step if ckpt else None)
-        attention = cfg.model_overrides.get("attention") or _checkpoint_attention(init)
-        self.record_indices = attention == "sparse" and cfg.learner.use_sampler_indices
+        model_cfg = DSAConfig.from_file(Path(init) / "config.json").replace(**cfg.model_overrides)
+        self.record_indices = model_cfg.attention == "sparse" and cfg.learner.use_sampler_indices
         self.record_keep = cfg.learner.keep_sampling_mask and (ro.top_p < 1.0 or ro.top_k > 0)
         # MoE routing: recorded for replay, and with the native engine also with replay off, where the
         # learner reports how often its own routing differs from the sampler's (vLLM cannot record it)
-        has_moe = "sparse" in DSAConfig.from_file(Path(init) / "config.json").replace(
-            **cfg.model_overrides).layer_mlp_types
+        has_moe = "sparse" in model_cfg.layer_mlp_types
         self.record_experts = has_moe and (cfg.learner.use_sampler_experts or ro.engine == "native")
 
     def sampling(self, step: int, n: int, greedy: bool = False) -> SamplingParams:
@@ -553,50 +553,6 @@ class GRPOTrainer:
                 ray.kill(w)
         self.placement.remove()
         self.placement = None
-
-
-def merge_reward_metrics(per_round: list[dict[str, float]]) -> dict[str, float]:
-    """The reward pool's metrics of several rounds of equal size: means averaged, counts summed."""
-    out: dict[str, float] = {}
-    for m in per_round:
-        for k, v in m.items():
-            out[k] = out.get(k, 0.0) + v
-    return {k: (v / len(per_round) if k.endswith(("/mean", "_frac")) else v) for k, v in out.items()}
-
-
-def rollout_timing(busy: list[list[tuple[float, float]]], wall: float,
-                   learn_windows: list[tuple[float, float]]) -> dict[str, float]:
-    """Per-worker averages over a step of `wall` seconds: generating time, idle time, and the time spent
-    generating while the learner trained (the overlap asynchronous rollouts buy). `busy`: the generate
-    calls that finished since the last step (one may have run during an earlier step's update, hence the
-    recent update windows, wall clock)."""
-    n = max(len(busy), 1)
-    gen = sum(e - s for w in busy for s, e in w) / n
-    overlap = sum(max(0.0, min(e, l1) - max(s, l0)) for w in busy for s, e in w for l0, l1 in learn_windows) / n
-    return {"time/rollout_busy": gen, "time/rollout_idle": max(0.0, wall - gen), "time/overlap": overlap}
-
-
-def present_means(scores: list[dict], prefix: str = "") -> dict[str, float]:
-    """Mean of every key but "total" over the samples that have it: a failed sample has no sub-scores,
-    and a reward's None ("no score") leaves its key out or None."""
-    keys = dict.fromkeys(k for s in scores for k in s if k != "total")
-    out = {}
-    for k in keys:
-        values = [s[k] for s in scores if s.get(k) is not None]
-        if values:
-            out[prefix + k] = sum(values) / len(values)
-    return out
-
-
-def is_correct(score: dict, key: str) -> bool:
-    value = score.get(key)
-    return value is not None and value > 0.5
-
-
-def _checkpoint_attention(init: str) -> str:
-    import json
-
-    return json.loads((Path(init) / "config.json").read_text()).get("attention", "dense")
 
 
 def run_grpo(cfg: GRPOConfig, resume: bool | str = False, resolve=lambda p: p, show_progress: bool = True) -> Path:
