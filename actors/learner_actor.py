@@ -33,22 +33,24 @@ class Learner:
             self.learner.optimizer_steps = int(self.state.get("optimizer_steps", 0))  # the LR schedule's position
 
     def init_distributed(self, master_addr: str, master_port: int, rank: int, world_size: int, backend: str) -> int:
-        """Join the learners' torch.distributed group (gloo on CPU, NCCL on GPU) for data parallelism."""
+        """Join the learners' torch.distributed group (gloo on CPU, NCCL on GPU) for data parallelism.
+        Rank 0 serves the rendezvous from the socket `address` bound (actors/rendezvous.py)."""
         import torch.distributed as dist
 
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                world_size=world_size)
+        from dsarl.actors.rendezvous import join_store
+
+        store = join_store(getattr(self, "_store_host", None) if rank == 0 else None, (master_addr, master_port),
+                           world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         self.learner.set_data_parallel(rank, world_size)
         return rank
 
     def address(self) -> tuple[str, int]:
-        """This actor's node address and a free port on it (rank 0 hosts the rendezvous)."""
-        import socket
+        """Where rank 0 serves the rendezvous: a socket bound to this node's Ray address only."""
+        from dsarl.actors.rendezvous import StoreHost
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        self._store_host = StoreHost()
+        return self._store_host.address
 
     def update(self, groups) -> dict:
         return self.learner.update(groups)

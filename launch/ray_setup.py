@@ -4,9 +4,15 @@
     else RAY_ADDRESS set                 -> that cluster (a submitted Ray job always has it set)
     else                                 -> Ray starts embedded in this process, on this machine
 
-Dashboards and job servers that dsarl starts listen on 127.0.0.1 unless `dashboard_host` says
-otherwise: a dashboard accepts job submissions, i.e. runs arbitrary commands, so it must not face a
-network by accident.
+Embedded Ray listens on loopback only (`loopback_only`, default on): every server it starts (GCS,
+raylets, workers' gRPC, the dashboard, the dashboard agent's HTTP server whose routes include the job
+API, the runtime-env agent and the Prometheus metrics ports) binds 127.0.0.1. Ray takes the address
+its servers bind from the node IP it detects, and resolves an explicit `_node_ip_address="127.0.0.1"`
+back to the external address; the one switch that keeps it on loopback is the one Ray uses for its
+single-machine mode on macOS and Windows, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read by Ray when it is
+imported and by every process it starts, so it goes into the environment and into the already-imported
+constant). A dashboard accepts job submissions, i.e. runs arbitrary commands, so it must not face a
+network by accident; `dashboard_host` applies when `loopback_only` is off.
 
 `LocalHead` starts a single-node head (`ray start --head --block`) in its own process session with its
 own --temp-dir and ports, and stops exactly the processes it started. `ray stop` would kill every Ray
@@ -36,6 +42,18 @@ class RayConfig:
     num_gpus: int | None = None  # embedded only
     include_dashboard: bool | None = None  # embedded only; None: Ray's default (on when installed)
     dashboard_host: str = LOOPBACK  # embedded only; 0.0.0.0 exposes job submission to the network
+    loopback_only: bool = True  # embedded only: every Ray server binds 127.0.0.1 (a one-machine Ray)
+
+# Ray's single-machine switch (ray/_private/ray_constants.py): node IP = 127.0.0.1 for every process
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_ray_on_loopback() -> None:
+    """Makes Ray started from this process (and the processes it starts) bind loopback only."""
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # the copy Ray read at import, consulted per call
 
 
 def resolve_address(address: str | None) -> str | None:
@@ -58,6 +76,8 @@ def init_ray(cfg: RayConfig | None = None, temp_dir: str | None = None) -> str:
     if address is not None:
         ray.init(address=address)
         return f"ray: joined the cluster at {address}"
+    if cfg.loopback_only:
+        keep_ray_on_loopback()
     ctx = ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.include_dashboard,
                    dashboard_host=cfg.dashboard_host, _temp_dir=temp_dir)
     url = ctx.dashboard_url
@@ -150,6 +170,7 @@ def start_local_head(num_cpus: int | None = 2, num_gpus: int | None = 0, resourc
     cmd += [f"--resources={resources}"] if resources else []
     log = open(Path(temp_dir) / "head.log", "w")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env[SINGLE_MACHINE_ENV] = "0"  # every server of this one-node head on loopback (see the module doc)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # jobs' `python` is this one
     with log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
