@@ -1,12 +1,12 @@
 """Builds and loads the plain-C CPU kernels (`kernels/*/cpu.c`) with the system C compiler.
 
-Why C on CPU: the torch paths of sparse attention and top-k run as thousands of small ops per layer
-(a few query rows at a time, so the gathered rows stay in cache); at 16k tokens their dispatch,
-index_select / index_add_ copies and masking cost more than the arithmetic. One C loop per query
+Why C on CPU: memory-bounded torch versions of sparse attention and top-k run as thousands of small
+ops per layer (a few query rows at a time, so the gathered rows stay in cache); at long context their
+dispatch, index_select / index_add_ copies and masking cost more than the arithmetic. One C loop per query
 row does gather, scores, softmax and the weighted sums with the rows in L1.
 
 No torch headers and no OpenMP: the library is plain C with `#pragma omp simd` loops (-fopenmp-simd
-needs no runtime), built in ~1 s, loaded with ctypes, and run on `torch.get_num_threads()` Python
+needs no runtime), built in about a second, loaded with ctypes, and run on `torch.get_num_threads()` Python
 threads over disjoint ranges of query rows (ctypes drops the GIL during the call).
 
 The shared object is cached under $DSARL_NATIVE_CACHE (default ~/.cache/dsarl/native) in a folder
