@@ -56,6 +56,7 @@ def _compiler() -> str | None:
     return None
 
 
+@functools.cache
 def source(relative: str) -> Path:
     """A C source of the package by its path under kernels/ ("topk/cpu.c"), wherever it is installed."""
     return Path(str(importlib.resources.files(__package__).joinpath(relative)))
