@@ -89,7 +89,8 @@ def test_public_op_backends(gen, monkeypatch):
     """STYLE rule 21: default (the C kernel on CPU / Triton on CUDA), reference, cpu and triton agree."""
     q, kv, idx = _inputs(gen, 1, 6, 11, 3, 20, 5)
     outs = {}
-    backends = ["", "reference", "triton"] + (["cpu"] if DEVICE == "cpu" and native.available(sparse_cpu.SOURCE) else [])
+    has_c = DEVICE == "cpu" and native.available(sparse_cpu.SOURCE)
+    backends = ["", "reference", "triton"] + (["cpu"] if has_c else [])
     for backend in backends:
         monkeypatch.setenv("DSARL_KERNELS", backend)
         outs[backend] = sparse_mla_attention(q, kv, idx, 0.2, 12)[0]
