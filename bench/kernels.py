@@ -1,27 +1,26 @@
-"""Kernel benchmarks: one JSON line per (op, implementation, shape).
+"""Kernel benchmarks: one JSON line per (op, backend, shape); `impl` names the entry of the op's table
+in kernels/dispatch.py (reference, cpu, triton), plus baselines.
 
-    python bench/kernels.py            # CUDA: DeepSeek-V3.2 shapes, L = 8k..64k; CPU: small shapes
+    python bench/kernels.py            # CUDA: DeepSeek-V3.2 shapes, L = 8k..64k; CPU: up to the bench model's 16k
     python bench/kernels.py --quick    # a fast CPU run (seconds)
 
 On CUDA: TFLOP/s counting only the selected keys (sparse fwd 2*T*K*H*(Dqk+d_v); bwd per token
 2*H*K*(2*d_v + 3*Dqk), DSA.md 6.3; indexer 2*visible_pairs*H_I*D_I), and GB/s from the bytes each
 kernel must move at least (gathered kv rows, q, out, scores). Baselines: torch SDPA dense causal
-attention at the same L in MLA's MHA form (128 heads, qk 192, v 128), torch.topk per chunk, and the
-torch reference where its memory allows. On CPU: the reference against the query-chunked torch path
-and the C kernels (`cpu.c`), up to the bench model's 16k-token layer.
+attention at the same L in MLA's MHA form (128 heads, qk 192, v 128), plain torch.topk, and the
+torch reference where its memory allows. On CPU: each op's reference against its CPU backend (the C
+kernels, built on first use; the matmul-tiled indexer scores), up to the bench model's 16k-token layer.
 """
 import argparse
+import contextlib
 import json
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from dsarl.kernels.indexer_kl.reference import indexer_kl_loss_reference
-from dsarl.kernels.indexer_scores.reference import indexer_scores_reference
-from dsarl.kernels.sparse_mla.chunked import sparse_mla_attention_chunked
-from dsarl.kernels.sparse_mla.reference import sparse_mla_attention_reference
-from dsarl.kernels.topk.reference import topk_indices_reference
+from dsarl.kernels import dispatch
 
 
 def timeit(fn, reps: int) -> float:
@@ -130,80 +129,75 @@ def bench_kl(impls, B, T, K, device, reps):
 
 
 def bench_indexer_topk(impls, B, T, H, D, K, reps):
-    """Scores and selection together (what a sparse layer runs), causal, T queries over T keys."""
+    """Scores and selection together (what a sparse layer runs), causal, T queries over T keys. The
+    reference calls the public scores and top-k ops: timed under DSARL_KERNELS=<impl>, so each line is
+    what that setting runs."""
     q, w, k = torch.randn(B, T, H, D), torch.randn(B, T, H), torch.randn(B, T, D)
     for name, fn in impls.items():
-        t = timeit(lambda: fn(q, w, k, K), reps)
+        with forcing(name):
+            t = timeit(lambda: fn(q, w, k, K), reps)
         emit(op="indexer_topk", impl=name, B=B, T=T, H=H, D=D, K=K, ms=1e3 * t)
 
 
-def run_cpu(quick: bool):
-    from dsarl.kernels.sparse_mla import cpu as sparse_cpu
-    from dsarl.kernels.topk import cpu as topk_cpu
+@contextlib.contextmanager
+def forcing(backend: str):
+    """DSARL_KERNELS=backend inside (restored after)."""
+    old = os.environ.get(dispatch.ENV)
+    os.environ[dispatch.ENV] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[dispatch.ENV]
+        else:
+            os.environ[dispatch.ENV] = old
 
+
+def backends(op: str, device: str) -> dict:
+    """{backend: implementation} of `op`'s table that can run on `device` here (kernels/dispatch.py)."""
+    x = torch.empty(0, device=device)
+    return {b: dispatch.implementation(op, b) for b in dispatch.TABLES[op]
+            if b == "reference" or dispatch.unusable(op, b, x) is None}
+
+
+def run_cpu(quick: bool):
     reps = 2 if quick else 3
     shapes = [(1, 256, 256, 8, 96, 64, 64)] if quick else [(1, 512, 512, 16, 576, 512, 256),
                                                           (1, 2048, 2048, 16, 576, 512, 256),
                                                           (1, 16384, 16384, 6, 160, 128, 256)]  # bench model
-    impls = {"reference": sparse_mla_attention_reference, "chunked": sparse_mla_attention_chunked}
-    if sparse_cpu.available():
-        impls["c"] = sparse_cpu.sparse_mla_attention_cpu
     for B, T, S, H, Dqk, d_v, K in shapes:
         # the reference gathers [T, K, Dqk] at once: 16k x 256 x 160 floats x autograd copies is too big
-        run = {n: f for n, f in impls.items() if n != "reference" or T <= 2048}
+        run = {n: f for n, f in backends("sparse_mla", "cpu").items() if n != "reference" or T <= 2048}
         bench_sparse(run, B, T, S, H, Dqk, d_v, K, torch.float32, "cpu", reps)
     L = 256 if quick else 1024
-    bench_indexer({"reference": indexer_scores_reference}, 1, L, L, 8 if quick else 16, 64, "cpu",
-                  torch.float32, reps)
-    from dsarl.kernels.topk.triton import topk_indices_chunked
-    from dsarl.kernels.topk.float_first import topk_indices_float_first
-    topk_impls = {"reference": topk_indices_reference, "chunked": topk_indices_chunked,
-                  "float_first": topk_indices_float_first}
-    if topk_cpu.available():
-        topk_impls["c"] = topk_cpu.topk_indices_cpu
-    bench_topk(topk_impls, 1, L, L, 64, "cpu", reps)
-    if topk_cpu.available():
-        from dsarl.kernels.indexer_scores.matmul import indexer_scores_matmul
-        from dsarl.kernels.indexer_scores.reference import resolve_positions
-
-        def torch_path(q, w, k, K, chunk=1024):  # matmul scores per chunk, then float_first: the fallback
-            T = q.shape[1]
-            q_pos, k_pos = resolve_positions(1, T, T, "cpu")
-            return torch.cat([topk_indices_float_first(indexer_scores_matmul(
-                q[:, a:a + chunk], w[:, a:a + chunk], k[:, :a + chunk], q_pos[:, a:a + chunk], k_pos[:, :a + chunk]), K)
-                for a in range(0, T, chunk)], dim=1)
-
-        def fused(q, w, k, K):
-            T = q.shape[1]
-            return topk_cpu.indexer_topk_cpu(q, w, k, K, *resolve_positions(1, T, T, "cpu"))
-
-        for T in ([2048] if quick else [2048, 16384]):  # the conversion path's and the prefill bench's lengths
-            bench_indexer_topk({"torch": torch_path, "c_fused": fused}, 1, T, 4, 32, 128 if T == 2048 else 256, reps)
-    bench_kl({"reference": indexer_kl_loss_reference}, 1, L, 256, "cpu", reps)
+    bench_indexer(backends("indexer_scores", "cpu"), 1, L, L, 8 if quick else 16, 64, "cpu", torch.float32, reps)
+    for T, S, K in ([(L, L, 64)] if quick else [(L, L, 64), (2048, 2048, 128), (512, 8192, 256)]):
+        bench_topk(backends("topk", "cpu"), 1, T, S, K, "cpu", reps)
+    for T in ([2048] if quick else [2048, 16384]):  # the conversion path's and the prefill bench's lengths
+        # the reference scores [chunk, T, H] at once and runs two topk passes per row: 2048 tokens only
+        run = {n: f for n, f in backends("indexer_topk", "cpu").items() if n != "reference" or T <= 2048}
+        bench_indexer_topk(run, 1, T, 4, 32, 128 if T == 2048 else 256, reps)
+    bench_kl(backends("indexer_kl", "cpu"), 1, L, 256, "cpu", reps)
 
 
 def run_cuda(quick: bool):
-    from dsarl.kernels.indexer_kl.triton import indexer_kl_loss_triton
-    from dsarl.kernels.indexer_scores.triton import indexer_scores_triton
-    from dsarl.kernels.sparse_mla.triton import sparse_mla_attention_triton
-    from dsarl.kernels.topk.triton import topk_indices_chunked
-
     reps = 3 if quick else 10
     H, Dqk, d_v, K, H_I, D_I = 128, 576, 512, 2048, 64, 128
     lengths = [8192] if quick else [8192, 16384, 32768, 65536]
+    sparse = backends("sparse_mla", "cuda")
     for L in lengths:
         T = min(L, 4096)  # the last T queries of an L-token sequence: every query sees >= L - T keys
-        if L == lengths[0]:  # the torch paths gather [T, K, Dqk]: a small T only
-            bench_sparse({"reference": sparse_mla_attention_reference, "chunked": sparse_mla_attention_chunked},
-                         1, 256, L, H, Dqk, d_v, K, torch.bfloat16, "cuda", 2)
-        bench_sparse({"triton": sparse_mla_attention_triton}, 1, T, L, H, Dqk, d_v, K, torch.bfloat16, "cuda", reps)
+        if L == lengths[0]:  # the reference gathers [T, K, Dqk]: a small T only
+            bench_sparse({"reference": sparse["reference"]}, 1, 256, L, H, Dqk, d_v, K, torch.bfloat16, "cuda", 2)
+        bench_sparse({"triton": sparse["triton"]}, 1, T, L, H, Dqk, d_v, K, torch.bfloat16, "cuda", reps)
         bench_dense_sdpa(1, L, H, "cuda", torch.bfloat16, reps)
         T_I = min(L, 2048)  # indexer on a chunk of queries against all L keys (memory O(chunk * L))
-        bench_indexer({"triton": indexer_scores_triton}, 1, T_I, L, H_I, D_I, "cuda", torch.bfloat16, reps)
-        bench_indexer({"triton_fp8": indexer_scores_triton}, 1, T_I, L, H_I, D_I, "cuda", torch.float8_e4m3fn, reps)
-        bench_topk({"torch.topk": lambda s, k: s.topk(k, dim=-1), "triton_entry": topk_indices_chunked},
-                   1, T_I, L, K, "cuda", reps)
-        bench_kl({"triton": indexer_kl_loss_triton, "reference": indexer_kl_loss_reference}, 1, T, K, "cuda", reps)
+        triton_scores = dispatch.implementation("indexer_scores", "triton")
+        bench_indexer({"triton": triton_scores}, 1, T_I, L, H_I, D_I, "cuda", torch.bfloat16, reps)
+        bench_indexer({"triton_fp8": triton_scores}, 1, T_I, L, H_I, D_I, "cuda", torch.float8_e4m3fn, reps)
+        bench_topk({"torch.topk": lambda s, k: s.topk(k, dim=-1), **backends("topk", "cuda")}, 1, T_I, L, K, "cuda",
+                   reps)
+        bench_kl(backends("indexer_kl", "cuda"), 1, T, K, "cuda", reps)
 
 
 def main():

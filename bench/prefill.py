@@ -6,7 +6,8 @@ Two scopes, both in forward and in forward+backward, sparse (index_topk 256) vs 
 - `layer`: one attention layer (MLA): sparse = indexer scores + top-k selection + sparse MLA core
   attention (absorbed form); dense = dense MLA attention (MHA form through SDPA), same projections;
 - `model`: the whole bench model, logits and LM loss.
-One JSON line per (scope, length, attention, pass), with the sparse/dense ratio on the sparse line.
+One JSON line per (scope, length, attention, pass), with the sparse/dense ratio on the sparse line and
+the backend each kernel op ran on (`kernels`, from kernels/dispatch.py; DSARL_KERNELS forces one).
 `--profile` adds the top operators (torch.profiler, self CPU time) of the sparse and dense layer's
 forward+backward at the largest length. `--quick`: 2048 tokens, one rep.
 """
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from dsarl.kernels import dispatch
 from dsarl.models import DSAConfig, build_model
 from dsarl.models.rope import rope_for_config
 
@@ -98,13 +100,15 @@ def main() -> None:
                     model.zero_grad(set_to_none=True)
                     fn = builders[scope](model, L, attention, backward)
                     # One warm-up run (allocator, first-touch pages) except for whole-model runs past 4k (~1 min each)
-                    times = timed(fn, args.reps, warmup=1 if scope == "layer" or L <= 4096 else 0)
+                    with dispatch.record() as chosen:
+                        times = timed(fn, args.reps, warmup=1 if scope == "layer" or L <= 4096 else 0)
                     medians[attention] = statistics.median(times)
                     line = {"bench": "prefill", "scope": scope, "seq_len": L, "attention": attention,
                             "pass": "fwd+bwd" if backward else "fwd",
                             "index_topk": args.topk if attention == "sparse" else None,
                             "s_median": medians[attention], "s_min": min(times), "reps": len(times),
-                            "threads": torch.get_num_threads(), "model_params": model.num_params()}
+                            "threads": torch.get_num_threads(), "model_params": model.num_params(),
+                            "kernels": dict(sorted(set(chosen)))}
                     if attention == "sparse":
                         line["dense_over_sparse"] = medians["dense"] / medians["sparse"]
                     print(json.dumps(line), flush=True)

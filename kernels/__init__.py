@@ -1,6 +1,8 @@
-"""Attention maths as ops (DESIGN.md section 3): Triton on CUDA, a plain torch reference elsewhere.
+"""Attention maths as ops (DESIGN.md section 3), each with a torch reference, and where it pays a
+Triton kernel (CUDA) and one fast CPU implementation; dispatch.py holds every op's table and the one
+rule that chooses. `DSARL_KERNELS=reference|cpu|triton` forces a backend for every op.
 
-Imports nothing else of dsarl. `DSARL_KERNELS=reference|triton` forces a backend.
+Imports nothing else of dsarl.
 """
 from .dense_mla import dense_mha_attention, dense_mla_attention
 from .fp8 import fp8_quant_dequant, fp8_quantize

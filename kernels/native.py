@@ -1,21 +1,28 @@
 """Builds and loads the plain-C CPU kernels (`kernels/*/cpu.c`) with the system C compiler.
 
-Why C on CPU: the torch paths of sparse attention and top-k run as thousands of small ops per layer
-(a few query rows at a time, so the gathered rows stay in cache); at 16k tokens their dispatch,
-index_select / index_add_ copies and masking cost more than the arithmetic. One C loop per query
+Why C on CPU: memory-bounded torch versions of sparse attention and top-k run as thousands of small
+ops per layer (a few query rows at a time, so the gathered rows stay in cache); at long context their
+dispatch, index_select / index_add_ copies and masking cost more than the arithmetic. One C loop per query
 row does gather, scores, softmax and the weighted sums with the rows in L1.
 
 No torch headers and no OpenMP: the library is plain C with `#pragma omp simd` loops (-fopenmp-simd
-needs no runtime), built in ~1 s, loaded with ctypes, and run on `torch.get_num_threads()` Python
+needs no runtime), built in about a second, loaded with ctypes, and run on `torch.get_num_threads()` Python
 threads over disjoint ranges of query rows (ctypes drops the GIL during the call).
 
-The shared object is cached under $DSARL_NATIVE_CACHE (default ~/.cache/dsarl/native) by a hash of
-the source and flags. Without a compiler, or with DSARL_NATIVE=0, `load` returns None and callers
-keep their torch path; `unavailable_reason` says why.
+The shared object is cached under $DSARL_NATIVE_CACHE (default ~/.cache/dsarl/native) in a folder
+per CPU identity (`cpu_identity`: the machine and what `-march=native` enables on it), named by a
+hash of the source, compiler and flags: a home directory shared by a cluster of mixed CPUs never hands
+an AVX-512 build to a CPU without AVX-512. The sources are found through the package (`source`), so
+an installed wheel builds them too when they ship as package data. Without a compiler, or with
+DSARL_NATIVE=0, `load` returns None and dispatch.py runs the op's reference; `unavailable_reason`
+says why.
 """
 import ctypes
+import functools
 import hashlib
+import importlib.resources
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -49,50 +56,81 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(source: Path) -> Path:
+@functools.cache
+def source(relative: str) -> Path:
+    """A C source of the package by its path under kernels/ ("topk/cpu.c"), wherever it is installed."""
+    return Path(str(importlib.resources.files(__package__).joinpath(relative)))
+
+
+@functools.cache
+def cpu_identity(cc: str) -> str:
+    """"<machine>-<hash>" of the macros `cc -march=native` defines on this CPU (__AVX512F__, __FMA__, ...):
+    what the build depends on. Falls back to /proc/cpuinfo's feature flags when the compiler cannot
+    print them."""
+    proc = subprocess.run([cc, "-march=native", "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
+    features = "\n".join(sorted(proc.stdout.splitlines())) if proc.returncode == 0 else _cpuinfo_flags()
+    return f"{platform.machine() or 'cpu'}-{hashlib.sha256(features.encode()).hexdigest()[:12]}"
+
+
+def _cpuinfo_flags() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
+
+
+def library_path(src: Path, cc: str, cpu: str) -> Path:
+    """Where the build of `src` by `cc` for CPU identity `cpu` is cached."""
+    tag = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    return _cache_dir() / cpu / f"{src.parent.name}_{src.stem}_{tag}.so"
+
+
+def _build(src: Path, cpu: str | None = None) -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler on PATH (cc, gcc or clang; or set CC)")
-    text = source.read_bytes()
-    tag = hashlib.sha256(text + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"{source.parent.name}_{source.stem}_{tag}.so"
+    if not src.is_file():
+        raise RuntimeError(f"{src} is missing: the package was installed without its C sources (package data)")
+    out = library_path(src, cc, cpu or cpu_identity(cc))
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, rename: concurrent builds are safe
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([cc, *FLAGS, str(source), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {source}:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"{cc} failed on {src}:\n{proc.stderr[-2000:]}")
         os.replace(tmp_out, out)
     return out
 
 
-def load(source: Path) -> ctypes.CDLL | None:
-    """The compiled library of `source`, or None (DSARL_NATIVE=0, no compiler, build error)."""
-    key = str(source)
+def load(src: Path) -> ctypes.CDLL | None:
+    """The compiled library of `src`, or None (DSARL_NATIVE=0, no compiler, build error)."""
+    key = str(src)
     with _lock:
         if key not in _libs:
             if os.environ.get("DSARL_NATIVE", "1").strip() == "0":
                 _libs[key], _errors[key] = None, "DSARL_NATIVE=0"
             else:
                 try:
-                    _libs[key] = ctypes.CDLL(str(_build(source)))
+                    _libs[key] = ctypes.CDLL(str(_build(src)))
                 except (RuntimeError, OSError) as e:
                     _libs[key], _errors[key] = None, str(e)
-                    # said once per process: the torch path still gives the same results, but sparse
-                    # attention on CPU is ~2x slower, and a user should know why
-                    warnings.warn(f"dsarl: C kernel {source.parent.name}/{source.name} unavailable, using the torch "
-                                  f"path (set DSARL_NATIVE=0 to silence): {str(e).splitlines()[0]}", stacklevel=2)
+                    # said once per process: the reference gives the same results, but is several times
+                    # slower on CPU and holds [T, K, D] gathers, and a user should know why
+                    warnings.warn(f"dsarl: C kernel {src.parent.name}/{src.name} unavailable, using the torch "
+                                  f"reference (set DSARL_NATIVE=0 to silence): {str(e).splitlines()[0]}",
+                                  stacklevel=2)
         return _libs[key]
 
 
-def require(source: Path, signatures: dict[str, list]) -> ctypes.CDLL:
-    """The library of `source` with ctypes argtypes set from `signatures` (once); a RuntimeError that
-    says why when it is unavailable (callers check `load(source) is not None` to choose a path)."""
-    lib = load(source)
+def require(src: Path, signatures: dict[str, list]) -> ctypes.CDLL:
+    """The library of `src` with ctypes argtypes set from `signatures` (once); a RuntimeError that
+    says why when it is unavailable (dispatch.py checks `load(src) is not None` before choosing it)."""
+    lib = load(src)
     if lib is None:
-        raise RuntimeError(f"C kernel {source} is unavailable: {unavailable_reason(source)}")
+        raise RuntimeError(f"C kernel {src} is unavailable: {unavailable_reason(src)}")
     if not getattr(lib, "_dsarl_typed", False):
         for name, argtypes in signatures.items():
             getattr(lib, name).argtypes = argtypes
@@ -100,9 +138,13 @@ def require(source: Path, signatures: dict[str, list]) -> ctypes.CDLL:
     return lib
 
 
-def unavailable_reason(source: Path) -> str | None:
-    load(source)
-    return _errors.get(str(source))
+def available(src: Path) -> bool:
+    return load(src) is not None
+
+
+def unavailable_reason(src: Path) -> str | None:
+    load(src)
+    return _errors.get(str(src))
 
 
 def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:

@@ -1,38 +1,17 @@
-import torch
-import torch.nn.functional as F
-
-from ..indexer_scores.reference import resolve_positions, visibility
+from .. import dispatch
 from .reference import dense_mla_attention_reference
 
 
 def dense_mla_attention(q, kv, sm_scale: float, d_v: int, q_pos=None, k_pos=None, return_probs=False):
-    """Dense attention in MQA (absorbed) form over every visible key; see reference.py."""
-    return dense_mla_attention_reference(q, kv, sm_scale, d_v, q_pos, k_pos, return_probs)
+    """Dense attention in MQA (absorbed) form over every visible key; see reference.py.
+    q [B, T, H, Dqk], kv [B, S, Dqk] -> out [B, T, H, d_v], lse [B, T, H] fp32 (, probs [B, T, S])."""
+    return dispatch.choose("dense_mla", q)(q, kv, sm_scale, d_v, q_pos, k_pos, return_probs)
 
 
 def dense_mha_attention(q, k, v, sm_scale: float, q_pos=None, k_pos=None, mask=None):
-    """Plain multi-head attention (MLA's MHA form, used for dense training and prefill).
-
-    q [B, T, H, Dqk], k [B, S, H, Dqk], v [B, S, H, Dv] -> [B, T, H, Dv]. Causal by positions, or by
-    `mask` [B, T, S] bool (True: visible) when given (packed documents: models/doc_mask.py).
-    """
-    B, T, H, _ = q.shape
-    S = k.shape[1]
-    Dv = v.shape[-1]
-    if Dv < q.shape[-1]:
-        # MLA's value width differs from its query/key width; SDPA's fused (flash) CPU/GPU kernels need
-        # equal widths and otherwise fall back to the math kernel, which materialises [B, H, T, S]
-        # (profiled: 2 GB per layer at 4k tokens). Zero columns change nothing in the output.
-        v = F.pad(v, (0, q.shape[-1] - Dv))
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, *, D]
-    if mask is not None:
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=sm_scale)
-    elif q_pos is None and k_pos is None and T == S:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=sm_scale)
-    else:
-        mask = visibility(*resolve_positions(B, T, S, q.device, q_pos, k_pos))  # [B, T, S]
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=sm_scale)
-    return out.transpose(1, 2)[..., :Dv]  # [B, T, H, Dv]
+    """Plain multi-head attention (MLA's MHA form, used for dense training and prefill); see mha.py.
+    q [B, T, H, Dqk], k [B, S, H, Dqk], v [B, S, H, Dv] -> [B, T, H, Dv]."""
+    return dispatch.choose("dense_mha", q)(q, k, v, sm_scale, q_pos, k_pos, mask)
 
 
 __all__ = ["dense_mla_attention", "dense_mha_attention", "dense_mla_attention_reference"]

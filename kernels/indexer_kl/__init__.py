@@ -1,4 +1,4 @@
-from ..dispatch import use_triton
+from .. import dispatch
 from .reference import indexer_kl_loss_reference
 
 
@@ -7,12 +7,9 @@ def indexer_kl_loss(target, scores, valid=None):
 
     target [B, T, K] non-negative attention mass (normalised inside), scores [B, T, K] fp32,
     valid [B, T, K] bool (default: finite scores). Returns a scalar fp32.
+    Backends (dispatch.py): reference, triton.
     """
-    if use_triton(scores):
-        from .triton import indexer_kl_loss_triton
-
-        return indexer_kl_loss_triton(target, scores, valid)
-    return indexer_kl_loss_reference(target, scores, valid)
+    return dispatch.choose("indexer_kl", scores)(target, scores, valid)
 
 
 __all__ = ["indexer_kl_loss", "indexer_kl_loss_reference"]

@@ -1,4 +1,4 @@
-/* Sparse MLA attention on CPU, one query row at a time (maths: README.md; torch twin: chunked.py).
+/* Sparse MLA attention on CPU, one query row at a time (maths: README.md; definition: reference.py).
  *
  * Layout (all contiguous fp32): q [N, H, D] with N = B * T query rows, kv [B * S, D], idx [N, K]
  * int32 (-1 = empty slot), out [N, H, DV], lse [N, H], probs [N, K] (optional, NULL to skip).

@@ -1,30 +1,25 @@
 """Sparse MLA attention through the C kernel of cpu.c: the CPU path for fp32 when a C compiler exists.
 
-Same contract and maths as reference.py and chunked.py (the backward recomputes from q, kv, indices,
+Same contract and maths as reference.py (the backward recomputes from q, kv, indices,
 out, lse). Rows of queries are split over up to torch.get_num_threads() threads (one for small calls,
 native.thread_count); each thread's backward adds its kv gradient into its own buffer and the buffers
-are summed, so results do not depend on thread timing. `available()` is False without a compiler
-(or with DSARL_NATIVE=0); callers then use chunked.py.
+are summed, so results do not depend on thread timing. dispatch.py chooses this backend
+when the library loads (a C compiler, DSARL_NATIVE not 0).
 """
 import ctypes
-from pathlib import Path
 
 import torch
 
 from .. import native
 from .function import sparse_mla_autograd
 
-SOURCE = Path(__file__).with_name("cpu.c")
+SOURCE = native.source("sparse_mla/cpu.c")
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {"sparse_mla_fwd": [_P] * 6 + [_I64] * 8 + [_F32], "sparse_mla_bwd": [_P] * 8 + [_I64] * 8 + [_F32]}
 
 
 def _lib():
     return native.require(SOURCE, SIGNATURES)
-
-
-def available() -> bool:
-    return native.load(SOURCE) is not None
 
 
 def _check(rc: int, what: str) -> None:

@@ -1,4 +1,4 @@
-/* Top-k selection on CPU, one score row at a time (contract: reference.py; torch twin: float_first.py).
+/* Top-k selection on CPU, one score row at a time (contract and tie rule: reference.py).
  *
  * scores [N, S] fp32 (non-finite = not visible) -> out [N, k] int32, best first, -1 padded.
  * Each finite score has an order-preserving 32-bit image (float order == unsigned order; -0.0 folded to

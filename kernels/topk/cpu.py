@@ -1,17 +1,17 @@
-"""Top-k selection through the C kernel of cpu.c: the CPU path for fp32 scores when a C compiler exists.
+"""Top-k selection and the fused indexer + top-k through the C kernels of cpu.c: the CPU backend.
 
 Same contract and selected sets as reference.py (ties at the k-th score to the later slots), best
-first. Rows are split over up to torch.get_num_threads() threads (native.thread_count).
-`available()` is False without a compiler (or with DSARL_NATIVE=0); callers then use float_first.py.
+first; scores in fp32. Rows are split over up to torch.get_num_threads() threads (native.thread_count).
+dispatch.py chooses these when the library loads (a C compiler, DSARL_NATIVE not 0).
 """
 import ctypes
-from pathlib import Path
 
 import torch
 
 from .. import native
+from ..indexer_scores.reference import resolve_positions
 
-SOURCE = Path(__file__).with_name("cpu.c")
+SOURCE = native.source("topk/cpu.c")
 KEY_BLOCK = 32  # cpu.c's KB: keys per transposed block
 
 
@@ -21,10 +21,6 @@ SIGNATURES = {"topk_rows": [_P, _P] + [_I64] * 4, "indexer_topk_rows": [_P] * 7 
 
 def _lib():
     return native.require(SOURCE, SIGNATURES)
-
-
-def available() -> bool:
-    return native.load(SOURCE) is not None
 
 
 def topk_indices_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -42,13 +38,15 @@ def topk_indices_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def indexer_topk_cpu(q, w, k, topk: int, q_pos, k_pos, k_scale=None) -> torch.Tensor:
+def indexer_topk_cpu(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, chunk=None) -> torch.Tensor:
     """Lightning-indexer scores and their top-k fused per query row (`indexer_topk`'s contract):
     q [B, T, H, D], w [B, T, H], k [B, S, D] (any float dtype, fp32 maths), q_pos [B, T], k_pos [B, S],
-    k_scale [B, S] or None -> int32 [B, T, topk]. Memory O(threads * S): no [T, S] score matrix."""
+    k_scale [B, S] or None -> int32 [B, T, topk]. Memory O(threads * S): no [T, S] score matrix, so
+    `chunk` (the reference's queries per chunk) has nothing to bound."""
     lib = _lib()
     B, T, H, D = q.shape
     S = k.shape[1]
+    q_pos, k_pos = resolve_positions(B, T, S, q.device, q_pos, k_pos)
     qc, wc = q.float().contiguous(), w.float().contiguous()
     kb = KEY_BLOCK
     S_pad = -(-S // kb) * kb

@@ -1,19 +1,22 @@
-"""The C kernels' build and fallback (kernels/native.py), in fresh interpreters: the library is loaded
-once per process, so switching it off or breaking the compiler needs a new one."""
+"""The C kernels' build, cache and fallback (kernels/native.py). Switching them off or breaking the
+compiler runs in fresh interpreters: the library is loaded once per process."""
 import os
 import subprocess
 import sys
 
+import pytest
+
 PROBE = r"""
 import torch
-from dsarl.kernels import native, sparse_mla_attention
+from dsarl.kernels import dispatch, native, sparse_mla_attention
 from dsarl.kernels.sparse_mla import cpu
 from dsarl.kernels.sparse_mla.reference import sparse_mla_attention_reference
 g = torch.Generator().manual_seed(0)
 q, kv = torch.randn(1, 9, 3, 24, generator=g), torch.randn(1, 9, 24, generator=g)
 idx = torch.randint(-1, 9, (1, 9, 5), generator=g, dtype=torch.int32)
 got, ref = sparse_mla_attention(q, kv, idx, 0.3, 16)[0], sparse_mla_attention_reference(q, kv, idx, 0.3, 16)[0]
-print("AVAILABLE", cpu.available())
+print("AVAILABLE", native.available(cpu.SOURCE))
+print("BACKEND", dispatch.choose_backend("sparse_mla", q))
 print("REASON", str(native.unavailable_reason(cpu.SOURCE)).replace("\n", " "))
 print("ERR", float((got - ref).abs().max()))
 """
@@ -30,15 +33,16 @@ def test_switched_off_falls_back_to_torch(tmp_path):
     got = _probe(tmp_path, DSARL_NATIVE="0")
     assert got["AVAILABLE"] == "False" and got["REASON"] == "DSARL_NATIVE=0"
     assert "unavailable" not in got["STDERR"]  # switched off on purpose: no warning
-    assert float(got["ERR"]) <= 1e-5  # the public op still answers, through chunked.py
+    assert got["BACKEND"] == "reference"
+    assert float(got["ERR"]) <= 1e-5  # the public op still answers, through the reference
     assert not (tmp_path / "cache").exists()  # nothing was built
 
 
 def test_a_failing_compiler_is_reported_and_the_op_still_works(tmp_path):
     got = _probe(tmp_path, CC="false")  # /bin/false: a compiler that always fails
     assert got["AVAILABLE"] == "False" and "false failed" in got["REASON"]
-    assert got["STDERR"].count("sparse_mla/cpu.c unavailable, using the torch path") == 1  # once, not per call
-    assert float(got["ERR"]) <= 1e-5
+    assert got["STDERR"].count("sparse_mla/cpu.c unavailable, using the torch reference") == 1  # once, not per call
+    assert got["BACKEND"] == "reference" and float(got["ERR"]) <= 1e-5
 
 
 def test_split_rows_by_work_covers_every_row_once_and_balances_the_work():
@@ -61,3 +65,59 @@ def test_split_rows_by_work_covers_every_row_once_and_balances_the_work():
     equal = native.split_rows(1000, 2, torch.arange(1, 1001).double())
     assert 690 <= equal[0][1] <= 720  # half of sum(t) lies at t ~ 1000 / sqrt(2) = 707, not at 500
     assert native.split_rows(10, 3) == [(0, 4), (4, 8), (8, 10)]  # no work: equal row counts
+
+
+def test_the_cache_is_keyed_on_the_cpu(tmp_path, monkeypatch):
+    """Two CPU identities (one with AVX-512, one without, on a shared home directory) get two builds;
+    the same identity reuses its build without compiling again."""
+    from dsarl.kernels import native
+
+    cc = native._compiler()
+    if cc is None:
+        pytest.skip("needs a C compiler (cc/gcc/clang)")
+    monkeypatch.setenv("DSARL_NATIVE_CACHE", str(tmp_path))
+    src = native.source("topk/cpu.c")
+    a, b = native.library_path(src, cc, "x86_64-avx512"), native.library_path(src, cc, "x86_64-avx2")
+    assert a != b and a.parent != b.parent and a.name == b.name  # one folder per CPU, same source tag
+    assert native.library_path(src, cc, "x86_64-avx512") == a
+    built = native._build(src, cpu="x86_64-avx512")
+    assert built == a and a.is_file() and not b.exists()
+    stamp = a.stat().st_mtime_ns
+    assert native._build(src, cpu="x86_64-avx512") == a and a.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert native._build(src, cpu="x86_64-avx2") == b and b.is_file()  # the other CPU builds its own
+    here = native.cpu_identity(cc)  # this machine: its arch and a hash of what -march=native enables
+    assert here.startswith(os.uname().machine + "-") and here == native.cpu_identity(cc)
+
+
+def test_sources_are_found_through_the_package():
+    """native.source resolves the C files next to the installed kernels package (a wheel's package data),
+    and a missing source is a build error that names the file, not a crash at import."""
+    from pathlib import Path
+
+    from dsarl import kernels
+    from dsarl.kernels import native
+
+    for rel in ("topk/cpu.c", "sparse_mla/cpu.c"):
+        path = native.source(rel)
+        assert path.is_file() and path == Path(kernels.__file__).parent / rel
+    if native._compiler() is not None:
+        with pytest.raises(RuntimeError, match="nope.c is missing"):
+            native._build(native.source("topk/nope.c"), cpu="any")
+
+
+def test_cpu_identity_follows_the_features_the_compiler_enables(tmp_path):
+    """Stand-in compilers that report different -march=native macros (an AVX-512 CPU and one without)
+    give different identities; the same report gives the same one."""
+    from dsarl.kernels import native
+
+    def fake_cc(name: str, macros: str) -> str:
+        path = tmp_path / name
+        path.write_text(f"#!/bin/sh\nprintf '{macros}'\n")
+        path.chmod(0o755)
+        return str(path)
+
+    avx512 = fake_cc("cc_a", "#define __AVX2__ 1\\n#define __AVX512F__ 1\\n")
+    avx2 = fake_cc("cc_b", "#define __AVX2__ 1\\n")
+    avx512_again = fake_cc("cc_c", "#define __AVX512F__ 1\\n#define __AVX2__ 1\\n")  # order does not matter
+    assert native.cpu_identity(avx512) != native.cpu_identity(avx2)
+    assert native.cpu_identity(avx512) == native.cpu_identity(avx512_again)

@@ -4,7 +4,6 @@ import torch
 from dsarl.kernels import sparse_mla_attention
 from dsarl.kernels import native
 from dsarl.kernels.sparse_mla import cpu as sparse_cpu
-from dsarl.kernels.sparse_mla.chunked import sparse_mla_attention_chunked
 from dsarl.kernels.sparse_mla.reference import sparse_mla_attention_reference
 from dsarl.kernels.sparse_mla.triton import sparse_mla_attention_triton, sparse_mla_fwd
 from kernel_utils import DEVICE, needs_cuda, rel_err, rel_fro
@@ -38,19 +37,19 @@ SHAPES = [  # B, T, S, H, Dqk, d_v, K
     (2, 9, 40, 6, 80, 64, 33),  # the C kernel's vector paths: 4 + 2 heads, 2 x 32 + 16 columns
     (1, 6, 70, 4, 160, 128, 64),  # the bench model's latent width
 ]
-needs_native = pytest.mark.skipif(not sparse_cpu.available(), reason="the C kernels need a C compiler (cc/gcc/clang)")
+needs_native = pytest.mark.skipif(not native.available(sparse_cpu.SOURCE),
+                                  reason="the C kernels need a C compiler (cc/gcc/clang)")
 
 
 @pytest.mark.parametrize("B,T,S,H,Dqk,d_v,K", SHAPES)
-@pytest.mark.parametrize("impl", ["triton", "chunked", pytest.param("cpu", marks=needs_native)])
+@pytest.mark.parametrize("impl", ["triton", pytest.param("cpu", marks=needs_native)])
 def test_matches_reference(gen, impl, B, T, S, H, Dqk, d_v, K):
     if impl == "cpu" and DEVICE != "cpu":
         pytest.skip("the C kernel takes CPU tensors")
     q, kv, idx = _inputs(gen, B, T, S, H, Dqk, K)
     do = torch.randn(B, T, H, d_v, generator=gen).to(DEVICE)
     dlse = torch.randn(B, T, H, generator=gen).to(DEVICE)
-    fn = {"triton": sparse_mla_attention_triton, "cpu": sparse_cpu.sparse_mla_attention_cpu,
-          "chunked": lambda *a: sparse_mla_attention_chunked(*a, chunk=3)}[impl]
+    fn = {"triton": sparse_mla_attention_triton, "cpu": sparse_cpu.sparse_mla_attention_cpu}[impl]
     got = _run(fn, q, kv, idx, 0.17, d_v, do, dlse)
     ref = _run(sparse_mla_attention_reference, q, kv, idx, 0.17, d_v, do, dlse)
     for name, a, b, tol in zip(("out", "lse", "probs", "dq", "dkv"), got, ref, (1e-5, 1e-5, 1e-5, 1e-4, 1e-4)):
@@ -87,22 +86,24 @@ def test_head_blocks_and_small_key_blocks(gen):
 
 
 def test_public_op_backends(gen, monkeypatch):
-    """STYLE rule 21: default (the C kernel or chunked on CPU / Triton on CUDA), reference and triton agree."""
+    """STYLE rule 21: default (the C kernel on CPU / Triton on CUDA), reference, cpu and triton agree."""
     q, kv, idx = _inputs(gen, 1, 6, 11, 3, 20, 5)
     outs = {}
-    for backend in ("", "reference", "triton"):
+    has_c = DEVICE == "cpu" and native.available(sparse_cpu.SOURCE)
+    backends = ["", "reference", "triton"] + (["cpu"] if has_c else [])
+    for backend in backends:
         monkeypatch.setenv("DSARL_KERNELS", backend)
         outs[backend] = sparse_mla_attention(q, kv, idx, 0.2, 12)[0]
-    assert rel_err(outs[""], outs["reference"]) <= 1e-5
-    assert rel_err(outs["triton"], outs["reference"]) <= 1e-5
+    for backend in backends:
+        assert rel_err(outs[backend], outs["reference"]) <= 1e-5, backend
 
 
-def test_gradcheck_reference_and_chunked(gen):
+def test_gradcheck_reference(gen):
     B, T, S, H, Dqk, d_v, K = 1, 3, 4, 2, 5, 3, 3
     q = torch.randn(B, T, H, Dqk, generator=gen, dtype=torch.float64, requires_grad=True)
     kv = torch.randn(B, S, Dqk, generator=gen, dtype=torch.float64, requires_grad=True)
     idx = torch.tensor([[[0, -1, 1], [2, 0, -1], [3, 3, 1]]], dtype=torch.int32)
-    for fn in (sparse_mla_attention_reference, lambda *a: sparse_mla_attention_chunked(*a, chunk=2)):
+    for fn in (sparse_mla_attention_reference, sparse_mla_attention):  # fp64: the public op runs the reference
         f = lambda q, kv: fn(q, kv, idx, 0.4, d_v)  # noqa: E731
         assert torch.autograd.gradcheck(f, (q, kv))
 

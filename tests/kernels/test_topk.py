@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from dsarl.kernels import indexer_topk, topk_indices
+from dsarl.kernels import indexer_topk, native, topk_indices
 from dsarl.kernels.indexer_scores.reference import indexer_scores_reference
 from dsarl.kernels.topk import cpu as topk_cpu
+from dsarl.kernels.topk.chunked import indexer_topk_chunked
 from dsarl.kernels.topk.reference import topk_indices_reference
-from dsarl.kernels.topk.triton import topk_indices_chunked, topk_indices_triton
 from kernel_utils import DEVICE
 
 
@@ -23,32 +23,32 @@ def _distinct_scores(gen, B, T, S):
 
 
 @pytest.mark.parametrize("B,T,S,k", [(1, 5, 5, 3), (2, 13, 29, 8), (1, 7, 7, 12)])  # k > S too
-def test_matches_reference_as_sets(gen, B, T, S, k):
+def test_public_op_matches_reference_as_sets(gen, B, T, S, k):
     scores = _distinct_scores(gen, B, T, S)
-    got = topk_indices_triton(scores, k)
+    got = topk_indices(scores, k)
     ref = topk_indices_reference(scores, k)
     assert got.dtype == torch.int32 and got.shape == (B, T, k)
     assert _as_sets(got) == _as_sets(ref)
 
 
-def test_chunked_rows_and_padding(gen):
-    """Chunks smaller than T; queries with fewer than k visible keys are -1 padded at the end."""
+def test_reference_pads_and_puts_the_best_first(gen):
+    """Queries with fewer than k visible keys are -1 padded at the end; the best key comes first."""
     scores = _distinct_scores(gen, 2, 11, 11)
-    got = topk_indices_chunked(scores, 6, chunk=4)
-    assert _as_sets(got) == _as_sets(topk_indices_reference(scores, 6))
+    got = topk_indices_reference(scores, 6)
     assert (got[:, 0, 1:] == -1).all() and (got[:, 0, 0] == 0).all()
     best = scores.gather(-1, got[..., :1].long())  # best first
     assert torch.equal(best, scores.max(-1, keepdim=True).values)
 
 
-def test_public_ops_both_backends(gen, monkeypatch):
+def test_public_ops_every_backend(gen, monkeypatch):
     B, T, S, H, D = 1, 9, 9, 3, 8
     q = torch.rand(B, T, H, D, generator=gen).to(DEVICE)  # positive logits: no ReLU zeros, no ties
     w = torch.rand(B, T, H, generator=gen).to(DEVICE)
     k = torch.rand(B, S, D, generator=gen).to(DEVICE)
     ref = topk_indices_reference(indexer_scores_reference(q, w, k), 4)
-    for backend in ("reference", "triton"):
-        monkeypatch.setenv("DSARL_KERNELS", backend)
+    backends = ["reference", "triton"] + (["cpu"] if DEVICE == "cpu" and native.available(topk_cpu.SOURCE) else [])
+    for backend in backends:
+        monkeypatch.setenv("DSARL_KERNELS", backend)  # triton: the scores (top-k has no Triton kernel)
         assert _as_sets(indexer_topk(q, w, k, 4, chunk=4)) == _as_sets(ref)
         assert _as_sets(topk_indices(indexer_scores_reference(q, w, k), 4)) == _as_sets(ref)
 
@@ -67,28 +67,25 @@ def test_ties_at_the_threshold_go_to_the_latest_keys():
     assert topk_indices_reference(few, 4)[0, 0].tolist().count(-1) == 2
 
 
-needs_native = pytest.mark.skipif(not topk_cpu.available(), reason="the C kernels need a C compiler (cc/gcc/clang)")
+needs_native = pytest.mark.skipif(not native.available(topk_cpu.SOURCE),
+                                  reason="the C kernels need a C compiler (cc/gcc/clang)")
 
 
-@pytest.mark.parametrize("impl", ["keyed", "float_first", pytest.param("cpu", marks=needs_native)])
+@needs_native
 @pytest.mark.parametrize("B,T,S,k", [(1, 5, 5, 3), (2, 37, 61, 8), (1, 7, 7, 12), (3, 64, 300, 32),
                                      (2, 40, 2003, 8),  # long rows: block-pruned, ragged tail
                                      (2, 30, 3000, 64)])  # the C kernel's sampled threshold at k / 8 = 8
-def test_fast_selections_equal_the_reference_with_many_ties(gen, impl, B, T, S, k):
+def test_cpu_selection_equals_the_reference_with_many_ties(gen, B, T, S, k):
     """Indexer-like scores: ReLU sums that are exactly 0 on many keys, rows of both signs (so -0.0
-    appears: a negative weight times a zero), repeated positive values, causal -inf."""
-    from dsarl.kernels.topk.float_first import topk_indices_float_first
-    from dsarl.kernels.topk.keyed import topk_indices_keyed
-
+    appears: a negative weight times a zero), repeated positive values, causal -inf. The selected
+    sets must be the reference's exactly: ties at the k-th score go to the later slots."""
     relu = torch.relu(torch.randn(B, T, S, generator=gen)).round(decimals=1)  # many exact ties
     sign = torch.where(torch.rand(B, T, 1, generator=gen) < 0.5, -1.0, 1.0)
     scores = relu * sign
     assert (scores.signbit() & (scores == 0)).any()  # -0.0 is present
     q_pos = torch.arange(S - T, S).expand(B, T)
     scores = scores.masked_fill(torch.arange(S)[None, None, :] > q_pos[:, :, None], float("-inf"))
-    fast = {"keyed": topk_indices_keyed, "float_first": topk_indices_float_first,
-            "cpu": topk_cpu.topk_indices_cpu}[impl]
-    got, ref = fast(scores, k), topk_indices_reference(scores, k)
+    got, ref = topk_cpu.topk_indices_cpu(scores, k), topk_indices_reference(scores, k)
     assert got.dtype == torch.int32 and got.shape == (B, T, k)
     assert _as_sets(got) == _as_sets(ref)
     valid = got >= 0  # best first: the selected scores never increase along the row
@@ -136,28 +133,20 @@ def test_cpu_fused_indexer_topk_matches_scores_then_reference(gen, B, T, S, H, D
     assert (vals[..., 1:] <= vals[..., :-1]).all()  # best first
 
 
-def test_sortable_int32_orders_like_the_floats(gen):
-    from dsarl.kernels.topk.keyed import sortable_int32
-
-    x = torch.cat([torch.randn(1000, generator=gen) * 1e3, torch.tensor([0.0, float("inf"), float("-inf"), 1e-45])])
-    order_f = torch.argsort(x, stable=True)
-    assert torch.equal(torch.sort(sortable_int32(x)[order_f]).values, sortable_int32(x)[order_f])
-
-
-def test_float_first_repairs_only_boundary_ties(gen):
-    """Ties inside the selected set need no tie-break; a tie across the k-th/(k+1)-th boundary does,
-    and must follow recency (the later slots), as the reference does."""
-    from dsarl.kernels.topk.float_first import topk_indices_float_first
-
-    scores = torch.randn(2, 6, 40, generator=gen)
-    scores[0, 0, [3, 9]] = 50.0  # tied, both inside the top 4
-    scores[1, 2, [5, 17, 30]] = 40.0  # with k = 2, after the 60 one of three tied keys fits: the latest
-    scores[1, 2, 36] = 60.0
-    got = topk_indices_float_first(scores, 4)
-    assert _as_sets(got) == _as_sets(topk_indices_reference(scores, 4))
-    assert {3, 9} <= set(got[0, 0].tolist())
-    top2 = topk_indices_float_first(scores, 2)
-    assert set(top2[1, 2].tolist()) == {36, 30}
+@needs_native
+def test_cpu_selection_of_a_row_of_equal_scores_is_the_latest_keys(gen):
+    """Every visible score tied (an untrained indexer's zeros, as +0.0 and -0.0): recency alone decides,
+    on the heap path (short rows) and the sampled-threshold path (long rows)."""
+    for S, k in [(40, 8), (4000, 64)]:
+        scores = torch.zeros(2, 3, S)
+        scores[0] = -0.0
+        scores[1, :, S // 2:] = float("-inf")  # the latest visible keys are in the middle
+        scores[1, 0, :] = torch.where(torch.rand(S, generator=gen) < 0.5, 0.0, -0.0)
+        scores[1, 0, S // 2:] = float("-inf")
+        got = topk_cpu.topk_indices_cpu(scores, k)
+        assert _as_sets(got) == _as_sets(topk_indices_reference(scores, k))
+        assert set(got[0, 0].tolist()) == set(range(S - k, S))
+        assert set(got[1, 0].tolist()) == set(range(S // 2 - k, S // 2))
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 64])
@@ -172,25 +161,9 @@ def test_indexer_topk_chunks_with_arbitrary_positions(gen, chunk):
     k_pos = torch.randint(-1, 40, (B, S), generator=gen)
     q_pos[1, :3] = -1  # no visible key: all -1
     ref = topk_indices_reference(indexer_scores_reference(q, w, keys, q_pos, k_pos), k)
-    got = indexer_topk(q, w, keys, k, q_pos, k_pos, chunk=chunk)
+    got = indexer_topk_chunked(q, w, keys, k, q_pos, k_pos, chunk=chunk)
     assert _as_sets(got) == _as_sets(ref)
     assert (got[1, :3] == -1).all()
-    causal = indexer_topk(q, w, keys[:, :T], k, chunk=chunk)  # default positions: prefill, sliced per chunk
+    assert _as_sets(indexer_topk(q, w, keys, k, q_pos, k_pos, chunk=chunk)) == _as_sets(ref)  # the default backend
+    causal = indexer_topk_chunked(q, w, keys[:, :T], k, chunk=chunk)  # default positions: prefill, sliced per chunk
     assert _as_sets(causal) == _as_sets(topk_indices_reference(indexer_scores_reference(q, w, keys[:, :T]), k))
-
-
-@pytest.mark.parametrize("S", [4000, 4005])
-def test_block_pruned_selection_on_distinct_scores(gen, S):
-    """Long rows take the block-pruned path; with distinct scores the set is unique. The best keys are
-    packed into few blocks in some rows and spread one per block in others (tau then sits just
-    below the k-th score), with a ragged tail holding some of them."""
-    from dsarl.kernels.topk import float_first
-
-    k = 16
-    assert S // float_first.BLOCK >= float_first.MIN_BLOCKS_PER_PICK * (k + 1)  # the pruned path runs
-    scores = _distinct_scores(gen, 1, 64, S)
-    scores[0, -1, :k] += 1e6  # packed (exact in fp32: below 2**24): the whole top-k in the first two blocks
-    scores[0, -2, torch.arange(k) * float_first.BLOCK] += 1e6  # spread: one per block
-    scores[0, -3, S - 3:] += 1e6  # three of the best in the tail
-    got = float_first.topk_indices_float_first(scores, k)
-    assert _as_sets(got) == _as_sets(topk_indices_reference(scores, k))
