@@ -13,10 +13,12 @@ A worker lost at the Ray level (its process killed, OOM, its node gone) is diffe
 its chunk, so nothing is made up for it. The pool's own deadline per chunk,
 `dsarl.rewards.timeouts.time_bound(len(chunk), ...) + DEADLINE_SLACK_S` (every call running out its
 limit and being restarted), catches a worker that never answers. A lost worker is replaced and its
-chunk scored again on the replacement, up to `cfg.chunk_retries` times; a sample whose chunk was lost
-on every try comes back as None ("unscored": no components, no total), which the driver keeps out of
-the loss (`dsarl.learner.group_building.build_groups` drops its group) and flags in the rollout log.
-Metrics: reward/worker_failures (workers lost), reward/chunk_retries (chunks sent again),
+chunk scored again on the replacement, up to `cfg.chunk_retries` times. A chunk lost on every try (two or more)
+holds a sample that kills any worker (a reward that exhausts memory, a plug-in killing its host): its
+groups are then scored by halves, so the killer is isolated to its own group, and that group comes back
+as None ("unscored": no components, no total), which the driver keeps out of the loss
+(`dsarl.learner.group_building.build_groups` drops its group) and flags in the rollout log.
+Metrics: reward/worker_failures (workers lost), reward/chunk_retries (chunks or parts sent again),
 reward/unscored_samples. None of these count as a component's failure (`RewardComponentDead` watches
 those): the worker failed, not the reward.
 
@@ -112,25 +114,64 @@ class RewardPool:
         """When a chunk of n samples sent now is lost if it has not come back (see module docstring)."""
         return time.monotonic() + DEADLINE_SLACK_S + time_bound(n, len(self.cfg.components), self.cfg.timeout_s)
 
-    def _collect_chunk(self, w: int, chunk: list[RewardSample], ref, deadline: float) -> tuple[ScoredBatch | None, int]:
+    def _wait(self, w: int, ref, deadline: float, n: int) -> ScoredBatch | None:
+        """Worker w's answer to `ref`, or None after replacing the worker (lost, or past the deadline)."""
+        ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
+        try:
+            if not ready:
+                raise TimeoutError(f"chunk of {n} samples missed its deadline")
+            return ray.get(ref)
+        except (TimeoutError, ray.exceptions.RayError) as e:
+            self._replace(w, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return None
+
+    def _send(self, w: int, samples: list[RewardSample]) -> ScoredBatch | None:
+        return self._wait(w, self.workers[w].score.remote(samples), self._deadline(len(samples)), len(samples))
+
+    def _collect_chunk(self, w: int, chunk: list[RewardSample], ref, deadline: float):
         """Worker w's scores of `chunk` (sent as `ref`), sending it again to a replacement worker each time
-        the worker is lost, up to cfg.chunk_retries times -> (the batch, or None if every try was lost;
-        workers lost)."""
+        the worker is lost, up to cfg.chunk_retries times. A chunk lost on every try (two or more) holds a sample that
+        kills whichever worker scores it (a reward exhausting memory, a plug-in killing its host): its
+        groups are scored apart, halving, so only that sample's group stays unscored.
+        -> ([(positions in chunk, ScoredBatch | None)], workers lost, chunks sent again)."""
         for attempt in range(self.cfg.chunk_retries + 1):
-            ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
-            try:
-                if not ready:
-                    raise TimeoutError(f"chunk of {len(chunk)} samples missed its deadline")
-                return ray.get(ref), attempt
-            except (TimeoutError, ray.exceptions.RayError) as e:
-                self._replace(w, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            batch = self._wait(w, ref, deadline, len(chunk))
+            if batch is not None:
+                return [(list(range(len(chunk))), batch)], attempt, attempt
             if attempt < self.cfg.chunk_retries:
                 logger.warning("reward chunk of %d samples sent again (retry %d of %d)", len(chunk), attempt + 1,
                                self.cfg.chunk_retries)
                 ref, deadline = self.workers[w].score.remote(chunk), self._deadline(len(chunk))
-        logger.error("reward chunk of %d samples lost on %d worker(s): these samples stay unscored", len(chunk),
-                     self.cfg.chunk_retries + 1)
-        return None, self.cfg.chunk_retries + 1
+        if self.cfg.chunk_retries == 0:  # no retries asked for: none by parts either
+            return [(list(range(len(chunk))), None)], 1, 0
+        pieces, lost, sent = self._isolate(w, chunk, list(range(len(chunk))))
+        unscored = sum(len(pos) for pos, batch in pieces if batch is None)
+        logger.error("reward chunk of %d samples lost on %d worker(s); scored by parts, %d sample(s) stay unscored",
+                     len(chunk), self.cfg.chunk_retries + 1 + lost, unscored)
+        return pieces, self.cfg.chunk_retries + 1 + lost, self.cfg.chunk_retries + sent
+
+    def _isolate(self, w: int, chunk: list[RewardSample], positions: list[int]):
+        """Scores `positions` of a chunk that kills its worker by halves of whole groups (group rewards see
+        all G samples), recursing into a half that is lost again; a lost single group stays unscored.
+        -> ([(positions, ScoredBatch | None)], workers lost, pieces sent)."""
+        groups: dict[int, list[int]] = {}
+        for i in positions:
+            groups.setdefault(chunk[i].group_id, []).append(i)
+        if len(groups) == 1:
+            return [(positions, None)], 0, 0
+        order = list(groups.values())
+        pieces, lost, sent = [], 0, 0
+        for half in (order[:len(order) // 2], order[len(order) // 2:]):
+            part = [i for g in half for i in g]
+            batch = self._send(w, [chunk[i] for i in part])
+            sent += 1
+            if batch is not None:
+                pieces.append((part, batch))
+                continue
+            sub, sub_lost, sub_sent = self._isolate(w, chunk, part)
+            pieces += sub
+            lost, sent = lost + 1 + sub_lost, sent + sub_sent
+        return pieces, lost, sent
 
     def score(self, samples: list[RewardSample]) -> tuple[list[dict[str, float] | None], dict[str, float]]:
         """(results in input order, None for an unscored sample; metrics): see RewardCombiner.score and
@@ -146,17 +187,18 @@ class RewardPool:
         results: list = [None] * len(samples)
         counts, first_errors, restarts, lost_workers, retries = Counter(), {}, 0, 0, 0
         for w, (idx, chunk, ref) in enumerate(zip(indices, chunks, refs)):
-            batch, lost = self._collect_chunk(w, chunk, ref, deadline)
+            pieces, lost, resent = self._collect_chunk(w, chunk, ref, deadline)
             lost_workers += lost
-            retries += min(lost, self.cfg.chunk_retries)
-            if batch is None:
-                continue
-            for i, r in zip(idx, batch.results):
-                results[i] = r
-            counts.update(batch.counts)
-            for key, error in batch.first_errors.items():
-                first_errors.setdefault(key, error)
-            restarts += batch.restarts
+            retries += resent
+            for positions, batch in pieces:
+                if batch is None:
+                    continue
+                for p, r in zip(positions, batch.results):
+                    results[idx[p]] = r
+                counts.update(batch.counts)
+                for key, error in batch.first_errors.items():
+                    first_errors.setdefault(key, error)
+                restarts += batch.restarts
         scored = [r for r in results if r is not None]
         metrics = reward_metrics(self.cfg.components, scored, counts, len(scored))
         metrics["reward/worker_failures"] = float(lost_workers)

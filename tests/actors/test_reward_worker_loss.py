@@ -177,3 +177,21 @@ def test_a_grpo_step_whose_reward_worker_is_killed_trains_only_on_scored_groups(
 
 def pq_rows(path: Path):
     return table_to_records(read_rollouts(path))
+
+
+def test_a_sample_that_kills_every_worker_is_isolated_to_its_own_group():
+    """One group of four holds a sample whose reward SIGKILLs its worker each time: the chunk is lost on
+    both tries, then scored by halves; only the poisoned group stays unscored, the others get real scores."""
+    pool = RewardPool(RewardConfig([C("math_answer"), C("reward_plugins:kills_its_worker_if", weight=0.5, label="len")],
+                                   timeout_s=300.0, num_workers=1, num_cpus_per_worker=0.5, chunk_retries=1))
+    samples = [RewardSample("q", rf"\boxed{{{k}}}", 10 + k, {"answer": "1", **({"poison": 1} if gid == 2 and k else {})},
+                            group_id=gid, sample_index=k) for gid in range(4) for k in range(2)]
+    try:
+        results, metrics = pool.score(samples)
+    finally:
+        pool.shutdown()
+    assert results[4:6] == [None, None]  # group 2, both samples (its group reward could not be computed)
+    assert results[:4] + results[6:] == [expected(s) for s in samples[:4] + samples[6:]]
+    # tries: whole chunk twice (lost), halves {0,1} (scored) and {2,3} (lost), then {2} (lost) and {3}
+    assert metrics["reward/worker_failures"] == 4.0 and metrics["reward/chunk_retries"] == 5.0
+    assert metrics["reward/unscored_samples"] == 2.0 and metrics["reward/failures"] == 0.0

@@ -147,3 +147,15 @@ def stalls_when_told(sample):
             os.rename(os.path.join(where, f".pid-{n}"), os.path.join(where, f"stalled-{n}"))  # never half-written
             time.sleep(600)  # ends with the worker: the reward process dies with its parent
     return float(len(sample.completion))
+
+
+def kills_its_worker_if(sample):
+    """The completion's length; but a row with `poison` SIGKILLs the Ray worker hosting this reward process
+    (its parent) every time it is scored, as a reward exhausting the worker's memory would."""
+    import os
+    import signal
+
+    if sample.row.get("poison"):
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(600)  # ends with the worker
+    return float(len(sample.completion))
