@@ -123,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_stopped_errors() -> tuple[type[BaseException], ...]:
     """Errors a run raises to stop on purpose (a reward that always fails, a learner stuck on NaN)."""
+    from dsarl.launch.grpo_loop import RewardWorkersLost
     from dsarl.learner.grpo_learner import NonFiniteError
     from dsarl.rewards.health import RewardComponentDead
 
-    return RewardComponentDead, NonFiniteError
+    return RewardComponentDead, NonFiniteError, RewardWorkersLost
 
 
 if __name__ == "__main__":

@@ -103,6 +103,9 @@ class FaultToleranceConfig:
     # (metrics.jsonl is rewound), at most max_learner_restarts times; off: stop with how to resume.
     restart_from_checkpoint: bool = False
     max_learner_restarts: int = 2
+    # Steps in a row whose every group was dropped because no reward worker could score it (workers lost
+    # on every retry): the run stops (RewardWorkersLost) instead of training on nothing for ever.
+    max_unscored_steps: int = 3
 
 
 def default_rewards() -> RewardConfig:
@@ -214,6 +217,10 @@ class LearnerLost(RuntimeError):
     """A learner rank's process died during a step."""
 
 
+class RewardWorkersLost(RuntimeError):
+    """Reward workers were lost on every retry for fault_tolerance.max_unscored_steps steps in a row."""
+
+
 @dataclass
 class PendingRound:
     """A rollout round submitted to the workers and not yet collected."""
@@ -237,6 +244,7 @@ class GRPOTrainer:
         self._bar = None  # the progress bar while fit() runs
         self._reward_failures = 0.0
         self._queue: deque[PendingRound] = deque()  # submitted, not yet collected rounds (oldest first)
+        self._unscored_steps = 0  # steps in a row with every group unscored (reward workers lost)
         self._actor_failures = 0  # rollout workers lost and restarted over the run
         self._perf_to_wall = time.time() - time.perf_counter()
         self._learn_windows: list[tuple[float, float]] = []  # wall-clock (start, end) of recent updates
@@ -369,6 +377,19 @@ class GRPOTrainer:
         while len(self._queue) < depth and step + len(self._queue) < self.cfg.steps:
             self._queue.append(self._submit_round(step + len(self._queue), 0))
 
+    def _check_unscored(self, step: int, groups, gmetrics: dict) -> None:
+        """Counts steps left with no group because every one was unscored; stops at the configured count."""
+        if groups or not gmetrics.get("groups/dropped_unscored", 0.0):
+            self._unscored_steps = 0
+            return
+        self._unscored_steps += 1
+        limit = self.cfg.fault_tolerance.max_unscored_steps
+        if self._unscored_steps >= limit:
+            raise RewardWorkersLost(
+                f"step {step + 1}: no sample scored for {self._unscored_steps} step(s) in a row: the reward workers "
+                f"were lost on every retry (fault_tolerance.max_unscored_steps={limit}); see the reward workers' "
+                f"logs, then resume with --resume")
+
     def step(self, step: int) -> dict[str, float]:
         """One GRPO step: its first round (submitted up to max_staleness steps ago), dynamic-sampling
         rounds with the current weights, the learner's update, the weight sync."""
@@ -377,6 +398,7 @@ class GRPOTrainer:
         rounds = self._rollout_phase(step)
         groups, gmetrics = build_groups(rounds, G, cfg.prompts_per_step, cfg.std_normalize,
                                         cfg.filter_uniform_groups, self.record_keep, self.record_indices)
+        self._check_unscored(step, groups, gmetrics)
         learner_version = self._version
         staleness = [learner_version - v for g in groups for v in g.weight_versions]
         assert max(staleness, default=0) <= cfg.rollout.max_staleness, f"batch too stale: {max(staleness)}"

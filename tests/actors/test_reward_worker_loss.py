@@ -195,3 +195,30 @@ def test_a_sample_that_kills_every_worker_is_isolated_to_its_own_group():
     # tries: whole chunk twice (lost), halves {0,1} (scored) and {2,3} (lost), then {2} (lost) and {3}
     assert metrics["reward/worker_failures"] == 4.0 and metrics["reward/chunk_retries"] == 5.0
     assert metrics["reward/unscored_samples"] == 2.0 and metrics["reward/failures"] == 0.0
+
+
+def test_a_run_whose_reward_workers_die_on_every_sample_stops_saying_so(tmp_path):
+    """Every sample's reward kills its worker: no step has a scored group. The run stops after
+    fault_tolerance.max_unscored_steps such steps in a row, with an error saying what happened and how to
+    resume, instead of training on nothing for ever (or on made-up scores)."""
+    from dsarl.launch.grpo_loop import FaultToleranceConfig, RewardWorkersLost
+
+    cfg = DSAConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, q_lora_rank=24,
+                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=2,
+                    index_head_dim=16, index_topk=4)
+    init = str(save_pretrained(build_model(cfg, seed=0), tmp_path / "init"))
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1), "poison": 1}) + "\n"
+                             for a in range(6)))
+    run = GRPOConfig(
+        init_from=init, run_dir=str(tmp_path / "run"), steps=5, prompts_per_step=2, group_size=2, save_every=1,
+        data=PromptData(path=str(train)), rollout=RolloutConfig(num_cpus_per_worker=0.25, max_new_tokens=4),
+        rewards=RewardConfig([C("reward_plugins:kills_its_worker_if")], num_workers=1, num_cpus_per_worker=0.25,
+                             chunk_retries=0),
+        fault_tolerance=FaultToleranceConfig(max_unscored_steps=2), learner_num_cpus=0.5, eval_samples=0,
+        tensorboard=False)
+    with pytest.raises(RewardWorkersLost, match=r"step 2: no sample scored for 2 step\(s\) in a row.*--resume"):
+        run_grpo(run, show_progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if m["step"] > 0] == [1]  # step 1 logged (nothing learned), step 2 stopped
+    assert logged[-1]["groups/dropped_unscored"] == 2.0 and logged[-1]["reward/unscored_samples"] == 4.0
