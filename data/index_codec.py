@@ -322,3 +322,11 @@ def _decode_delta_rows(out, mode, n_rem, n_add, pstart, payload, chain) -> None:
         cur[np.searchsorted(rows, add_row[sel]), add_col[sel]] = added[sel]
         cur.sort(axis=1)
         out[rows] = cur
+
+
+def replay_rows(indices: "PackedIndices | torch.Tensor") -> torch.Tensor:
+    """A completion's selection as the learner replays it: int32 [T, L, K], rows canonical, from the
+    encoded form or from a raw tensor (whose order within rows is then dropped the same way)."""
+    if isinstance(indices, PackedIndices):
+        return decode_indices(indices)
+    return canonical_rows(indices)
