@@ -306,22 +306,30 @@ def _decode_delta_rows(out, mode, n_rem, n_add, pstart, payload, chain) -> None:
     added = _ungap(payload[add_take], n_add[rows_d])
     rank_row = np.repeat(rows_d, n_rem[rows_d])
     add_row = np.repeat(rows_d, n_add[rows_d])
-    add_col_base = np.repeat(out.shape[1] - n_add[rows_d], n_add[rows_d])  # added go into the tail slots
-    add_col = add_col_base + _positions_in_segment(n_add[rows_d])
     rank_order = np.argsort(depth[rank_row], kind="stable")
     add_order = np.argsort(depth[add_row], kind="stable")
     rank_bounds = np.searchsorted(depth[rank_row][rank_order], np.arange(chain + 1))
     add_bounds = np.searchsorted(depth[add_row][add_order], np.arange(chain + 1))
     for d in range(1, int(depth.max()) + 1):
         rows = rows_d[depth[rows_d] == d]
-        cur = out[rows - 1]  # the previous rows, decoded: [m, K]
-        pos = np.searchsorted(rows, rank_row[rank_order[rank_bounds[d]: rank_bounds[d + 1]]])
-        cur[pos, ranks[rank_order[rank_bounds[d]: rank_bounds[d + 1]]]] = _BIG
-        cur.sort(axis=1)  # kept keys first; the removed and padding slots (_BIG) last
+        prev = out[rows - 1]  # the previous rows, decoded: [m, K]
+        sel = rank_order[rank_bounds[d]: rank_bounds[d + 1]]
+        keep = prev != _BIG
+        keep[np.searchsorted(rows, rank_row[sel]), ranks[sel]] = False
+        kept_row, _ = np.nonzero(keep)
+        kept = kept_row * _ROW + prev[keep]  # ascending: rows in order, values ascending inside
         sel = add_order[add_bounds[d]: add_bounds[d + 1]]
-        cur[np.searchsorted(rows, add_row[sel]), add_col[sel]] = added[sel]
-        cur.sort(axis=1)
-        out[rows] = cur
+        add_local = np.searchsorted(rows, add_row[sel])
+        add = add_local * _ROW + added[sel]
+        # merge two sorted runs: each element's place is its own index plus the other run's elements before it
+        n_row = np.bincount(kept_row, minlength=len(rows)) + np.bincount(add_local, minlength=len(rows))
+        row_start = np.cumsum(n_row) - n_row
+        new = np.full_like(prev, _BIG)
+        pos = np.arange(kept.size) + np.searchsorted(add, kept)
+        new[kept_row, pos - row_start[kept_row]] = kept - kept_row * _ROW
+        pos = np.arange(add.size) + np.searchsorted(kept, add)
+        new[add_local, pos - row_start[add_local]] = added[sel]
+        out[rows] = new
 
 
 def replay_rows(indices: "PackedIndices | torch.Tensor") -> torch.Tensor:
