@@ -13,7 +13,9 @@ Cases:
              step; `random` rows are uniform random K-subsets of the visible keys (the worst case)
   fp8        the sampler's selections with the FP8 indexer (q^I, k^I quantised, kernels/fp8.py) against the
              learner's fp32 indexer on the same tokens: the share of rows whose set differs, and the keys
-             that differ in such a row (what a fingerprint-and-patch scheme would have to send)
+             that differ in such a row (what a fingerprint-and-patch scheme would have to send);
+             `rows_differ_fp8_recomputed`: the same count with the learner in FP8 too (cached decode
+             against one uncached forward: what differs without the precision mismatch)
 Sizes: `bytes_per_token_layer` (encoded) against `raw_bytes_per_token_layer` (4 K); `ratio` = raw /
 encoded; `candidates`: ratio of each variant (gaps only / with deltas, varints with or without deflate);
 the default encoding is `delta_deflate`. Times are the best of --repeat runs, in seconds.
@@ -141,35 +143,45 @@ def synthetic_cases(args):
 
 # ---- FP8 sampler against the fp32 learner -----------------------------------------------------------
 
-def fp32_selection(model, c) -> torch.Tensor:
-    """The learner's own (fp32 indexer) selection for each query that produced a completion token."""
+def recomputed_selection(model, c, fp8: bool) -> torch.Tensor:
+    """The learner's own selection (one uncached forward; indexer in fp8 or fp32) for each query that
+    produced a completion token: [T, L, K], rows canonical."""
     for layer in model.model.layers:
         if layer.self_attn.indexer is not None:
-            layer.self_attn.indexer.fp8 = False
+            layer.self_attn.indexer.fp8 = fp8
     plen = len(c.prompt_ids)
     with torch.no_grad():
         out = model(torch.tensor([c.prompt_ids + c.token_ids]), attention="sparse", return_indices=True)
     return canonical_rows(torch.stack([i[0, plen - 1: plen - 1 + len(c.token_ids)] for i in out.indices], dim=1))
 
 
-def fp8_case(args) -> dict:
-    model, name = load_model(args, index_fp8=True)
-    comps = rollouts(model, args, seed=1)
-    fp8 = [c.indices.decode() for c in comps]
-    fp32 = [fp32_selection(model, c) for c in comps]
-    K = fp8[0].shape[2]
-    differ, sym, rows = 0, 0, 0
-    for c, a, b in zip(comps, fp8, fp32):
+def differing_rows(comps, recomputed) -> tuple[int, int, int]:
+    """(rows with a choice, rows whose set differs, keys that differ summed over them) between the
+    engine's records and the recomputed selections. Rows whose query sees <= K keys select them all."""
+    differ = sym = rows = 0
+    for c, b in zip(comps, recomputed):
+        a = c.indices.decode()
+        K = a.shape[2]
         q = len(c.prompt_ids) - 1 + torch.arange(a.shape[0])  # query position of each row
-        real = (q + 1 > K)[:, None].expand(a.shape[:2])  # rows with a choice (more visible keys than K)
+        real = (q + 1 > K)[:, None].expand(a.shape[:2])
         for t, layer in real.nonzero().tolist():
             x, y = set(a[t, layer].tolist()), set(b[t, layer].tolist())
             differ += x != y
             sym += len(x ^ y) // 2
         rows += int(real.sum())
-    return dict(case="fp8", model=name, K=K, prompt=args.prompt, new_tokens=args.new_tokens, rows_with_choice=rows,
-                rows_differ=differ, rows_differ_frac=round(differ / max(rows, 1), 4),
-                keys_differ_per_differing_row=round(sym / max(differ, 1), 2))
+    return rows, differ, sym
+
+
+def fp8_case(args) -> dict:
+    model, name = load_model(args, index_fp8=True)
+    comps = rollouts(model, args, seed=1)  # the sampler: FP8 indexer
+    rows, differ, sym = differing_rows(comps, [recomputed_selection(model, c, fp8=False) for c in comps])
+    _, same, _ = differing_rows(comps, [recomputed_selection(model, c, fp8=True) for c in comps])
+    return dict(case="fp8", model=name, K=comps[0].indices.shape[2], prompt=args.prompt,
+                new_tokens=args.new_tokens, rows_with_choice=rows, rows_differ=differ,
+                rows_differ_frac=round(differ / max(rows, 1), 4),
+                keys_differ_per_differing_row=round(sym / max(differ, 1), 2),
+                rows_differ_fp8_recomputed=same)  # baseline: the learner recomputing in FP8 too (cache vs none)
 
 
 def main():

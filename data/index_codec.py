@@ -64,6 +64,11 @@ def varint_lengths(v: np.ndarray) -> np.ndarray:
     return n
 
 
+def _bits(v: np.ndarray) -> np.ndarray:
+    """About what deflate makes of a number's varint: its significant bits, plus one."""
+    return np.log2(v + 2.0)
+
+
 def varint_encode(v: np.ndarray) -> bytes:
     v = np.asarray(v, dtype=np.int64)
     if v.size and v.min() < 0:
@@ -200,15 +205,15 @@ def encode_indices(idx, delta: bool = True, compress: bool = True, level: int = 
     vals = s[valid]
     vrid = np.repeat(np.arange(R), n)
     gap_vals = _gaps(vals, _run_starts(vrid))
-    gaps_cost = np.bincount(vrid, weights=varint_lengths(gap_vals), minlength=R) + varint_lengths(n)
+    cost = _bits if compress else varint_lengths
+    gaps_cost = np.bincount(vrid, weights=cost(gap_vals), minlength=R) + cost(n)
     mode = np.where(is_prefix, PREFIX, GAPS)
     if delta and R:
         rem, rem_rid, add, add_rid, allowed = _delta_parts(s, n, T)
         rem_g, add_g = _gaps(rem, _run_starts(rem_rid)), _gaps(add, _run_starts(add_rid))
         n_rem, n_add = np.bincount(rem_rid, minlength=R), np.bincount(add_rid, minlength=R)
-        delta_cost = (np.bincount(rem_rid, weights=varint_lengths(rem_g), minlength=R)
-                      + np.bincount(add_rid, weights=varint_lengths(add_g), minlength=R)
-                      + varint_lengths(n_rem) + varint_lengths(n_add))
+        delta_cost = (np.bincount(rem_rid, weights=cost(rem_g), minlength=R)
+                      + np.bincount(add_rid, weights=cost(add_g), minlength=R) + cost(n_rem) + cost(n_add))
         mode = np.where(~is_prefix & allowed & (delta_cost < gaps_cost), DELTA, mode)
     # counts: one number per PREFIX / GAPS row (n), two per DELTA row (removed, added)
     is_delta = mode == DELTA
