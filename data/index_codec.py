@@ -64,9 +64,17 @@ def varint_lengths(v: np.ndarray) -> np.ndarray:
     return n
 
 
+_LOG2 = np.log2(np.arange(4096) + 2.0)
+
+
 def _bits(v: np.ndarray) -> np.ndarray:
-    """About what deflate makes of a number's varint: its significant bits, plus one."""
-    return np.log2(v + 2.0)
+    """About what deflate makes of a number's varint: log2(v + 2), its significant bits plus one (a
+    table for the common small numbers: the logarithm of every gap was a tenth of the encoder's time)."""
+    c = _LOG2[np.minimum(v, _LOG2.size - 1)]
+    big = v >= _LOG2.size
+    if big.any():
+        c[big] = np.log2(v[big] + 2.0)
+    return c
 
 
 def varint_encode(v: np.ndarray) -> bytes:
@@ -159,33 +167,41 @@ def _sorted_rows(idx) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
 
 def _delta_parts(s: np.ndarray, n: np.ndarray, T: int):
     """Per row against the previous row of its layer: (removed ranks, their row ids, added values,
-    their row ids, allowed mask). Rows t = 0 have no previous row (allowed False)."""
+    their row ids, allowed mask). Rows t % CHAIN == 0 (t = 0 included) take no delta (allowed False)."""
     R, K = s.shape
-    col = np.arange(K)
-    valid = col[None] < n[:, None]  # [R, K]
-    rid = np.broadcast_to(np.arange(R)[:, None], (R, K))
+    valid = np.arange(K)[None] < n[:, None]  # [R, K]
     allowed = (np.arange(R) % T) % CHAIN != 0
-    cur_keys = (rid * _ROW + s)[valid]  # ascending: rows in order, values ascending inside
     prev = np.full_like(s, _BIG)
     prev[1:] = s[:-1]
-    prev_n = np.zeros_like(n)
-    prev_n[1:] = n[:-1]
-    prev_valid = (col[None] < prev_n[:, None]) & allowed[:, None]
-    prev_keys = (rid * _ROW + prev)[prev_valid]
-    cur_in_prev = _member(cur_keys, prev_keys)
-    prev_in_cur = _member(prev_keys, cur_keys)
-    cur_rid, prev_rid = rid[valid], rid[prev_valid]
-    added_mask = ~cur_in_prev & allowed[cur_rid]
-    removed_mask = ~prev_in_cur
-    return (np.broadcast_to(col, (R, K))[prev_valid][removed_mask], prev_rid[removed_mask],
-            s[valid][added_mask], cur_rid[added_mask], allowed)
+    prev_valid = np.zeros_like(valid)
+    prev_valid[1:] = valid[:-1]
+    prev_valid &= allowed[:, None]
+    cur_in_prev, prev_in_cur = _row_membership(s, prev)
+    rem_rid, rem_rank = np.nonzero(prev_valid & ~prev_in_cur)  # row-major: rows, then ranks, ascending
+    add_rid, add_col = np.nonzero(valid & allowed[:, None] & ~cur_in_prev)
+    return rem_rank.astype(np.int64), rem_rid, s[add_rid, add_col], add_rid, allowed
 
 
-def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
-    if not sorted_keys.size:
-        return np.zeros(keys.shape, dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
-    return sorted_keys[pos] == keys
+def _row_membership(a: np.ndarray, b: np.ndarray, table_size: int = 1 << 23) -> tuple[np.ndarray, np.ndarray]:
+    """a, b [R, K] rows of keys (_BIG = none) -> (a[r, i] in b[r], b[r, i] in a[r]) [R, K] bool, for the
+    keys that are not _BIG. A lookup table of (row, key) per block of rows: two scatters and two
+    gathers, linear in R * K (a binary search per key was the encoder's largest cost)."""
+    width = int(max(np.max(np.where(a == _BIG, -1, a), initial=-1), np.max(np.where(b == _BIG, -1, b), initial=-1))) + 2
+    a = np.where(a == _BIG, width - 1, a)  # the last column is a sink for padding
+    b = np.where(b == _BIG, width - 1, b)
+    a_in_b, b_in_a = np.empty(a.shape, dtype=bool), np.empty(b.shape, dtype=bool)
+    rows = max(1, table_size // width)
+    table = np.zeros(rows * width, dtype=bool)
+    for r0 in range(0, a.shape[0], rows):  # blocks of rows whose (row, key) table fits in cache-sized memory
+        base = (np.arange(min(rows, a.shape[0] - r0)) * width)[:, None]
+        ka, kb = base + a[r0: r0 + rows], base + b[r0: r0 + rows]
+        table[kb] = True
+        a_in_b[r0: r0 + rows] = table[ka]
+        table[kb] = False
+        table[ka] = True
+        b_in_a[r0: r0 + rows] = table[kb]
+        table[ka] = False
+    return a_in_b, b_in_a
 
 
 def _run_starts(row_ids: np.ndarray) -> np.ndarray:
@@ -202,11 +218,13 @@ def encode_indices(idx, delta: bool = True, compress: bool = True, level: int = 
     R = L * T
     valid = np.arange(K)[None] < n[:, None]  # [R, K]
     is_prefix = ((s == np.arange(K)[None]) | ~valid).all(axis=1)
-    vals = s[valid]
     vrid = np.repeat(np.arange(R), n)
-    gap_vals = _gaps(vals, _run_starts(vrid))
+    g = np.empty_like(s)  # [R, K] first key, then gap - 1; garbage past n
+    g[:, :1] = s[:, :1]
+    g[:, 1:] = s[:, 1:] - s[:, :-1] - 1
+    gap_vals = g.ravel() if n.min(initial=K) == K else g[valid]
     cost = _bits if compress else varint_lengths
-    gaps_cost = np.bincount(vrid, weights=cost(gap_vals), minlength=R) + cost(n)
+    gaps_cost = np.where(valid, cost(np.minimum(g, _BIG)), 0).sum(axis=1) + cost(n)
     mode = np.where(is_prefix, PREFIX, GAPS)
     if delta and R:
         rem, rem_rid, add, add_rid, allowed = _delta_parts(s, n, T)
