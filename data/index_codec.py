@@ -126,10 +126,6 @@ def _ungap(g: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return cs - np.repeat(base, lens[lens > 0])
 
 
-def _segment_ids(lens: np.ndarray) -> np.ndarray:
-    return np.repeat(np.arange(len(lens)), lens)
-
-
 def _positions_in_segment(lens: np.ndarray) -> np.ndarray:
     starts = np.cumsum(lens) - lens
     return np.arange(int(lens.sum())) - np.repeat(starts, lens)

@@ -9,11 +9,12 @@ imports Ray or a model.
 
 `Completion.keep_mask` is packed: per generated token, the sorted ids the sampler kept (top-p /
 top-k). `indices` is per generated token the indexer's selection of the query that produced that
-token's distribution (query position len(prompt_ids) - 1 + t), [T, L, K] -1 padded (sparse
-attention only), carried encoded (`PackedIndices`, data/index_codec.py: exact sets, a few bits a key)
-from the engine to the learner, which decodes it when it pads the batch. `experts` is the routing of every token the engine fed through the model: the prompt's
-P tokens, then each generated token but the last (the last is sampled, never fed), so [P + T - 1, M, k]
-for the M MoE layers in layer order, uint8 (n_routed_experts <= 256) or int16: exact and compact.
+token's distribution (query position len(prompt_ids) - 1 + t), [T, L, K] -1 padded (sparse attention
+only), carried encoded (`PackedIndices`, data/index_codec.py: exact sets, a few bits a key) from the
+engine to the learner, which decodes it when it pads the batch. `experts` is the routing of every token
+the engine fed through the model: the prompt's P tokens, then each generated token but the last (the
+last is sampled, never fed), so [P + T - 1, M, k] for the M MoE layers in layer order, uint8
+(n_routed_experts <= 256) or int16: exact and compact.
 """
 from dataclasses import dataclass, field
 

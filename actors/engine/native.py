@@ -346,6 +346,6 @@ class _Run:
             prompt_ids=list(self.prompts[s.prompt_pos]), token_ids=s.tokens, logprobs=s.logprobs,
             finish_reason=s.finish_reason, text=text, weight_version=self.e.weight_version,
             keep_mask=s.keep if self.params.return_keep_mask else None,
-            indices=encode_indices(torch.stack(s.indices)) if s.indices else None,  # compact before it leaves the worker
+            indices=encode_indices(torch.stack(s.indices)) if s.indices else None,  # compact before Ray carries it
             experts=torch.cat(s.experts) if s.experts else None,  # [P + T - 1, M, k]
         )
