@@ -140,7 +140,7 @@ def canonical_rows(idx: torch.Tensor) -> torch.Tensor:
 
 def _sorted_rows(idx) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
     """[T, L, K] -> (rows [L*T, K] int64 ascending, _BIG where -1; n valid per row), checked."""
-    x = idx.numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
+    x = idx.detach().cpu().numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
     if x.ndim != 3:
         raise ValueError(f"indices must be [T, L, K], got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.integer):
