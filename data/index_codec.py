@@ -11,7 +11,8 @@ first, a by-product of top-k). Decoded rows are canonical: ascending, then the -
 `learner/grpo_batch.py` puts raw rows into the same order, so the learner computes the same bits from
 either form (sparse attention sums over a row's keys in row order, so order does reach the bits).
 
-Rows are coded layer-major (row r = l * T + t), each in one of three modes chosen by its size:
+Rows are coded layer-major (row r = l * T + t), each in the cheapest of three modes (estimated as
+varint bytes, or as log2 per number when deflated: deflate undoes much of the varints' byte rounding):
   PREFIX  the row is exactly 0..n-1 (query positions < K see only n <= K keys and select them all):
           only n is stored
   GAPS    n, then the sorted row as its first value and the gaps - 1 between neighbours
