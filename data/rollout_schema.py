@@ -5,7 +5,9 @@ sample index, prompt and completion token ids, per-token sampling log-probabilit
 weight version, completion text, task metadata (JSON text: tasks carry different fields), reward
 components (a map name -> value), the total reward and `reward_failed` (True: no reward worker scored
 it, so both are null; older logs read back with it null); optionally the sampler's keep mask (kept
-token ids per step), the indexer's selections (flat int32 with their [T, L, K] shape) and the MoE
+token ids per step), the indexer's selections (`indices`: the bytes of data/index_codec.py's exact
+compact encoding, with their [T, L, K] shape in `indices_shape`; a log written when they were stored as a
+flat int32 list reads back encoded the same) and the MoE
 routing (`experts`: the ids' raw little-endian bytes, uint8 or int16 as the engine recorded them, with
 their [P + T - 1, M, k] shape in `experts_shape`; the byte count over the element count is the item size,
 so one id costs one byte for up to 256 experts, in memory and on disk, and the dtype comes back exact).
@@ -23,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .index_codec import PackedIndices, encode_indices
 from .step_types import Completion
 
 ROLLOUT_SCHEMA = pa.schema([
@@ -44,7 +47,7 @@ ROLLOUT_SCHEMA = pa.schema([
     # written before this column existed, or no rewards given
     pa.field("reward_failed", pa.bool_()),
     pa.field("keep_mask", pa.list_(pa.list_(pa.int32()))),
-    pa.field("indices", pa.list_(pa.int32())),
+    pa.field("indices", pa.large_binary()),  # PackedIndices.data
     pa.field("indices_shape", pa.list_(pa.int32())),
     pa.field("experts", pa.large_binary()),  # large: a step's routing can pass 2 GiB (int32 offsets)
     pa.field("experts_shape", pa.list_(pa.int32())),
@@ -111,7 +114,7 @@ def completions_to_table(completions, prompt_ids: list[str] | None = None, group
         "reward": rewards or [None] * n,
         "reward_failed": reward_failed or [None] * n,
         "keep_mask": [c.keep_mask for c in completions],
-        "indices": [None if c.indices is None else c.indices.flatten().tolist() for c in completions],
+        "indices": [None if c.indices is None else c.indices.data for c in completions],
         "indices_shape": [None if c.indices is None else list(c.indices.shape) for c in completions],
         "experts": [None if c.experts is None else experts_to_bytes(c.experts) for c in completions],
         "experts_shape": [None if c.experts is None else list(c.experts.shape) for c in completions],
@@ -121,7 +124,9 @@ def completions_to_table(completions, prompt_ids: list[str] | None = None, group
 
 def with_current_columns(table: pa.Table) -> pa.Table:
     """A table of an older log as ROLLOUT_SCHEMA: the nullable columns added since come back all null
-    (reward_failed null: "not recorded", never a made-up False)."""
+    (reward_failed null: "not recorded", never a made-up False); raw int32 selections come back encoded."""
+    if "indices" in table.schema.names and pa.types.is_list(table.schema.field("indices").type):
+        table = _encode_legacy_indices(table)
     for f in ROLLOUT_SCHEMA:
         if f.name not in table.schema.names:
             if not f.nullable:
@@ -130,12 +135,21 @@ def with_current_columns(table: pa.Table) -> pa.Table:
     return table.select(ROLLOUT_SCHEMA.names).cast(ROLLOUT_SCHEMA)  # raises naming a mismatching field
 
 
+def _encode_legacy_indices(table: pa.Table) -> pa.Table:
+    """An `indices` column of flat int32 lists (logs before the codec) -> the encoded bytes."""
+    flat, shapes = table.column("indices").to_pylist(), table.column("indices_shape").to_pylist()
+    packed = [None if f is None else encode_indices(np.asarray(f, dtype=np.int32).reshape(sh)).data
+              for f, sh in zip(flat, shapes)]
+    i = table.schema.get_field_index("indices")
+    return table.set_column(i, pa.field("indices", pa.large_binary()), pa.array(packed, pa.large_binary()))
+
+
 def table_to_records(table: pa.Table) -> list[RolloutRecord]:
     table = with_current_columns(table)
     out = []
     for row in table.to_pylist():
         idx = row["indices"]
-        indices = None if idx is None else torch.tensor(idx, dtype=torch.int32).view(*row["indices_shape"])
+        indices = None if idx is None else PackedIndices(tuple(row["indices_shape"]), idx)  # decode(): the tensor
         experts = None if row["experts"] is None else experts_from_bytes(row["experts"], row["experts_shape"])
         comp = Completion(
             prompt_index=row["prompt_index"], sample_index=row["sample_index"],

@@ -9,14 +9,18 @@ imports Ray or a model.
 
 `Completion.keep_mask` is packed: per generated token, the sorted ids the sampler kept (top-p /
 top-k). `indices` is per generated token the indexer's selection of the query that produced that
-token's distribution (query position len(prompt_ids) - 1 + t), int32 [T, L, K], -1 padded (sparse
-attention only). `experts` is the routing of every token the engine fed through the model: the prompt's
-P tokens, then each generated token but the last (the last is sampled, never fed), so [P + T - 1, M, k]
-for the M MoE layers in layer order, uint8 (n_routed_experts <= 256) or int16: exact and compact.
+token's distribution (query position len(prompt_ids) - 1 + t), [T, L, K] -1 padded (sparse attention
+only), carried encoded (`PackedIndices`, data/index_codec.py: exact sets, a few bits a key) from the
+engine to the learner, which decodes it when it pads the batch. `experts` is the routing of every token
+the engine fed through the model: the prompt's P tokens, then each generated token but the last (the
+last is sampled, never fed), so [P + T - 1, M, k] for the M MoE layers in layer order, uint8
+(n_routed_experts <= 256) or int16: exact and compact.
 """
 from dataclasses import dataclass, field
 
 import torch
+
+from .index_codec import PackedIndices
 
 FINISH_REASONS = ("stop", "length")
 
@@ -32,7 +36,7 @@ class Completion:
     text: str  # decoded tokens (special tokens skipped), cut before the first stop string
     weight_version: int  # the weights that generated it
     keep_mask: list[list[int]] | None = None  # per token, kept token ids (sorted)
-    indices: torch.Tensor | None = None  # [T, L, K] int32
+    indices: PackedIndices | None = None  # [T, L, K] selections, encoded
     experts: torch.Tensor | None = None  # [P + T - 1, M, k] uint8 | int16: routed experts per MoE layer
 
 
@@ -58,7 +62,7 @@ class GroupSample:
     sampler_logprobs: list[list[float]]  # per completion token, from the rollout engine
     advantages: list[float]  # per completion
     keep_masks: list[list[list[int]]] | None = None  # per completion, per token: kept token ids
-    indices: list[torch.Tensor] | None = None  # per completion [T, L, K] int32: the sampler's top-k
+    indices: list[PackedIndices | torch.Tensor] | None = None  # per completion [T, L, K]: the sampler's top-k
     weight_versions: list[int] | None = None  # per completion: the weights that sampled it
     experts: list[torch.Tensor] | None = None  # per completion [P + T - 1, M, k]: the sampler's routing
 

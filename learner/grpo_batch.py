@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsarl.data.index_codec import replay_rows
 from dsarl.data.step_types import GroupSample
 
 
@@ -69,12 +70,14 @@ def _sampler_indices_in_learner_slots(groups: list[GroupSample], Lp: int, Lc: in
 
     The learner feeds completion token j at query position plen + j and predicts token j + 1 there,
     which the sampler selected for as its step j + 1. Its keys are [prompt padded to Lp ; completion],
-    so position s maps to slot s (s < plen) or Lp + s - plen.
+    so position s maps to slot s (s < plen) or Lp + s - plen. Each record is decoded (or, raw, sorted)
+    into canonical rows, ascending then -1: the mapping is increasing, so slots stay in that order, and
+    the learner sees the same rows, hence the same bits, from the encoded and the raw form.
     """
     rows = []
     for g in groups:
         plen = len(g.prompt_ids)
-        for idx in g.indices:  # [T, L, K]
+        for idx in map(replay_rows, g.indices):  # [T, L, K] int32, rows canonical
             T, L, K = idx.shape
             shifted = torch.full((Lc, L, K), -1, dtype=torch.int32)
             nxt = idx[1:].long()  # selections for the queries at completion positions 0..T-2

@@ -14,7 +14,8 @@ stopping.py. Completions come back ordered by prompt, then sample.
 
 Replay records (SamplingParams.return_indices / return_experts): the indexer's selection of the query
 that produced each token, and the MoE routing of every token fed through the model: the prompt's (from
-its one prefill, shared by the n samples) and each decoded token's, stored as uint8/int16 ids.
+its one prefill, shared by the n samples) and each decoded token's, stored as uint8/int16 ids. A
+completion's selections leave the engine encoded (data/index_codec.py), exact and a fraction of int32.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from dsarl.models import StaticKVCache
 
 from .sampling import SamplingParams, sample_keys, sample_step, uniforms
 from .stopping import StopRule, cut_at_stop_string
+from dsarl.data.index_codec import encode_indices
 from dsarl.data.step_types import Completion
 
 YES_TARGETS = ("yes", "Yes", " yes", " Yes")
@@ -344,6 +346,6 @@ class _Run:
             prompt_ids=list(self.prompts[s.prompt_pos]), token_ids=s.tokens, logprobs=s.logprobs,
             finish_reason=s.finish_reason, text=text, weight_version=self.e.weight_version,
             keep_mask=s.keep if self.params.return_keep_mask else None,
-            indices=torch.stack(s.indices) if s.indices else None,
+            indices=encode_indices(torch.stack(s.indices)) if s.indices else None,  # compact before Ray carries it
             experts=torch.cat(s.experts) if s.experts else None,  # [P + T - 1, M, k]
         )

@@ -175,10 +175,11 @@ def test_sparse_indices_are_the_models_selection(model):
         P = len(c.prompt_ids)
         scores = index_scores(model, c.prompt_ids + c.token_ids)
         assert c.indices.shape == (len(c.token_ids), CFG.num_hidden_layers, CFG.index_topk)
+        indices = c.indices.decode()  # the engine hands its selections over encoded
         for t in range(len(c.token_ids)):
             for layer in range(CFG.num_hidden_layers):
                 row = scores[layer][P - 1 + t]  # [S]
-                got = c.indices[t, layer]
+                got = indices[t, layer]
                 got = got[got >= 0].long()
                 want = row.topk(min(CFG.index_topk, P + t)).values
                 assert len(got) == len(want) and len(set(got.tolist())) == len(got)

@@ -38,7 +38,7 @@ def test_parquet_roundtrip_is_exact(completions, tmp_path):
                 got.weight_version, got.keep_mask) == (c.prompt_index, c.sample_index, c.prompt_ids, c.token_ids,
                                                        c.finish_reason, c.text, 3, c.keep_mask)
         assert got.logprobs == c.logprobs  # fp32 values stored as float32: exact
-        assert torch.equal(got.indices, c.indices)
+        assert got.indices == c.indices and torch.equal(got.indices.decode(), c.indices.decode())  # encoded bytes kept
         assert (r.prompt_id, r.group_id, r.metadata, r.reward_components) == (
             str(c.prompt_index), f"7-{c.prompt_index}", m, rc)
     assert [c.token_ids for c in table_to_completions(back)] == [c.token_ids for c in completions]
