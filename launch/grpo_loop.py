@@ -213,6 +213,11 @@ def fit_prompt_rows(data: PromptData, train: list[dict], test: list[dict], token
                                         "data/overlong_truncated": over if data.overlong == "truncate" else 0.0}
 
 
+def alive_nodes() -> dict[str, str]:
+    """node id -> IP of every live Ray node."""
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+
+
 class LearnerLost(RuntimeError):
     """A learner rank's process died during a step."""
 
@@ -246,6 +251,7 @@ class GRPOTrainer:
         self._queue: deque[PendingRound] = deque()  # submitted, not yet collected rounds (oldest first)
         self._unscored_steps = 0  # steps in a row with every group unscored (reward workers lost)
         self._actor_failures = 0  # rollout workers lost and restarted over the run
+        self._nodes_at_start = alive_nodes()  # a stop names the nodes lost since
         self._perf_to_wall = time.time() - time.perf_counter()
         self._learn_windows: list[tuple[float, float]] = []  # wall-clock (start, end) of recent updates
         init_ray(RayConfig(num_cpus=cfg.ray_num_cpus, include_dashboard=False))
@@ -467,8 +473,9 @@ class GRPOTrainer:
                 return self._rollout_rounds(step)
             except ray.exceptions.RayActorError as e:
                 if attempt == retries:
-                    raise RuntimeError(f"step {step + 1}: rollout workers lost {retries + 1} times ({e}); stopping. "
-                                       f"Continue with --resume (from the last checkpoint)") from e
+                    raise RuntimeError(f"step {step + 1}: rollout workers lost {retries + 1} times ({e})"
+                                       f"{self._nodes_lost()}; stopping. Continue with --resume (from the last "
+                                       "checkpoint)") from e
                 self._recover_rollouts(step, e)
         raise AssertionError("unreachable")
 
@@ -480,12 +487,27 @@ class GRPOTrainer:
         self.rollout.restore(self._weights_ref, self._version)
         self._actor_failures += 1
 
+    def _nodes_lost(self, wait_s: float = 25.0) -> str:
+        """', Ray node(s) down: ID (IP), ...' for nodes alive when the trainer started and dead now. Ray marks
+        a node dead only after its health checks fail (~17 s here), so on a multi-node cluster this waits up to
+        wait_s for that before saying no node was lost; on one node (the driver's) nothing else can die."""
+        if len(self._nodes_at_start) < 2:
+            return ""
+        deadline = time.monotonic() + wait_s
+        while True:
+            now = alive_nodes()
+            gone = [f"{node_id} ({ip})" for node_id, ip in self._nodes_at_start.items() if node_id not in now]
+            if gone or time.monotonic() > deadline:
+                return f", Ray node(s) down: {', '.join(gone)}" if gone else ""
+            time.sleep(0.5)
+
     def _restart_learner(self, error: Exception) -> int:
         """A learner rank was lost: a new learner group from the last checkpoint (the initial weights if
         none). Returns the step to continue from; metrics after it are dropped."""
         ft = self.cfg.fault_tolerance
         if not ft.restart_from_checkpoint or self._learner_restarts >= ft.max_learner_restarts:
-            raise RuntimeError(f"a learner rank was lost ({str(error).splitlines()[0]}); continue with --resume "
+            raise RuntimeError(f"a learner rank was lost ({str(error).splitlines()[0]}){self._nodes_lost()}; "
+                               "continue with --resume "
                                f"(from the last checkpoint in {self.run_dir / 'checkpoints'})") from error
         self._learner_restarts += 1
         ckpt = resume_checkpoint(self.cfg.run_dir)
