@@ -412,8 +412,12 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         try:
             lmetrics = self.learner.update(groups) if groups else {}
-        except ray.exceptions.RayActorError as e:
-            raise LearnerLost(f"step {step + 1}") from e
+        except ray.exceptions.RayError as e:
+            # a lost rank shows up either as its own death or as the survivors' failed collective (gloo:
+            # "connection reset by peer"), whichever ray.get meets first: both are a lost learner rank
+            if isinstance(e, ray.exceptions.RayActorError) or self._a_learner_rank_died():
+                raise LearnerLost(f"step {step + 1}") from e
+            raise
         t3 = time.perf_counter()
         self._phase("sync")
         try:
@@ -486,6 +490,16 @@ class GRPOTrainer:
         self._queue.clear()  # rounds submitted to the lost worker are generated again
         self.rollout.restore(self._weights_ref, self._version)
         self._actor_failures += 1
+
+    def _a_learner_rank_died(self) -> bool:
+        for rank in self.learner.ranks:
+            try:
+                ray.get(rank.pid.remote(), timeout=60)
+            except ray.exceptions.RayActorError:
+                return True
+            except ray.exceptions.GetTimeoutError:
+                continue  # alive but still busy (a survivor blocked in a collective): not lost itself
+        return False
 
     def _nodes_lost(self, wait_s: float = 25.0) -> str:
         """', Ray node(s) down: ID (IP), ...' for nodes alive when the trainer started and dead now. Ray marks
