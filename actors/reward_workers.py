@@ -41,6 +41,8 @@ from dsarl.rewards.registry import validate_reward_config
 from dsarl.rewards.timeouts import time_bound
 from dsarl.rewards.types import RewardSample
 
+from .threads import follow_cpu_share
+
 logger = logging.getLogger(__name__)
 DEADLINE_SLACK_S = 30.0
 
@@ -50,6 +52,7 @@ class RewardWorker:
     """Thin shell: owns one RewardCombiner (and so its reward process) and scores the chunks it is sent."""
 
     def __init__(self, cfg: RewardConfig):
+        follow_cpu_share()  # before the combiner starts its reward process, which inherits the limit
         self.combiner = RewardCombiner(cfg)
 
     def ready(self) -> bool:

@@ -14,6 +14,7 @@ import torch
 from dsarl.data.step_types import Completion
 
 from .engine import NativeEngine, SamplingParams
+from .threads import follow_cpu_share
 from .weight_sync import BroadcastGroup, TensorSpec
 
 
@@ -51,12 +52,11 @@ class RolloutWorker:
     def __init__(self, checkpoint_dir=None, config=None, state_dict=None, engine: str = "native",
                  engine_kwargs: dict | None = None, device=None, num_threads: int | None = None,
                  model_overrides: dict | None = None):
+        follow_cpu_share(num_threads)
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
         if checkpoint_dir is None and config is None:
             raise ValueError("RolloutWorker needs checkpoint_dir or config")
-        if num_threads:
-            torch.set_num_threads(num_threads)
         if device is None and torch.cuda.is_available():
             device = "cuda"
         self.engine = ENGINES[engine](checkpoint_dir, config, state_dict, device, model_overrides,
@@ -119,9 +119,8 @@ class RolloutPool:
         options = lambda i: {**(placement(i) if placement else  # noqa: E731
                                 {"num_cpus": num_cpus_per_worker, "num_gpus": num_gpus_per_worker}),
                              "max_restarts": max_restarts}
-        threads = num_threads or max(1, int(num_cpus_per_worker))
         self.workers = [actor.options(**options(i)).remote(checkpoint_dir, config, state_ref, engine, engine_kwargs,
-                                                           None, threads, model_overrides)
+                                                           None, num_threads, model_overrides)
                         for i in range(num_workers)]
         ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
         self._pending_syncs: list[ray.ObjectRef] = []

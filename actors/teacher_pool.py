@@ -37,8 +37,7 @@ class DomainTeachers(RolloutPool):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         actor = ray.remote(TeacherWorker).options(num_cpus=num_cpus_per_worker)
-        threads = num_threads or max(1, int(num_cpus_per_worker))
-        self.workers = [actor.remote(checkpoint_dir, None, None, "native", engine_kwargs, None, threads)
+        self.workers = [actor.remote(checkpoint_dir, None, None, "native", engine_kwargs, None, num_threads)
                         for _ in range(num_workers)]
         ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
         self._pending_syncs = []  # teachers' weights never change, but the pool's generate checks them
