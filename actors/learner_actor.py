@@ -11,6 +11,8 @@ from dsarl.learner.checkpointing import (latest_checkpoint, load_model_weights, 
 from dsarl.learner.grpo_learner import GRPOLearner, LearnerConfig
 from dsarl.models import from_pretrained
 
+from .threads import follow_cpu_share
+
 
 class Learner:
     """Plain object (testable without Ray); `LearnerActor` is its Ray actor."""
@@ -18,8 +20,7 @@ class Learner:
     def __init__(self, init_checkpoint: str, cfg: LearnerConfig, seed: int = 0, num_threads: int = 0,
                  resume_from: str | None = None, model_overrides: dict | None = None,
                  total_updates: int | None = None):
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        follow_cpu_share(num_threads)  # torch/OpenMP threads = this rank's CPU share (or num_threads)
         torch.manual_seed(seed)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.policy, self.tokenizer = from_pretrained(init_checkpoint, device=device, **(model_overrides or {}))
