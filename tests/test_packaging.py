@@ -81,7 +81,7 @@ def test_a_wheel_install_builds_and_runs_the_c_kernels(wheel, tmp_path):
     run = subprocess.run([sys.executable, "-c", PROBE, str(target), *ops], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip() == "OK", run.stderr[-3000:]
-    assert len(list((tmp_path / "native-cache").glob("*.so"))) == len(ops)  # built here, from the wheel's sources
+    assert len(list((tmp_path / "native-cache").rglob("*.so"))) == len(ops)  # built here, from the wheel's sources
 
 
 def _readme_commands() -> list[str]:
