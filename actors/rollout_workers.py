@@ -14,7 +14,7 @@ import torch
 from dsarl.data.step_types import Completion
 
 from .engine import NativeEngine, SamplingParams
-from .weight_sync import BroadcastGroup, GroupHolder, TensorSpec
+from .weight_sync import BroadcastGroup, GroupHolder, SenderLost, TensorSpec
 
 
 def build_native(checkpoint_dir=None, config=None, state_dict=None, device=None, model_overrides=None,
@@ -241,15 +241,19 @@ class RolloutPool:
         if not refs and not senders:
             return []
         ray.wait(refs + senders, num_returns=len(refs) + len(senders))
-        errors = []
-        for ref in refs + senders:
+        errors = []  # (from a sender, error), workers' first
+        for i, ref in enumerate(refs + senders):
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as e:
-                errors.append(e)
+                errors.append((i >= len(refs), e))
+        dead = [(sender, e) for sender, e in errors if isinstance(e, ray.exceptions.RayActorError)]
+        if dead and not dead[0][0]:
+            raise dead[0][1]
+        if dead:  # a dead sender: the workers' receives failed only because its sockets closed
+            raise SenderLost("the learner was lost during a weight broadcast") from dead[0][1]
         if errors:
-            lost = [e for e in errors if isinstance(e, ray.exceptions.RayActorError)]  # workers' come first
-            raise (lost or errors[::-1])[0]  # else the last: a sender's error says more than its receivers'
+            raise errors[-1][1]  # the last: a sender's error says more than its receivers'
         return ray.get(refs)[-self.num_workers:] if refs else []
 
     def weight_versions(self) -> list[int]:

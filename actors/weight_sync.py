@@ -45,6 +45,10 @@ class SyncRefused(RuntimeError):
     """Some rank refused a broadcast sync (version or spec mismatch); every rank raises it together."""
 
 
+class SenderLost(RuntimeError):
+    """The learner process died during a broadcast sync (its cause is Ray's error)."""
+
+
 def weight_spec(state_dict: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> list[TensorSpec]:
     """The tensors a sync carries, in the state dict's order (tied weights named in `skip` are left out).
     Only shapes and dtypes are read: a sharded (DTensor) state dict gives the full shapes without a gather."""

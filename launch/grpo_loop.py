@@ -24,7 +24,7 @@ from dsarl.actors.learner_group import LearnerGroup
 from dsarl.actors.placement import ResourceSpec, create_placement_group
 from dsarl.actors.reward_workers import RewardPool
 from dsarl.actors.rollout_workers import RolloutPool
-from dsarl.actors.weight_sync import SYNC_METHODS, choose_backend
+from dsarl.actors.weight_sync import SYNC_METHODS, SenderLost, choose_backend
 from dsarl.data.rollout_schema import completions_to_table, write_rollouts
 from dsarl.data.tasks import make_rows
 from dsarl.data.step_types import ScoredRound
@@ -423,6 +423,8 @@ class GRPOTrainer:
             raise LearnerLost(f"step {step + 1}") from e
         try:
             self.sync.deliver(self._version, wait=cfg.rollout.max_staleness == 0)
+        except SenderLost as e:
+            raise LearnerLost(f"step {step + 1}") from e.__cause__
         except ray.exceptions.RayActorError as e:  # the update is done: reload the weights, don't redo it
             self._recover_rollouts(step, e)
         t4 = time.perf_counter()
@@ -549,7 +551,7 @@ class GRPOTrainer:
             t0 = time.perf_counter()
             try:
                 metrics = self.step(step)
-            except LearnerLost as e:
+            except (LearnerLost, SenderLost) as e:  # SenderLost: found by a later step's collect (async rollouts)
                 step = self._restart_learner(e.__cause__ or e)
                 bar.n = step
                 continue

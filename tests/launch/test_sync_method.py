@@ -156,6 +156,26 @@ def test_a_restarted_learner_forms_a_new_broadcast_group(ray_local, init_checkpo
     assert_same_metrics(got, uninterrupted)
 
 
+def test_a_learner_lost_during_a_broadcast_restarts_from_the_checkpoint(ray_local, init_checkpoint, tmp_path,
+                                                                        uninterrupted):
+    trainer = GRPOTrainer(small_grpo(init_checkpoint, tmp_path, "broadcast",
+                                     fault_tolerance=FaultToleranceConfig(restart_from_checkpoint=True)))
+    sync, killed = trainer.sync, []
+    deliver = sync.deliver
+
+    def kill_then_deliver(version, wait=True):  # the fault: learner rank 0 dies as step 2's sync starts
+        if version == 2 and not killed:
+            killed.append(trainer.learner.pids()[0])
+            os.kill(killed[0], signal.SIGKILL)
+        return deliver(version, wait)
+
+    sync.deliver = kill_then_deliver
+    trainer.fit(show_progress=False)
+    got = metrics_of(tmp_path)
+    assert killed and trainer.sync is not sync and got[-1]["faults/learner_restarts"] == 1.0
+    assert_same_metrics(got, uninterrupted)
+
+
 @pytest.mark.parametrize("override, key", [("sync.method=nccl_p2p", "sync.method"),
                                            ("sync.bucket_mb=0", "sync.bucket_mb"), ("sync.backend=mpi", "sync.backend"),
                                            ("sync.timeout_s=-1", "sync.timeout_s")])
