@@ -114,24 +114,38 @@ def uninterrupted(ray_local, init_checkpoint, tmp_path_factory):
     return metrics_of(run_dir)
 
 
-def test_a_killed_rollout_worker_rejoins_the_broadcast_group(ray_local, init_checkpoint, tmp_path, uninterrupted):
-    trainer = GRPOTrainer(small_grpo(init_checkpoint, tmp_path, "broadcast"))
+def run_killing_a_worker(init, run_dir, method: str, staleness: int = 0, kill_at: int = 1) -> list[dict]:
+    """A run whose rollout worker 1 is SIGKILLed right after step kill_at + 1's generate was sent to it."""
+    trainer = GRPOTrainer(small_grpo(init, run_dir, method, staleness))
     pid = trainer.rollout.pids()[1]
     submit = trainer._submit_round
     calls = []
 
-    def submit_then_kill(step, round_idx):  # the fault: SIGKILL right after step 2's generate was sent
+    def submit_then_kill(step, round_idx):
         pending = submit(step, round_idx)
         calls.append(step)
-        if step == 1 and calls.count(1) == 1:
+        if step == kill_at and calls.count(kill_at) == 1:
             os.kill(pid, signal.SIGKILL)
         return pending
 
     trainer._submit_round = submit_then_kill
     trainer.fit(show_progress=False)
-    got = metrics_of(tmp_path)
-    assert calls.count(1) == 2 and got[-1]["faults/rollout_restarts"] == 1.0
-    assert_same_metrics(got, uninterrupted)
+    got = metrics_of(run_dir)
+    assert calls.count(kill_at) == 2 and got[-1]["faults/rollout_restarts"] == 1.0  # those rollouts were redone
+    return got
+
+
+def test_a_killed_rollout_worker_rejoins_the_broadcast_group(ray_local, init_checkpoint, tmp_path, uninterrupted):
+    assert_same_metrics(run_killing_a_worker(init_checkpoint, tmp_path, "broadcast"), uninterrupted)
+
+
+def test_with_async_rollouts_a_killed_worker_recovers_as_with_the_object_store(ray_local, init_checkpoint, tmp_path):
+    # step 3's round is sent in step 2, behind step 2's generation and the receive of version 1: the kill lands
+    # with a broadcast queued or under way. The redone rounds sample with the current weights, not the stale
+    # ones an uninterrupted run used, so the reference is the same fault under the object store.
+    runs = {m: run_killing_a_worker(init_checkpoint, tmp_path / m, m, staleness=1, kill_at=2)
+            for m in ("object_store", "broadcast")}
+    assert_same_metrics(runs["broadcast"], runs["object_store"])
 
 
 def test_a_restarted_learner_forms_a_new_broadcast_group(ray_local, init_checkpoint, tmp_path, uninterrupted):
