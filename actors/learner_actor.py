@@ -85,6 +85,53 @@ class Learner:
 
         return str(save_pretrained(self.policy, Path(directory), self.tokenizer))
 
+    def full_state_items(self):
+        """(name, full CPU tensor) pairs of the policy's weights, one at a time."""
+        yield from self.learner.state_dict().items()
+
+    def weight_spec(self) -> list:
+        """What a weight broadcast carries: names, full shapes and dtypes, in full_state_items' order (read
+        from the state dict's metadata, so nothing is gathered); a tied lm_head is left out, workers re-tie it."""
+        from .weight_sync import weight_spec
+
+        tied = ("lm_head.weight",) if self.policy.config.tie_word_embeddings else ()
+        return weight_spec(self.policy.state_dict(), skip=tied)
+
+    def weight_broadcast_address(self) -> tuple[str, int]:
+        """Where this rank serves the weight broadcast's rendezvous: a socket bound to this node's Ray address
+        only (actors/rendezvous.py), apart from the learners' own group's."""
+        from dsarl.actors.rendezvous import StoreHost
+
+        self._broadcast_host = StoreHost()
+        return self._broadcast_host.address
+
+    def join_weight_broadcast(self, master_addr: str, master_port: int, world_size: int, backend: str,
+                              timeout_s: float = 600.0) -> list:
+        """Become rank 0 of the weight broadcast group with the rollout workers (actors/weight_sync.py);
+        returns the weight spec every sync follows."""
+        from .weight_sync import GroupHolder
+
+        if not hasattr(self, "weight_broadcast"):
+            self.weight_broadcast = GroupHolder()
+        host, self._broadcast_host = getattr(self, "_broadcast_host", None), None  # bound by weight_broadcast_address
+        self.weight_broadcast.join(master_addr, master_port, 0, world_size, backend, timeout_s, host)
+        return self.weight_spec()
+
+    def send_weights_broadcast(self, version: int, bucket_bytes: int) -> int:
+        """Sends the weights of `version` to the rollout workers, one bucket at a time from
+        full_state_items. A rank outside the broadcast group (learner ranks > 0) walks the stream too,
+        since gathering sharded weights is a collective of all learner ranks."""
+        from .weight_sync import BroadcastGroup
+
+        holder = getattr(self, "weight_broadcast", None)
+        if holder is None:
+            for _ in self.full_state_items():
+                pass
+            return version
+        # a driver asking for another version than this learner's makes every rank refuse, not hang
+        holder.run(f"weight broadcast of version {version}", BroadcastGroup.send, self.full_state_items(),
+                   self.weight_spec(), self.learner.version, bucket_bytes, version == self.learner.version)
+        return version
 
 LearnerActor = ray.remote(Learner)
 

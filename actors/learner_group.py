@@ -57,3 +57,17 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for a in self.ranks:
             ray.kill(a)
+
+    def weight_broadcast_address(self) -> tuple[str, int]:
+        """Where rank 0 hosts the weight broadcast's rendezvous (a socket it has bound)."""
+        return ray.get(self.ranks[0].weight_broadcast_address.remote())
+
+    def join_weight_broadcast(self, master_addr: str, master_port: int, world_size: int, backend: str,
+                              timeout_s: float = 600.0) -> ray.ObjectRef:
+        """Rank 0 joins the weight broadcast group as its rank 0; a ref to its weight spec (the workers
+        join at the same time: wait for theirs after this one)."""
+        return self.ranks[0].join_weight_broadcast.remote(master_addr, master_port, world_size, backend, timeout_s)
+
+    def send_weights_broadcast(self, version: int, bucket_bytes: int) -> list[ray.ObjectRef]:
+        """Every rank's send call (rank 0 sends; the others take part in gathering the weights); refs."""
+        return [a.send_weights_broadcast.remote(version, bucket_bytes) for a in self.ranks]

@@ -15,7 +15,7 @@ from dsarl.data.step_types import Completion
 
 from .engine import NativeEngine, SamplingParams
 from .threads import follow_cpu_share
-from .weight_sync import BroadcastGroup, TensorSpec
+from .weight_sync import BroadcastGroup, GroupHolder, SenderLost, TensorSpec
 
 
 def build_native(checkpoint_dir=None, config=None, state_dict=None, device=None, model_overrides=None,
@@ -61,7 +61,7 @@ class RolloutWorker:
             device = "cuda"
         self.engine = ENGINES[engine](checkpoint_dir, config, state_dict, device, model_overrides,
                                       **(engine_kwargs or {}))
-        self.group: BroadcastGroup | None = None
+        self.broadcast = GroupHolder()  # membership of the learner's weight broadcast group, if any
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  prompt_indices: list[int] | None = None) -> list[Completion]:
@@ -91,13 +91,19 @@ class RolloutWorker:
     def weight_version(self) -> int:
         return self.engine.weight_version
 
-    def join_broadcast(self, master_addr: str, master_port: int, rank: int, world_size: int, backend: str) -> int:
-        self.group = BroadcastGroup(master_addr, master_port, rank, world_size, backend)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the engine holds, on CPU (native engine; tests check what a sync delivered)."""
+        return {k: v.detach().cpu() for k, v in self.engine.model.state_dict().items()}
+
+    def join_broadcast(self, master_addr: str, master_port: int, rank: int, world_size: int, backend: str,
+                       timeout_s: float = 600.0) -> int:
+        self.broadcast.join(master_addr, master_port, rank, world_size, backend, timeout_s)
         return rank
 
     def receive_broadcast(self, spec: list[TensorSpec], version: int, bucket_bytes: int) -> int:
-        assert self.group is not None, "join_broadcast first"
-        state = self.group.receive(spec, bucket_bytes)
+        """Receives weight version `version` from the learner (refused if it sends another) and loads it."""
+        state = self.broadcast.run(f"receiving weight version {version}", BroadcastGroup.receive, spec, version,
+                                   bucket_bytes)
         if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied; load_weights skips it if so
         self.engine.load_weights(state, version)
@@ -123,7 +129,8 @@ class RolloutPool:
                                                            None, num_threads, model_overrides)
                         for i in range(num_workers)]
         ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
-        self._pending_syncs: list[ray.ObjectRef] = []
+        self._pending_syncs: list[ray.ObjectRef] = []  # the workers' weight loads not yet waited for
+        self._pending_senders: list[ray.ObjectRef] = []  # a broadcast sync's learner-side calls
         self._spans: list[tuple[int, ray.ObjectRef]] = []  # (worker, its generate call's (start, end))
 
     @property
@@ -154,7 +161,7 @@ class RolloutPool:
     def collect(self, refs: list[ray.ObjectRef]) -> list[Completion]:
         """The completions of a `submit_generate`, in prompt order (and any pending sync's errors)."""
         shards = ray.get(refs)
-        self._wait_syncs()
+        self.wait_syncs()
         return [c for shard in shards for c in shard]
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -210,12 +217,12 @@ class RolloutPool:
         else:
             ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
         self._pending_syncs.extend(w.load_weights.remote(ref, version) for w in self.workers)
-        return self._wait_syncs() if wait else []
+        return self.wait_syncs() if wait else []
 
     def restore(self, weights, version: int, timeout_s: float = 300.0) -> list[int]:
         """After a worker died (and Ray restarted it): drops pending syncs, waits for every worker and
         loads `weights` (an ObjectRef or state dict; None: the initial weights are current) at `version`."""
-        self._pending_syncs = []
+        self._pending_syncs, self._pending_senders = [], []
         self._ask_all("weight_version", timeout_s)  # every worker back (a restarted one answers again)
         if weights is not None:
             self.sync_weights(weights, version)
@@ -224,21 +231,48 @@ class RolloutPool:
     def pids(self) -> list[int]:
         return self._ask_all("pid")
 
-    def _wait_syncs(self) -> list[int]:
+    def wait_syncs(self) -> list[int]:
+        """Waits for the pending syncs; returns each worker's version after the last. Of several errors,
+        a lost worker's is raised first (the driver restarts it), then the learner side's (a broadcast
+        sender's), then the rest (survivors of a broadcast whose peer died fail too, with less to say)."""
         refs, self._pending_syncs = self._pending_syncs, []
+        senders, self._pending_senders = self._pending_senders, []
+        if not refs and not senders:
+            return []
+        ray.wait(refs + senders, num_returns=len(refs) + len(senders))
+        errors = []  # (from a sender, error), workers' first
+        for i, ref in enumerate(refs + senders):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                errors.append((i >= len(refs), e))
+        dead = [(sender, e) for sender, e in errors if isinstance(e, ray.exceptions.RayActorError)]
+        if dead and not dead[0][0]:
+            raise dead[0][1]
+        if dead:  # a dead sender: the workers' receives failed only because its sockets closed
+            raise SenderLost("the learner was lost during a weight broadcast") from dead[0][1]
+        if errors:
+            raise errors[-1][1]  # the last: a sender's error says more than its receivers'
         return ray.get(refs)[-self.num_workers:] if refs else []
 
     def weight_versions(self) -> list[int]:
         return ray.get([w.weight_version.remote() for w in self.workers])
 
-    def join_broadcast(self, master_addr: str, master_port: int, backend: str = "gloo") -> list:
+    def join_broadcast(self, master_addr: str, master_port: int, backend: str = "gloo",
+                       timeout_s: float = 600.0) -> list:
         """Starts every worker's rendezvous (ranks 1..N); returns refs to wait on after rank 0 joins."""
         world = self.num_workers + 1
-        return [w.join_broadcast.remote(master_addr, master_port, r + 1, world, backend)
+        return [w.join_broadcast.remote(master_addr, master_port, r + 1, world, backend, timeout_s)
                 for r, w in enumerate(self.workers)]
 
-    def receive_broadcast(self, spec: list[TensorSpec], version: int, bucket_bytes: int = 64 << 20) -> list:
-        return [w.receive_broadcast.remote(spec, version, bucket_bytes) for w in self.workers]
+    def receive_broadcast(self, spec: list[TensorSpec], version: int, bucket_bytes: int = 64 << 20,
+                          senders: list | None = None, wait: bool = True) -> list[int]:
+        """Broadcast sync, the workers' side: each worker receives `version` after the generate calls it
+        already has. senders: the learner's send calls, whose errors come back with the workers'.
+        wait=False returns at once, like sync_weights; the next `collect` waits and raises errors."""
+        self._pending_syncs.extend(w.receive_broadcast.remote(spec, version, bucket_bytes) for w in self.workers)
+        self._pending_senders.extend(senders or [])
+        return self.wait_syncs() if wait else []
 
     def shutdown(self) -> None:
         for w in self.workers:

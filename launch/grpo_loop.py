@@ -1,8 +1,9 @@
 """`dsarl grpo`: the GRPO loop on Ray (DESIGN.md section 4).
 
     driver: prompts (Arrow rows) -> RolloutPool (G samples each) -> RewardPool (components + total)
-            -> group advantages -> LearnerActor.update -> one ray.put of the new weights -> every
-            rollout worker loads them (version v+1) -> metrics.jsonl, rollouts/step_N.parquet, checkpoints.
+            -> group advantages -> LearnerActor.update -> the new weights (sync.method: one ray.put, or a
+            gloo/NCCL broadcast from learner rank 0) -> every rollout worker loads them (version v+1)
+            -> metrics.jsonl, rollouts/step_N.parquet, checkpoints.
 Every step's prompts and sampling seeds derive from (seed, step), so `--resume` continues exactly.
 """
 import dataclasses
@@ -23,6 +24,7 @@ from dsarl.actors.learner_group import LearnerGroup
 from dsarl.actors.placement import ResourceSpec, create_placement_group
 from dsarl.actors.reward_workers import RewardPool
 from dsarl.actors.rollout_workers import RolloutPool
+from dsarl.actors.weight_sync import SYNC_METHODS, SenderLost, choose_backend
 from dsarl.data.rollout_schema import completions_to_table, write_rollouts
 from dsarl.data.tasks import make_rows
 from dsarl.data.step_types import ScoredRound
@@ -108,6 +110,26 @@ class FaultToleranceConfig:
     max_unscored_steps: int = 3
 
 
+@dataclass
+class SyncConfig:
+    # How each update's weights reach the rollout workers (actors/weight_sync.py). object_store: learner
+    # rank 0 puts its state dict in Ray's object store once and every worker reads it. broadcast: a gloo
+    # (CPU) or NCCL (GPU) group of learner rank 0 and the workers, one collective per bucket; the learner
+    # streams its weights into the buckets, so it never holds a second full copy (native engine only).
+    method: Literal["object_store", "broadcast"] = "object_store"
+    bucket_mb: float = 64.0  # broadcast: MiB per collective (same-dtype tensors; a bigger one goes alone)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when the learner and workers have GPUs
+    timeout_s: float = 600.0  # broadcast: a rank waiting longer in a collective fails the sync
+
+    def __post_init__(self) -> None:
+        if self.method not in SYNC_METHODS:  # Literal is checked at load; this also catches code-built configs
+            raise ValueError(f"sync.method must be one of {sorted(SYNC_METHODS)}, got {self.method!r}")
+        if not self.bucket_mb > 0:
+            raise ValueError(f"sync.bucket_mb must be > 0, got {self.bucket_mb}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"sync.timeout_s must be > 0, got {self.timeout_s}")
+
+
 def default_rewards() -> RewardConfig:
     return RewardConfig(components=[RewardComponentConfig(name="math_answer", weight=1.0)], num_cpus_per_worker=0.25)
 
@@ -121,6 +143,7 @@ class GRPOConfig:
     rewards: RewardConfig = field(default_factory=default_rewards)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     learner_ranks: int = 1  # data-parallel learner actors (one torch.distributed group)
     learner_num_cpus: float = 1.0
     learner_num_gpus: float = 0.0
@@ -291,15 +314,21 @@ class GRPOTrainer:
                                    num_threads=ro.num_threads, model_overrides=cfg.model_overrides,
                                    placement=bundle("rollout"), max_restarts=cfg.fault_tolerance.actor_max_restarts)
         self.rewards = RewardPool(cfg.rewards, placement=bundle("reward"))
+        sc, backend = cfg.sync, choose_backend(cfg.sync.backend, cfg.learner_num_gpus, ro.num_gpus_per_worker)
+        self._make_sync = lambda: SYNC_METHODS[sc.method](  # noqa: E731  (also a learner restart's)
+            self.learner, self.rollout, backend=backend, bucket_bytes=int(sc.bucket_mb * (1 << 20)),
+            timeout_s=sc.timeout_s)
         self.start_step = 0
         if ckpt is not None:
             from dsarl.learner.checkpointing import load_training_state
 
             self.start_step = load_training_state(ckpt)["step"]
-        self._weights_ref, self._version = None, self.learner.weight_version()  # None: the workers' initial weights
+        self.sync = self._make_sync()
+        self.sync.connect()  # broadcast: the group forms now, before any generation is queued on the workers
+        self._version = self.learner.weight_version()
         if ckpt is not None:
-            self._weights_ref, self._version = self.learner.publish_weights()
-            self.rollout.sync_weights(self._weights_ref, self._version)
+            self._version = self.sync.publish()
+            self.sync.deliver(self._version)
         self._learner_restarts = 0
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                                     mlflow_experiment=cfg.mlflow_experiment,
@@ -421,11 +450,13 @@ class GRPOTrainer:
         t3 = time.perf_counter()
         self._phase("sync")
         try:
-            self._weights_ref, self._version = self.learner.publish_weights()
+            self._version = self.sync.publish()
         except ray.exceptions.RayActorError as e:
             raise LearnerLost(f"step {step + 1}") from e
         try:
-            self.rollout.sync_weights(self._weights_ref, self._version, wait=cfg.rollout.max_staleness == 0)
+            self.sync.deliver(self._version, wait=cfg.rollout.max_staleness == 0)
+        except SenderLost as e:
+            raise LearnerLost(f"step {step + 1}") from e.__cause__
         except ray.exceptions.RayActorError as e:  # the update is done: reload the weights, don't redo it
             self._recover_rollouts(step, e)
         t4 = time.perf_counter()
@@ -488,7 +519,7 @@ class GRPOTrainer:
                        step + 1, str(error).splitlines()[0], self._version)
         self._phase("restarting a rollout worker")
         self._queue.clear()  # rounds submitted to the lost worker are generated again
-        self.rollout.restore(self._weights_ref, self._version)
+        self.sync.restore(self._version)
         self._actor_failures += 1
 
     def _a_learner_rank_died(self) -> bool:
@@ -536,8 +567,9 @@ class GRPOTrainer:
 
             step = load_training_state(ckpt)["step"]
         self._queue.clear()
-        self._weights_ref, self._version = self.learner.publish_weights()
-        self.rollout.restore(self._weights_ref, self._version)
+        self.sync = self._make_sync()
+        self._version = self.sync.publish()
+        self.sync.restore(self._version)
         self.logger.rewind(step)
         return step
 
@@ -577,7 +609,7 @@ class GRPOTrainer:
             t0 = time.perf_counter()
             try:
                 metrics = self.step(step)
-            except LearnerLost as e:
+            except (LearnerLost, SenderLost) as e:  # SenderLost: found by a later step's collect (async rollouts)
                 step = self._restart_learner(e.__cause__ or e)
                 bar.n = step
                 continue

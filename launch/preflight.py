@@ -5,9 +5,9 @@ the rubric files named by kwargs and rows (and a judge where a rubric needs one)
 component, the data files (every row read and its prompt checked: UTF-8, a string or a chat of
 string messages, at least one row, and a length that fits the model's context with
 rollout.max_new_tokens) and the columns the rewards read, the checkpoint to start or resume from,
-and the optional packages the config asks for. Each failure is a `ConfigError` naming the config key
-and the file or value, raised before `init_ray`: found later, each was a traceback from inside an
-actor wrapped in the driver's own, minutes into the run.
+the optional packages the config asks for, and what the weight sync method needs. Each failure is a
+`ConfigError` naming the config key and the file or value, raised before `init_ray`: found later,
+each was a traceback from inside an actor wrapped in the driver's own, minutes into the run.
 
     check_grpo_config(cfg, resolve, resume)       dsarl grpo (and each specialist of dsarl distill)
     check_pipeline_config(cfg, resolve, resume)   dsarl run (configs/quickstart.yaml)
@@ -92,6 +92,27 @@ def check_packages(cfg, prefix: str = "") -> None:
     if cfg.rollout.engine == "vllm":
         _need_package("vllm", 'pip install "dsarl[vllm]"', f"{prefix}rollout.engine: vllm")
     check_logging_packages(cfg, prefix)
+
+
+# ---- weight sync ----------------------------------------------------------------------------------
+def check_sync(cfg, prefix: str = "") -> None:
+    """sync.method and what the broadcast needs: the native engine (the vLLM engine loads weights in its
+    own worker processes, outside the group) and, for nccl, a GPU on learner rank 0 and on every worker."""
+    from dsarl.actors.weight_sync import SYNC_METHODS
+
+    sync, ro = cfg.sync, cfg.rollout
+    if sync.method not in SYNC_METHODS:
+        raise ConfigError(f"{prefix}sync.method: {sync.method!r} is not one of {sorted(SYNC_METHODS)}")
+    if sync.method != "broadcast":
+        return
+    if ro.engine == "vllm":
+        raise ConfigError(f"{prefix}sync.method: broadcast works with rollout.engine native only (vLLM loads "
+                          f"weights in its own processes, outside the broadcast group): use sync.method: "
+                          f"object_store with rollout.engine: vllm")
+    if sync.backend == "nccl" and not (cfg.learner_num_gpus > 0 and ro.num_gpus_per_worker > 0):
+        raise ConfigError(f"{prefix}sync.backend: nccl needs a GPU on learner rank 0 and on every rollout worker "
+                          f"(learner_num_gpus={cfg.learner_num_gpus}, rollout.num_gpus_per_worker="
+                          f"{ro.num_gpus_per_worker}): use backend auto or gloo")
 
 
 # ---- rewards --------------------------------------------------------------------------------------
@@ -235,6 +256,7 @@ def check_prompt_lengths(cfg, init: str, files: dict[str, list[dict]], prefix: s
 # ---- stages ---------------------------------------------------------------------------------------
 def _check_grpo(cfg, resolve, resume, init_pending: bool, prefix: str) -> None:
     check_packages(cfg, prefix)
+    check_sync(cfg, prefix)
     check_reward_components(cfg.rewards, prefix)
     check_accuracy_component(cfg, prefix)
     files = prompt_files(cfg.data, resolve, prefix)

@@ -1,8 +1,8 @@
 """Issue #21 item 9: a run dsarl starts on one machine listens on loopback only.
 
-A real `dsarl grpo` run (two learner ranks, so the learners' torch.distributed rendezvous is included)
-runs in a child process; while it runs, the test lists every listening TCP socket of that process tree
-from /proc and asserts each is bound to a loopback address. Before the fix, the dashboard agent's HTTP
+A real `dsarl grpo` run (two learner ranks and the broadcast weight sync, so both torch.distributed
+rendezvous are included) runs in a child process; while it runs, the test lists every listening TCP
+socket of that process tree from /proc and asserts each is bound to a loopback address. Before the fix, the dashboard agent's HTTP
 server (job API routes) and the runtime-env agent listened on the machine's external address, three
 Prometheus metrics ports on 0.0.0.0 and every gRPC server on `::`.
 """
@@ -82,7 +82,7 @@ def test_listing_sees_a_socket_on_every_interface():
 
 @pytest.mark.slow
 def test_a_grpo_run_listens_on_loopback_only(tmp_path):
-    config = write_tiny_run(tmp_path, extra="learner_ranks: 2\nsave_every: 3")
+    config = write_tiny_run(tmp_path, extra="learner_ranks: 2\nsave_every: 3\nsync: {method: broadcast}")
     proc = start_cli("grpo", str(config))
     seen = set()
     deadline = time.monotonic() + 600
