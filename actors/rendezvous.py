@@ -32,9 +32,17 @@ class StoreHost:
         return self.host, self.port
 
     def store(self, world_size: int, timeout_s: float = 600.0) -> dist.TCPStore:
-        return dist.TCPStore(self.host, self.port, world_size, is_master=True,
-                             timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
-                             master_listen_fd=self.sock.fileno())
+        """The store, serving from this socket. The store owns the descriptor from here on (it closes it
+        when it goes), so the Python socket lets go of it: closing it twice would close whatever socket
+        reused the number in between."""
+        fd = self.sock.detach()
+        try:
+            return dist.TCPStore(self.host, self.port, world_size, is_master=True,
+                                 timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                                 master_listen_fd=fd)
+        except BaseException:
+            socket.close(fd)
+            raise
 
 
 def client_store(host: str, port: int, world_size: int, timeout_s: float = 600.0) -> dist.TCPStore:
