@@ -59,6 +59,7 @@ def shard_model(model, offload: bool = False, mesh=None):
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum, not mean: the losses carry the global normaliser
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     return model
 
 
