@@ -127,3 +127,17 @@ def test_keep_prunes_old_sharded_checkpoints(tmp_path):
     for step in (1, 2, 3):
         learner.save(str(tmp_path / "run"), step, {"step": step}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_000002", "step_000003"]
+
+
+def test_the_fsdp_options_are_typed_config_keys():
+    from dsarl.launch.config import load_config
+    from dsarl.launch.grpo_loop import GRPOConfig
+    from dsarl.models.config import ConfigError
+
+    cfg = load_config(GRPOConfig, None, ["learner_ranks=2", "learner.fsdp.activation_checkpointing=true",
+                                         "learner.fsdp.reference=cpu_offload", "learner.fsdp.mixed_precision=bf16"])
+    assert cfg.learner.fsdp == FSDPConfig(activation_checkpointing=True, mixed_precision="bf16", reference="cpu_offload")
+    with pytest.raises(ConfigError, match="learner.fsdp.mixed_precision"):
+        load_config(GRPOConfig, None, ["learner.fsdp.mixed_precision=fp16"])
+    with pytest.raises(ConfigError, match="train_indexer runs on one learner rank only"):
+        load_config(GRPOConfig, None, ["learner_ranks=2", "learner.train_indexer=true"])
