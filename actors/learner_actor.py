@@ -57,17 +57,18 @@ class Learner:
             self._resume(self.resume_from)
 
     def _reference(self):
-        """The frozen reference: the initial weights. One rank: a copy (on the CPU with cpu_offload on a
-        GPU, through FSDP's offload on a world of one); N ranks: loaded again and sharded, so no rank keeps
-        a full copy."""
+        """The frozen reference: the initial weights. N ranks: loaded again and sharded, so no rank keeps a
+        full copy. One rank: a copy, or with cpu_offload FSDP's CPU offload on a group of this process alone
+        (the copy lives in CPU memory, each layer visits the device for its forward)."""
         offload = self.cfg.fsdp.reference == "cpu_offload"
-        if self.world_size == 1 and not (offload and self.device == "cuda"):
+        if self.world_size == 1 and not offload:
             return copy.deepcopy(self.policy)
         if self.world_size == 1:
             import torch.distributed as dist
 
             if not dist.is_initialized():  # FSDP needs a group; this one spans this process alone
-                dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+                dist.init_process_group("nccl" if self.device == "cuda" else "gloo", store=dist.HashStore(),
+                                        rank=0, world_size=1)
         reference, _ = from_pretrained(self.init_checkpoint, device=self.device, **self.model_overrides)
         return shard_model(reference, offload=offload)
 

@@ -9,7 +9,8 @@ gradients and (the optimizer being built on the sharded parameters) the AdamW mo
 
 Choices:
 - Gradients are *summed* over ranks (divide factor 1): every rank's loss already carries the global
-  normaliser of the mini-batch (grpo_learner.py), so the sum is exactly the one-rank gradient.
+  normaliser of the mini-batch (grpo_learner.py), so the sum is exactly the one-rank gradient. Parameters
+  a rank did not use (MoE experts its tokens never chose) reduce zeros, so every rank's collectives match.
 - Mixed precision is autocast (bf16 matmuls) around the forward, not MixedPrecisionPolicy, so one code
   path serves one rank (no FSDP) and N ranks; parameters, gradients, reductions and AdamW stay fp32.
 - Activation checkpointing wraps each layer's own forward (no wrapper module: parameter names, hence
@@ -36,7 +37,7 @@ class FSDPConfig:
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (memory for compute)
     mixed_precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls; fp32 master weights and AdamW
     reference: Literal["sharded", "cpu_offload"] = "sharded"  # the frozen reference: sharded like the policy,
-    # or sharded and kept in CPU memory between uses (one rank: one copy, on CPU with cpu_offload on a GPU)
+    # or sharded and kept in CPU memory between uses (one rank: one copy, in CPU memory with cpu_offload)
 
 
 def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
@@ -60,6 +61,9 @@ def shard_model(model, offload: bool = False, mesh=None):
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum, not mean: the losses carry the global normaliser
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+            # MoE: an expert no token of this rank chose has no gradient here but may on another rank;
+            # zeros keep every rank's reduce-scatter the same size (else the ranks wait on each other)
+            module.set_reduce_scatter_unused_params(True, recurse=False)
     return model
 
 

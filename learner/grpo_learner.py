@@ -49,10 +49,10 @@ import torch.distributed as dist
 
 from dsarl.models import PrefixKV
 
+from .fsdp import FSDPConfig, autocast_dtype, full_state_items, is_sharded
 from .grpo_batch import GroupSample, PaddedGroups, pad_groups
 from .grpo_loss import GRPOLossConfig, grpo_loss
 from .logprobs import token_entropy, token_logprobs
-from .fsdp import FSDPConfig, autocast_dtype, full_state_items, is_sharded
 from .optim import OptimConfig, build_optimizer, clip_grad, lr_at, set_lr
 from .routing_metrics import RoutingCounts, routed_token_masks, routing_counts, routing_metrics
 
@@ -211,7 +211,7 @@ class GRPOLearner:
         """-> (logp, entropy, routing) of routed_group_forward."""
         use = self.cfg.use_sampler_indices if use_indices is None else use_indices
         experts = self.cfg.use_sampler_experts if use_experts is None else use_experts
-        with torch.autocast(model.device.type, dtype=self._autocast or torch.float32,
+        with torch.autocast(self.policy.device.type, dtype=self._autocast or torch.float32,  # the compute device
                             enabled=self._autocast is not None):
             return routed_group_forward(model, mb, self.attention, self.temperature, use,
                                         self.cfg.keep_sampling_mask, with_entropy, experts)
@@ -294,7 +294,7 @@ class GRPOLearner:
                 step_loss = 0.0
                 for j, mb in enumerate(mbs):
                     if j >= real:  # padding: the collectives of a real micro-batch, a zero gradient
-                        (self._logp(self.policy, mb)[0].sum() * 0.0).backward()
+                        (self._logp(self.policy, mb)[0] * 0.0).sum().backward()
                         continue
                     logp, entropy, used = self._logp(self.policy, mb, with_entropy=True)
                     if routed is not None:

@@ -108,6 +108,9 @@ def test_sharding_options_keep_the_step(ray_local, tmp_path):
     opts = dataclasses.replace(LCFG, fsdp=FSDPConfig(activation_checkpointing=True, reference="cpu_offload"))
     sharded = run(2, tmp_path / "init", opts, batches, over)
     assert_same_step(plain[:2], sharded[:2])
+    offloaded = run(1, tmp_path / "init", dataclasses.replace(LCFG, fsdp=FSDPConfig(reference="cpu_offload")),
+                    batches, over)  # one rank: the reference behind FSDP's offload on a group of one
+    assert_same_step(plain[:2], offloaded[:2])
     bf16 = run(2, tmp_path / "init", dataclasses.replace(LCFG, fsdp=FSDPConfig(mixed_precision="bf16")), batches,
                over)
     assert bf16[0][0]["loss"] == pytest.approx(plain[0][0]["loss"], rel=0.05, abs=2e-3)
@@ -143,3 +146,8 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_with_the_same_next_step(ray_lo
     published, version = resumed[4]
     assert version == 2 and published.keys() == resumed[1].keys()
     assert all(torch.equal(published[k], v) for k, v in resumed[1].items())
+    # and the other way: one rank's checkpoint resumes on two
+    _, _, _, _, ckpt1 = run(1, tmp_path / "init", LCFG, [first],
+                            after=lambda group: group.save(str(tmp_path / "run1"), 1, {"step": 1}))
+    resumed2 = run(2, tmp_path / "init", LCFG, [second], resume_from=ckpt1)
+    assert_same_step(([cont[0][1]], cont[1]), resumed2[:2])

@@ -27,7 +27,7 @@ OPTIM = OptimConfig(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.1)
 def test_activation_checkpointing_recomputes_each_layer_and_keeps_the_step(attention):
     groups = random_groups(random.Random(1), P=3, G=2, sampler_logp=-2.0)
     cfg = LearnerConfig(optim=OPTIM, micro_batch_groups=2)
-    plain, ckpt = build_model(small_cfg(attention=attention), seed=0), build_model(small_cfg(attention=attention), seed=0)
+    plain, ckpt = (build_model(small_cfg(attention=attention), seed=0) for _ in range(2))
     apply_activation_checkpointing(ckpt)
     calls = []
     # a pre-hook: the recomputation stops (early) once it has rebuilt what backward needs, before the MLP returns
@@ -136,7 +136,8 @@ def test_the_fsdp_options_are_typed_config_keys():
 
     cfg = load_config(GRPOConfig, None, ["learner_ranks=2", "learner.fsdp.activation_checkpointing=true",
                                          "learner.fsdp.reference=cpu_offload", "learner.fsdp.mixed_precision=bf16"])
-    assert cfg.learner.fsdp == FSDPConfig(activation_checkpointing=True, mixed_precision="bf16", reference="cpu_offload")
+    assert cfg.learner.fsdp == FSDPConfig(activation_checkpointing=True, mixed_precision="bf16",
+                                          reference="cpu_offload")
     with pytest.raises(ConfigError, match="learner.fsdp.mixed_precision"):
         load_config(GRPOConfig, None, ["learner.fsdp.mixed_precision=fp16"])
     with pytest.raises(ConfigError, match="train_indexer runs on one learner rank only"):
