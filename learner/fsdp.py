@@ -111,25 +111,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _local_sizes(model, optimizer, measure) -> dict[str, int]:
+    params = list(model.parameters())  # tied weights once
+    out = {"params": sum(measure(_local(p)) for p in params),
+           "grads": sum(measure(_local(p.grad)) for p in params if p.grad is not None), "optimizer": 0}
+    for state in (optimizer.state.values() if optimizer is not None else ()):
+        out["optimizer"] += sum(measure(_local(v)) for v in state.values()
+                                if torch.is_tensor(v) and v.dim() > 0)  # the moments, not the scalar step
+    return out
+
+
 def local_state_numel(model, optimizer=None) -> dict[str, int]:
     """Elements this rank holds: its parameter shards, their gradients, and its optimizer state shards."""
-    params = list(model.parameters())
-    out = {"params": sum(_local(p).numel() for p in params),
-           "grads": sum(_local(p.grad).numel() for p in params if p.grad is not None), "optimizer": 0}
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            out["optimizer"] += sum(_local(v).numel() for v in state.values()
-                                    if torch.is_tensor(v) and v.dim() > 0)  # moments; not the scalar step
-    return out
+    return _local_sizes(model, optimizer, lambda t: t.numel())
 
 
 def local_state_bytes(model, optimizer=None) -> dict[str, int]:
     """Bytes of what local_state_numel counts."""
-    params = list(model.parameters())
-    size = lambda t: _local(t).numel() * _local(t).element_size()  # noqa: E731
-    out = {"params": sum(size(p) for p in params), "grads": sum(size(p.grad) for p in params if p.grad is not None),
-           "optimizer": 0}
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            out["optimizer"] += sum(size(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
-    return out
+    return _local_sizes(model, optimizer, lambda t: t.numel() * t.element_size())

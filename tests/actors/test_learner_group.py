@@ -151,3 +151,33 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_with_the_same_next_step(ray_lo
                             after=lambda group: group.save(str(tmp_path / "run1"), 1, {"step": 1}))
     resumed2 = run(2, tmp_path / "init", LCFG, [second], resume_from=ckpt1)
     assert_same_step(([cont[0][1]], cont[1]), resumed2[:2])
+
+
+def test_two_ranks_refuse_to_save_nonfinite_weights_held_by_rank_1(ray_local, tmp_path):
+    def poison_local_shard(learner, name: str) -> int:  # nested: Ray ships it by value to the actor
+        """inf into this rank's own shard of a weight."""
+        from torch.distributed.tensor import DTensor
+
+        param = dict(learner.policy.named_parameters())[name]
+        with torch.no_grad():
+            (param.to_local() if isinstance(param, DTensor) else param).view(-1)[0] = float("inf")
+        return learner.rank
+
+    save_pretrained(build_model(small_cfg(), seed=0), tmp_path / "init")
+    group = LearnerGroup(2, str(tmp_path / "init"), LCFG, seed=0, num_cpus=0.5, num_threads=1)
+    try:
+        group.update(random_groups(random.Random(4), P=2, G=2, sampler_logp=-2.0))
+        group.save(str(tmp_path / "run"), 1, {"step": 1})
+        good = (tmp_path / "run" / "checkpoints" / "step_000001" / "model.safetensors").read_bytes()
+        name = "model.layers.1.mlp.down_proj.weight"
+        assert ray.get(group.ranks[1].__ray_call__.remote(poison_local_shard, name)) == 1
+        with pytest.raises(ray.exceptions.RayTaskError, match=f"NaN or inf.*{name}") as raised:
+            group.save(str(tmp_path / "run"), 2, {"step": 2})
+        assert "NonFiniteWeightsError" in str(raised.value)
+        root = tmp_path / "run" / "checkpoints"
+        assert sorted(p.name for p in root.iterdir()) == ["step_000001"]  # no staging (dcp) directory left
+        assert (root / "step_000001" / "model.safetensors").read_bytes() == good
+        assert group.weight_version() == 1  # both ranks came back: neither waits in a collective
+        assert ray.get(group.ranks[1].weight_version.remote()) == 1
+    finally:
+        group.shutdown()
