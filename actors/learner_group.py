@@ -1,8 +1,10 @@
 """One learner or several: N `LearnerActor` ranks forming one torch.distributed group.
 
 The driver talks to the group as to one learner. Every rank gets the whole rollout batch (it is
-small next to the model) and trains on its shard; gradients are all-reduced (gloo on CPU, NCCL on
-GPU), so all ranks hold identical weights and rank 0 alone publishes and checkpoints them.
+small next to the model) and trains on its part of it; with N > 1 ranks the model, its gradients and
+the AdamW state are sharded with FSDP2 (gloo on CPU, NCCL on GPU; learner/fsdp.py). Gathering full
+weights (publishing, checkpoints, the final export) is a collective, so the group calls every rank
+and takes rank 0's answer.
 """
 import ray
 import torch
@@ -21,7 +23,8 @@ class LearnerGroup:
         for r in range(num_ranks):
             opts = dict(options, **(placement(r) if placement else {}))
             self.ranks.append(LearnerActor.options(**opts).remote(init_checkpoint, cfg, seed, num_threads,
-                                                                  resume_from, model_overrides, total_updates))
+                                                                  resume_from, model_overrides, total_updates,
+                                                                  num_ranks))
         if num_ranks > 1:
             addr, port = ray.get(self.ranks[0].address.remote())
             backend = "nccl" if num_gpus > 0 and torch.cuda.is_available() else "gloo"
@@ -29,30 +32,39 @@ class LearnerGroup:
         else:
             ray.get(self.ranks[0].weight_version.remote())  # surface construction errors here
 
+    def _all(self, method: str, *args) -> list:
+        """Calls a method on every rank (a collective needs them all) -> their answers, rank order."""
+        return ray.get([getattr(a, method).remote(*args) for a in self.ranks])
+
     def update(self, groups) -> dict:
-        return ray.get([a.update.remote(groups) for a in self.ranks])[0]
+        return self._all("update", groups)[0]
 
     def publish_weights(self):
-        ref, version = ray.get(self.ranks[0].publish_weights.remote())
+        ref, version = self._all("publish_weights")[0]
         return ref, version
 
     def state_dict(self) -> dict:
-        return ray.get(self.ranks[0].state_dict.remote())
+        return self._all("state_dict")[0]
 
-    def all_state_dicts(self) -> list[dict]:
-        return ray.get([a.state_dict.remote() for a in self.ranks])
+    def local_state_dicts(self) -> list[dict]:
+        """Each rank's own shards of the policy."""
+        return self._all("local_state_dict")
+
+    def memory(self) -> list[dict]:
+        """Per rank: local parameter / gradient / optimizer elements and bytes, peak RSS."""
+        return self._all("memory")
 
     def pids(self) -> list[int]:
-        return ray.get([a.pid.remote() for a in self.ranks])
+        return self._all("pid")
 
     def weight_version(self) -> int:
         return ray.get(self.ranks[0].weight_version.remote())
 
     def save(self, run_dir: str, step: int, driver_state: dict, keep: int = 2) -> str:
-        return ray.get(self.ranks[0].save.remote(run_dir, step, driver_state, keep))
+        return self._all("save", run_dir, step, driver_state, keep)[0]
 
     def save_final(self, directory: str) -> str:
-        return ray.get(self.ranks[0].save_final.remote(directory))
+        return self._all("save_final", directory)[0]
 
     def shutdown(self) -> None:
         for a in self.ranks:

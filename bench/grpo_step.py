@@ -1,13 +1,16 @@
 """Seconds per GRPO step and its split (generate / reward / learn / sync), dense vs sparse.
 
     python bench/grpo_step.py [--prompt-lens 16 1000 4000] [--steps 3] [--quick] [--max-staleness 0 1]
+                              [--learner-ranks 1 2]
 
 A 4-layer, width-256 DSA model (random weights), 8 prompts x 8 samples x 16 new tokens, a reference
 model (beta > 0), on an embedded Ray with this machine's CPUs. Prompts are key-value retrieval texts
 of about the given length. One JSON line per (prompt length, attention): the median over the steps
 after the first (which includes warm-up). `--max-staleness 0 1` also runs asynchronous rollouts (the
 rollout workers generate the next step while the learner trains) and reports each role's idle time and
-the generate/update overlap.
+the generate/update overlap. `--learner-ranks 1 2` runs the learner as 1 and as 2 FSDP2 ranks and reports
+each rank's memory after the last step: its parameter, gradient and AdamW shards (`learner_state_bytes`,
+the sum; 2 ranks hold about half of 1 rank's each) and the process's peak RSS (`learner_max_rss_bytes`).
 """
 import argparse
 import json
@@ -30,7 +33,7 @@ MODEL = dict(hidden_size=256, intermediate_size=896, num_hidden_layers=4, num_at
 
 
 def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: int, group: int, new_tokens: int,
-             staleness: int = 0) -> dict:
+             staleness: int = 0, learner_ranks: int = 1) -> dict:
     task_kwargs = {"context_len": prompt_len} if prompt_len > 32 else {}
     cfg = GRPOConfig(
         init_from=init, model_overrides={"attention": attention}, steps=steps, prompts_per_step=prompts,
@@ -41,7 +44,7 @@ def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: in
                               max_batch_size=prompts * group, max_staleness=staleness),
         rewards=RewardConfig(components=[RewardComponentConfig(name="exact_match")], num_cpus_per_worker=0.25),
         learner=LearnerConfig(loss=GRPOLossConfig(beta=0.01), micro_batch_groups=prompts),
-        learner_num_cpus=0.5, learner_num_threads=2, accuracy_component="exact_match",
+        learner_ranks=learner_ranks, learner_num_cpus=0.5, learner_num_threads=2, accuracy_component="exact_match",
         run_dir=tempfile.mkdtemp(prefix="bench-grpo-"))
     trainer = GRPOTrainer(cfg)
     rows = []
@@ -52,6 +55,7 @@ def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: in
         m["time/step"] = time.perf_counter() - t0
         rows.append(m)
     run_s = time.perf_counter() - t_run  # all steps: asynchronous rollouts move work between steps
+    memory = trainer.learner.memory()  # per rank, after the last step (gradients still held)
     trainer.shutdown()
     timed = rows[1:] if len(rows) > 1 else rows
     med = lambda k: statistics.median(r[k] for r in timed)  # noqa: E731
@@ -61,7 +65,13 @@ def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: in
             "run_s": run_s, "step_s": med("time/step"), "generate_s": med("time/generate"), "reward_s": med("time/reward"),
             "learn_s": med("time/learn"), "sync_s": med("time/sync"), "max_staleness": staleness,
             "staleness_max": max(r["staleness/max"] for r in rows), "rollout_idle_s": med("time/rollout_idle"),
-            "learner_idle_s": med("time/learner_idle"), "overlap_s": med("time/overlap"), "steps_timed": len(timed)}
+            "learner_idle_s": med("time/learner_idle"), "overlap_s": med("time/overlap"), "steps_timed": len(timed),
+            "learner_ranks": learner_ranks,
+            "learner_state_bytes": [m["params_bytes"] + m["grads_bytes"] + m["optimizer_bytes"] for m in memory],
+            "learner_params_bytes": [m["params_bytes"] for m in memory],
+            "learner_grads_bytes": [m["grads_bytes"] for m in memory],
+            "learner_optimizer_bytes": [m["optimizer_bytes"] for m in memory],
+            "learner_max_rss_bytes": [m["max_rss_bytes"] for m in memory]}
 
 
 def main() -> None:
@@ -71,6 +81,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="2 prompts x 2 samples x 4 tokens, 2 steps")
     parser.add_argument("--max-staleness", type=int, nargs="+", default=[0], help="rollout.max_staleness values")
+    parser.add_argument("--learner-ranks", type=int, nargs="+", default=[1], help="learner_ranks values (FSDP2)")
     args = parser.parse_args()
     prompts, group, new_tokens, steps = (2, 2, 4, 2) if args.quick else (8, 8, 16, args.steps)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -80,9 +91,11 @@ def main() -> None:
     for prompt_len in args.prompt_lens:
         for attention in args.attention:
             for staleness in args.max_staleness:
-                out = run_case(str(init), prompt_len, attention, steps, prompts, group, new_tokens, staleness)
-                out["model_params"] = model.num_params()
-                print(json.dumps(out), flush=True)
+                for ranks in args.learner_ranks:
+                    out = run_case(str(init), prompt_len, attention, steps, prompts, group, new_tokens, staleness,
+                                   ranks)
+                    out["model_params"] = model.num_params()
+                    print(json.dumps(out), flush=True)
     ray.shutdown()
 
 

@@ -144,7 +144,9 @@ class GRPOConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
-    learner_ranks: int = 1  # data-parallel learner actors (one torch.distributed group)
+    # learner actors forming one torch.distributed group; N > 1 shards parameters, gradients and AdamW state
+    # with FSDP2 (options: learner.fsdp)
+    learner_ranks: int = 1
     learner_num_cpus: float = 1.0
     learner_num_gpus: float = 0.0
     learner_num_threads: int = 0
@@ -178,6 +180,9 @@ class GRPOConfig:
                              f"sampler drew from; set rollout.temperature only")
         if ro.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness must be >= 0, got {ro.max_staleness}")
+        if self.learner_ranks > 1 and lr.train_indexer:
+            raise ValueError(f"learner.train_indexer runs on one learner rank only (the indexer's KL reads its "
+                             f"parameters outside the sharded model's forward); learner_ranks is {self.learner_ranks}")
         if self.unmasked_truncation and not ro.allow_unmasked_truncation:
             why = ("engine 'vllm' returns no keep mask" if ro.engine == "vllm"
                    else "learner.keep_sampling_mask is false")

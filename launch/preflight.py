@@ -61,7 +61,8 @@ def check_checkpoint(path: str | Path, key: str, files: tuple[str, ...] = MODEL_
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{key}: no checkpoint directory {path}")
-    missing = [f for f in files if not (path / f).is_file()]
+    # the optimizer state is optimizer.pt (one process) or dcp/ (the sharded GRPO learner, any rank count)
+    missing = [f for f in files if not (path / f).is_file() and not (f == "optimizer.pt" and (path / "dcp").is_dir())]
     if missing:
         raise ConfigError(f"{key}: {path} is not a complete checkpoint (missing {', '.join(missing)})")
 

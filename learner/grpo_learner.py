@@ -24,12 +24,19 @@ Departures and choices (the loss maths and its departures are in grpo_loss.py):
   bias is a buffer: frozen. The reference model routes by itself (pi_ref is its own distribution). The
   expert load and, with replay off, the share of routing that differs from the sampler's are reported
   (routing_metrics.py).
-- Data parallel over ranks (a torch.distributed group, gloo on CPU, NCCL on GPU): every rank receives
-  the whole rollout batch and takes groups rank, rank + world, ... of each mini-batch; the loss is
-  normalised by the mini-batch's global token count (or, with `aggregation: sequence`, its non-empty
-  sequence count), so summing gradients over ranks (all-reduce) gives exactly the one-rank gradient,
-  and every rank takes the same optimizer step. Counts are summed over ranks; other averages are
-  rank 0's shard.
+- Data parallel over ranks (a torch.distributed group, gloo on CPU, NCCL on GPU) with FSDP2
+  (learner/fsdp.py): with N > 1 ranks the policy arrives sharded (fully_shard per decoder layer, then
+  the root), so parameters, gradients and the AdamW state built on them are 1/N per rank. Every rank
+  receives the whole rollout batch and takes groups rank, rank + world, ... of each mini-batch; the loss
+  is normalised by the mini-batch's global token count (or, with `aggregation: sequence`, its non-empty
+  sequence count), so FSDP's reduce-scatter, set to sum, gives exactly the one-rank gradient, and the
+  grad norm (clipping, the non-finite check) and the step's loss are global, so every rank decides alike.
+  FSDP's collectives run per forward and backward, so a rank with fewer micro-batches than rank 0 runs
+  the missing ones on a copy of a real one with its loss times 0. Counts are summed over ranks; other
+  averages are rank 0's shard. One rank keeps the plain, unsharded model. `train_indexer` needs the
+  indexer's parameters outside the model's forward, so it runs on one rank only.
+- `fsdp.mixed_precision: bf16` runs the forwards under bf16 autocast (matmuls in bf16); weights, gradients
+  and AdamW stay fp32, and log-probabilities are taken in fp32 (logprobs.py).
 - Metrics: counts (`tokens`, `sequences`, `offpolicy_masked_seqs`) are per pass over the batch;
   other values are token-weighted means, `*_max` maxima.
 """
@@ -42,6 +49,7 @@ import torch.distributed as dist
 
 from dsarl.models import PrefixKV
 
+from .fsdp import FSDPConfig, autocast_dtype, full_state_items, is_sharded
 from .grpo_batch import GroupSample, PaddedGroups, pad_groups
 from .grpo_loss import GRPOLossConfig, grpo_loss
 from .logprobs import token_entropy, token_logprobs
@@ -73,6 +81,7 @@ class LearnerConfig:
     # A non-finite loss or gradient skips that optimizer step (counted as nonfinite_skipped); this many
     # in a row stop the run (NonFiniteError) instead of training on garbage.
     max_nonfinite_steps: int = 3
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # sharding options used with learner_ranks > 1
 
 
 def group_forward(model, batch: PaddedGroups, attention: str, temperature: float, use_indices: bool,
@@ -150,6 +159,10 @@ class GRPOLearner:
         self.attention = policy.config.attention if cfg.attention == "model" else cfg.attention
         if cfg.loss.beta > 0 and reference is None:
             raise ValueError("learner.loss.beta > 0 needs a reference model")
+        if cfg.train_indexer and is_sharded(policy):
+            raise ValueError("learner.train_indexer runs on one learner rank only (the indexer's KL reads its "
+                             "parameters outside the sharded model's forward); set learner_ranks: 1")
+        self._autocast = autocast_dtype(cfg.fsdp.mixed_precision)
         indexer_ids = {id(p) for p in policy.indexer_parameters()}
         self._indexer_params = [p for p in policy.indexer_parameters() if p.requires_grad]
         self._policy_params = [p for p in policy.parameters() if p.requires_grad and id(p) not in indexer_ids]
@@ -177,14 +190,20 @@ class GRPOLearner:
             return float(sum(1 for g in groups for c in g.completions if len(c) > 0))
         return float(sum(g.num_tokens for g in groups))
 
-    def _split(self, groups: list[GroupSample]) -> list[tuple[float, list[PaddedGroups]]]:
+    def _split(self, groups: list[GroupSample]) -> list[tuple[float, list[PaddedGroups], int]]:
         """mini_batches parts of the groups (one optimizer step each): (global normalizer, this rank's
-        micro-batches)."""
+        micro-batches, how many of them are real). Every rank gets as many micro-batches as rank 0 (the
+        sharded model's collectives run per forward/backward); the padding ones repeat the mini-batch's
+        first group and are trained with weight 0."""
         V, m = self.policy.config.vocab_size, self.cfg.micro_batch_groups
         out = []
         for mini in self._mini_groups(groups):
             local = mini[self.rank:: self.world_size]
-            out.append((self._normalizer(mini), [pad_groups(local[j: j + m], V) for j in range(0, len(local), m)]))
+            mbs = [pad_groups(local[j: j + m], V) for j in range(0, len(local), m)]
+            real = len(mbs)
+            most = -(-len(mini[:: self.world_size]) // m)  # rank 0's count: it gets the most groups
+            mbs += [pad_groups(mini[:1], V) for _ in range(most - real)]
+            out.append((self._normalizer(mini), mbs, real))
         return out
 
     def _logp(self, model, mb: PaddedGroups, with_entropy=False, use_indices: bool | None = None,
@@ -192,8 +211,10 @@ class GRPOLearner:
         """-> (logp, entropy, routing) of routed_group_forward."""
         use = self.cfg.use_sampler_indices if use_indices is None else use_indices
         experts = self.cfg.use_sampler_experts if use_experts is None else use_experts
-        return routed_group_forward(model, mb, self.attention, self.temperature, use, self.cfg.keep_sampling_mask,
-                                    with_entropy, experts)
+        with torch.autocast(self.policy.device.type, dtype=self._autocast or torch.float32,  # the compute device
+                            enabled=self._autocast is not None):
+            return routed_group_forward(model, mb, self.attention, self.temperature, use,
+                                        self.cfg.keep_sampling_mask, with_entropy, experts)
 
     def reference_logp(self, mb: PaddedGroups) -> torch.Tensor:
         """log pi_ref of the sampled tokens: the reference model with its own indexer's selection, or
@@ -225,20 +246,13 @@ class GRPOLearner:
         (self.cfg.indexer_kl_weight * kl).backward()
         return kl.item()
 
-    def _trainable(self) -> list[torch.nn.Parameter]:
-        return self._policy_params + self._indexer_params
-
-    def _all_reduce_grads(self) -> None:
+    def _global_loss(self, local: float) -> float:
+        """The step's loss summed over ranks (each carries the global normaliser)."""
         if self.world_size == 1:
-            return
-        params = self._trainable()
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-        dist.all_reduce(flat)  # sum: each rank's loss already carries the global normaliser
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset: offset + n].view_as(p).clone()
-            offset += n
+            return local
+        total = torch.tensor([local], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total[0])
 
     def _clip_and_step(self, loss_finite: bool = True) -> tuple[float, float, bool]:
         """Clips the policy's and the indexer's gradients apart, sets the scheduled LR, steps.
@@ -267,18 +281,21 @@ class GRPOLearner:
         self.policy.train()
         minis = self._split(groups)
         minis_groups = self._mini_groups(groups)
-        ref = [[self.reference_logp(mb) for mb in mbs] for _, mbs in minis] if cfg.loss.beta > 0 else None
+        ref = [[self.reference_logp(mb) for mb in mbs] for _, mbs, _ in minis] if cfg.loss.beta > 0 else None
         with torch.no_grad():
             need_old = cfg.ppo_epochs * len(minis) > 1
-            old = [[self._logp(self.policy, mb)[0] for mb in mbs] for _, mbs in minis] if need_old else None
+            old = [[self._logp(self.policy, mb)[0] for mb in mbs] for _, mbs, _ in minis] if need_old else None
         sums: dict[str, float] = {}
         weight_total, loss_total, grad_norms, indexer_norms, lrs, skipped = 0.0, 0.0, [], [], [], 0
         routed = self._zero_routing_counts()
         for _ in range(cfg.ppo_epochs):
-            for i, (normalizer, mbs) in enumerate(minis):
+            for i, (normalizer, mbs, real) in enumerate(minis):
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for j, mb in enumerate(mbs):
+                    if j >= real:  # padding: the collectives of a real micro-batch, a zero gradient
+                        (self._logp(self.policy, mb)[0] * 0.0).sum().backward()
+                        continue
                     logp, entropy, used = self._logp(self.policy, mb, with_entropy=True)
                     if routed is not None:
                         routed = routed + self._routing_counts(mb, used)
@@ -303,7 +320,7 @@ class GRPOLearner:
                     if local:
                         sums["indexer_kl"] = sums.get("indexer_kl", 0.0) + self._indexer_kl_backward(
                             local, len(minis_groups[i])) * float(sum(mb.mask.sum() for mb in mbs))
-                self._all_reduce_grads()
+                step_loss = self._global_loss(step_loss)
                 lrs.append(self.current_lr())
                 loss_total += step_loss
                 norm, indexer_norm, stepped = self._clip_and_step(math.isfinite(step_loss))
@@ -317,9 +334,9 @@ class GRPOLearner:
                for k, v in sums.items()}
         counts = [out.get(k, 0.0) for k in COUNT_METRICS]
         if self.world_size > 1:
-            total = torch.tensor([loss_total, *counts], dtype=torch.float64)
+            total = torch.tensor(counts, dtype=torch.float64)
             dist.all_reduce(total)
-            loss_total, counts = float(total[0]), total[1:].tolist()
+            counts = total.tolist()
         for k, v in zip(COUNT_METRICS, counts):
             out[k] = v / cfg.ppo_epochs  # per pass over the batch
         out["offpolicy_masked_frac"] = out["offpolicy_masked_seqs"] / max(out["sequences"], 1.0)
@@ -356,5 +373,11 @@ class GRPOLearner:
             counts = RoutingCounts.from_flat(flat, len(self._moe_layers()))
         return routing_metrics(counts, self._moe_layers(), self.cfg.ppo_epochs)
 
+    def full_state_items(self):
+        """(name, full CPU tensor) of the policy, one at a time: every rank must exhaust it (the shards are
+        all-gathered in step); only rank 0 yields. See fsdp.full_state_items."""
+        return full_state_items(self.policy, self.rank)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
+        """The policy's full state dict (CPU) on rank 0, {} on the others; a collective with N ranks."""
+        return dict(self.full_state_items())

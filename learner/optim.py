@@ -3,6 +3,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -39,7 +40,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def clip_grad(params, max_norm: float) -> float:
+    """Clips the gradients' global norm to max_norm (0: only measures it). -> the norm before clipping.
+    Sharded (DTensor) gradients: the norm is of the full gradient, the same number on every rank."""
     params = [p for p in params if p.grad is not None]
+    if params and isinstance(params[0].grad, DTensor):
+        total = torch.nn.utils.get_total_norm([p.grad for p in params]).full_tensor()  # reduced over shards
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return float(total)
     if max_norm <= 0:
         return float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))

@@ -1,5 +1,6 @@
-"""Data-parallel learner on a MoE model: the routing metrics of 2 ranks (gloo) cover the whole batch,
-like 1 rank's, not rank 0's shard."""
+"""The FSDP2 learner on a MoE model: 2 ranks (gloo) take 1 rank's step although each routes its tokens to
+different experts (unused experts reduce zeros), and their routing metrics cover the whole batch, like 1
+rank's, not rank 0's shard."""
 import random
 
 import pytest
@@ -30,10 +31,11 @@ def test_two_ranks_report_the_whole_batchs_routing_metrics(tmp_path):
     lcfg = LearnerConfig(use_sampler_experts=False, micro_batch_groups=1)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        metrics = {}
+        metrics, states = {}, {}
         for n in (1, 2):
             group = LearnerGroup(n, str(tmp_path / "init"), lcfg, seed=0, num_cpus=0.5, num_threads=1)
             metrics[n] = group.update(groups)
+            states[n] = group.state_dict()
             group.shutdown()
     finally:
         ray.shutdown()
@@ -41,3 +43,6 @@ def test_two_ranks_report_the_whole_batchs_routing_metrics(tmp_path):
     assert 0 < metrics[1]["moe/routing_mismatch"] < 1
     for k in keys:
         assert metrics[2][k] == pytest.approx(metrics[1][k], rel=1e-12), k
+    assert metrics[2]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-5, abs=1e-7)
+    for k, v in states[1].items():  # AdamW: 1e-3 of the LR is the float tolerance of one step
+        torch.testing.assert_close(states[2][k], v, rtol=1e-5, atol=1e-5, msg=k)
