@@ -279,10 +279,10 @@ class GRPOTrainer:
         self._queue: deque[PendingRound] = deque()  # submitted, not yet collected rounds (oldest first)
         self._unscored_steps = 0  # steps in a row with every group unscored (reward workers lost)
         self._actor_failures = 0  # rollout workers lost and restarted over the run
-        self._nodes_at_start = alive_nodes()  # a stop names the nodes lost since
         self._perf_to_wall = time.time() - time.perf_counter()
         self._learn_windows: list[tuple[float, float]] = []  # wall-clock (start, end) of recent updates
         init_ray(RayConfig(num_cpus=cfg.ray_num_cpus, include_dashboard=False))
+        self._nodes_at_start = alive_nodes()  # a stop names the nodes lost since
         init = resolve(cfg.init_from)
         self.tokenizer = load_tokenizer(init)
         ro = cfg.rollout
