@@ -110,3 +110,21 @@ def test_stage_weights_when_idle_loads_at_once_and_checks_the_state(models):
     with pytest.raises(ValueError, match="missing weights"):
         engine.stage_weights(bad, 4)
     assert engine.weight_version == 3
+
+
+def test_per_token_versions_roundtrip_through_the_rollout_log(models, tmp_path):
+    import pyarrow.parquet as pq
+
+    from dsarl.data.rollout_schema import completions_to_table, read_rollouts, table_to_completions, write_rollouts
+
+    engine = fresh_engine(max_batch_size=4)
+    params = SamplingParams(max_new_tokens=6, n=2, seed=2, ignore_eos=True)
+    comps = engine.generate(PROMPTS, params, step_hook=lambda s: s == 2 and engine.stage_weights(
+        models[1].state_dict(), 4))
+    write_rollouts(completions_to_table(comps), tmp_path / "r.parquet")
+    back = table_to_completions(read_rollouts(tmp_path / "r.parquet"))
+    assert [c.token_versions for c in back] == [c.token_versions for c in comps] == [[0, 0, 0, 4, 4, 4]] * 4
+    assert [c.weight_version for c in back] == [0] * 4 and all(c.num_versions == 2 for c in back)
+    old = completions_to_table(comps).drop_columns(["token_versions"])  # a log written before the column
+    pq.write_table(old, tmp_path / "old.parquet")
+    assert [c.token_versions for c in table_to_completions(read_rollouts(tmp_path / "old.parquet"))] == [None] * 4
