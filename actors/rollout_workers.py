@@ -15,8 +15,6 @@ on older weights.
 """
 import os
 import time
-import os
-import time
 
 import ray
 import torch
@@ -180,7 +178,8 @@ class RolloutPool:
     def submit_generate(self, prompts: list[list[int]], params: SamplingParams) -> list[ray.ObjectRef]:
         """Starts generation on every worker's shard and returns at once; `collect` gets the results.
         Each worker runs its calls in submission order, so a generate submitted after a weight sync
-        samples with the new weights, and one submitted before it with the old."""
+        samples with the new weights, and one submitted before it with the old (partial rollouts: one
+        still running when a sync arrives continues on the new weights; a later one waits for them)."""
         refs = []
         extra = (self._sent_version,) if self.partial_rollouts else ()  # no new argument when off
         for i, (w, (a, b)) in enumerate(zip(self.workers, self._shards(len(prompts)))):

@@ -32,6 +32,7 @@ completion's selections leave the engine encoded (data/index_codec.py), exact an
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,9 +110,9 @@ class NativeEngine:
         self.weight_version = weight_version
         self._vocab_text: list[str] | None = None
         # partial rollouts: weights staged by another thread, applied by the generating one
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.RLock())
         self._staged: tuple[dict[str, torch.Tensor], int] | None = None
-        self._generating = False
+        self._users = 0  # calls using the model now (generate, score): staging waits for them
 
     @property
     def device(self) -> torch.device:
@@ -149,7 +150,7 @@ class NativeEngine:
         running generation loads them at its next step boundary (a newer staging replaces an older)."""
         self._check_state(state_dict)
         with self._cond:
-            if self._generating:
+            if self._users:
                 self._staged = (state_dict, version)
             else:
                 self._staged = None
@@ -173,7 +174,7 @@ class NativeEngine:
 
     def _apply_staged(self) -> bool:
         """At a step boundary: loads staged weights, if any. True when the weights changed."""
-        with self._cond:
+        with self._cond:  # re-entrant: also called with it held
             if self._staged is None:
                 return False
             state, version = self._staged
@@ -199,16 +200,24 @@ class NativeEngine:
                 raise ValueError(f"prompts[{i}] has {len(p)} tokens; need 1..{self.max_len - 1}")
         if not prompts:
             return []
-        with self._cond:
-            assert not self._generating, "one generate() at a time per engine"
-            self._generating = True
-        try:
-            self._apply_staged()
+        with self._model_in_use():
             return _Run(self, prompts, params, prompt_indices).run(step_hook)
+
+    @contextmanager
+    def _model_in_use(self):
+        """While a call uses the model, weights staged from another thread wait for a step boundary
+        (generate) or the call's end (scoring), never change under a forward."""
+        with self._cond:
+            self._users += 1
+            if self._users == 1:
+                self._apply_staged()
+        try:
+            yield
         finally:
             with self._cond:
-                self._generating = False
-            self._apply_staged()  # staged after the last step boundary
+                self._users -= 1
+                if self._users == 0:
+                    self._apply_staged()  # staged after the last step boundary
 
     # ---- scoring -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -217,6 +226,10 @@ class NativeEngine:
 
         One prompt (list[int]) -> list[float]; a batch (list[list[int]]) -> list[list[float]].
         """
+        with self._model_in_use():
+            return self._score(prompt_ids, completion_ids, temperature)
+
+    def _score(self, prompt_ids, completion_ids, temperature: float):
         single = bool(prompt_ids) and isinstance(prompt_ids[0], int)
         prompts, completions = ([prompt_ids], [completion_ids]) if single else (prompt_ids, completion_ids)
         if len(prompts) != len(completions):
@@ -237,6 +250,10 @@ class NativeEngine:
         """P(the text after the prompt starts with "yes"/"Yes", optionally after one space), exact over
         tokenisations: tokens that complete a target count fully, tokens that are a proper prefix of
         one are followed by another forward on the extended prefix."""
+        with self._model_in_use():
+            return self._yes_probability(prompts)
+
+    def _yes_probability(self, prompts: list[str]) -> list[float]:
         vocab = self._vocab()
         frontier = [(i, self.tokenizer.encode(p, add_bos=True), 1.0, YES_TARGETS) for i, p in enumerate(prompts)]
         result = [0.0] * len(prompts)
