@@ -28,21 +28,21 @@ def models():
     return build_model(CFG, seed=0).requires_grad_(False), build_model(CFG, seed=1).requires_grad_(False)
 
 
-def reference_logprobs(model, prompt, tokens, temperature) -> torch.Tensor:
+def reference_logprobs(model, prompt, tokens, temperature, attention="dense") -> torch.Tensor:
     """log_softmax of one uncached forward over prompt + tokens, at the tokens."""
     ids = torch.tensor([list(prompt) + list(tokens)])
-    logp = torch.log_softmax(model(ids, attention="dense").logits[0].float() / temperature, -1)
+    logp = torch.log_softmax(model(ids, attention=attention).logits[0].float() / temperature, -1)
     return logp[torch.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1), torch.tensor(tokens)]
 
 
-def fresh_engine(max_batch_size, continuous=True):
+def fresh_engine(max_batch_size, continuous=True, attention="dense"):
     return NativeEngine(build_model(CFG, seed=0).requires_grad_(False), TOK, max_batch_size=max_batch_size,
-                        attention="dense", continuous=continuous)
+                        attention=attention, continuous=continuous)
 
 
-@pytest.mark.parametrize("k", [1, 5])
-def test_weights_staged_at_step_k_sample_every_later_token(models, k):
-    engine = fresh_engine(max_batch_size=4)  # every sample placed at step 0: tokens 0, 1 at step 0, t + 1 at step t
+@pytest.mark.parametrize("k, attention", [(1, "dense"), (5, "dense"), (5, "sparse")])
+def test_weights_staged_at_step_k_sample_every_later_token(models, k, attention):
+    engine = fresh_engine(max_batch_size=4, attention=attention)  # sparse: the indexer keys are recomputed too  # every sample placed at step 0: tokens 0, 1 at step 0, t + 1 at step t
     v1_state = {n: t.clone() for n, t in models[1].state_dict().items()}
     params = SamplingParams(temperature=0.9, max_new_tokens=12, n=2, seed=7, ignore_eos=True)
     staged = []
@@ -62,11 +62,11 @@ def test_weights_staged_at_step_k_sample_every_later_token(models, k):
         logp = torch.tensor(c.logprobs)
         for v, model in enumerate(models):
             at = torch.tensor(c.token_versions) == v
-            ref = reference_logprobs(model, c.prompt_ids, c.token_ids, params.temperature)
+            ref = reference_logprobs(model, c.prompt_ids, c.token_ids, params.temperature, attention)
             torch.testing.assert_close(logp[at], ref[at], rtol=1e-4, atol=1e-4)
             # the other version's weights give other log-probs: the check above tells versions apart
             assert not torch.allclose(logp[at], reference_logprobs(models[1 - v], c.prompt_ids, c.token_ids,
-                                                                   params.temperature)[at], atol=1e-3)
+                                                                   params.temperature, attention)[at], atol=1e-3)
 
 
 @pytest.mark.parametrize("continuous", [True, False])
