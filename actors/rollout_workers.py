@@ -4,6 +4,14 @@
 CPU/GPU resources from config. The pool splits prompts into contiguous shards, one per worker,
 passes each shard its global prompt indices (so samples are what one engine would draw, whatever
 the number of workers), and concatenates the results back in prompt order.
+
+Partial rollouts (`partial_rollouts=True`, native engine): the worker is a `PartialRolloutWorker`, whose
+`load_weights` runs in its own concurrency group (one thread) beside the generate calls (which keep
+theirs, one at a time, in order), so new weights reach a generation in flight: `load_weights` only
+stages them and the engine swaps them in at its next step boundary (actors/engine/native.py). Because
+the two groups do not order each other's calls, each generate carries the newest version the pool has
+sent (`min_version`) and waits until it is loaded or staged: a round submitted after a sync never starts
+on older weights.
 """
 import os
 import time
@@ -51,7 +59,7 @@ class RolloutWorker:
 
     def __init__(self, checkpoint_dir=None, config=None, state_dict=None, engine: str = "native",
                  engine_kwargs: dict | None = None, device=None, num_threads: int | None = None,
-                 model_overrides: dict | None = None):
+                 model_overrides: dict | None = None, partial_rollouts: bool = False):
         follow_cpu_share(num_threads)
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
@@ -62,15 +70,22 @@ class RolloutWorker:
         self.engine = ENGINES[engine](checkpoint_dir, config, state_dict, device, model_overrides,
                                       **(engine_kwargs or {}))
         self.broadcast = GroupHolder()  # membership of the learner's weight broadcast group, if any
+        self.partial = partial_rollouts
+        if partial_rollouts and not hasattr(self.engine, "stage_weights"):
+            raise ValueError(f"rollout.partial_rollouts needs the native engine, got engine {engine!r}")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  prompt_indices: list[int] | None = None) -> list[Completion]:
         return self.engine.generate(prompts, params, prompt_indices)
 
     def generate_timed(self, prompts: list[list[int]], params: SamplingParams,
-                       prompt_indices: list[int] | None = None) -> tuple[list[Completion], tuple[float, float]]:
+                       prompt_indices: list[int] | None = None,
+                       min_version: int | None = None) -> tuple[list[Completion], tuple[float, float]]:
         """generate() and its wall-clock (start, end). The pool asks for the two as separate returns,
-        so the driver learns when a worker was busy without a call queued behind its next generation."""
+        so the driver learns when a worker was busy without a call queued behind its next generation.
+        min_version (partial rollouts): first wait until weights of that version are loaded or staged."""
+        if min_version is not None:
+            self.engine.wait_for_version(min_version)
         start = time.time()
         return self.engine.generate(prompts, params, prompt_indices), (start, time.time())
 
@@ -85,6 +100,11 @@ class RolloutWorker:
         return self.engine.yes_probability(prompts)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        """Loads the weights (partial rollouts: stages them for the generation in flight, if any).
+        Returns the version loaded or staged."""
+        if self.partial:
+            self.engine.stage_weights(state_dict, version)
+            return version
         self.engine.load_weights(state_dict, version)
         return self.engine.weight_version
 
@@ -110,24 +130,39 @@ class RolloutWorker:
         return self.engine.weight_version
 
 
+class PartialRolloutWorker(RolloutWorker):
+    """A RolloutWorker whose weight loads run beside its generate calls (Ray concurrency group
+    "weights", declared where the pool creates it), so they reach a generation in flight."""
+
+    @ray.method(concurrency_group="weights")
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        return super().load_weights(state_dict, version)
+
+
 class RolloutPool:
     def __init__(self, num_workers: int, checkpoint_dir=None, num_cpus_per_worker: float = 1,
                  num_gpus_per_worker: float = 0, engine: str = "native", engine_kwargs: dict | None = None,
                  config=None, state_dict=None, num_threads: int = 0, model_overrides: dict | None = None,
-                 placement=None, max_restarts: int = 0):
+                 placement=None, max_restarts: int = 0, partial_rollouts: bool = False):
         """placement: optional (worker index) -> actor options (a placement-group bundle).
         max_restarts: Ray restarts a worker whose process dies (it comes back with the initial
-        weights: the driver calls `restore` before using it again)."""
+        weights: the driver calls `restore` before using it again).
+        partial_rollouts: weight syncs reach generations in flight (see the module docstring)."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if partial_rollouts and engine != "native":
+            raise ValueError(f"rollout.partial_rollouts needs the native engine, got engine {engine!r}")
         state_ref = ray.put(state_dict) if state_dict is not None else None
-        actor = ray.remote(RolloutWorker)
+        actor = (ray.remote(concurrency_groups={"weights": 1})(PartialRolloutWorker) if partial_rollouts
+                 else ray.remote(RolloutWorker))
         options = lambda i: {**(placement(i) if placement else  # noqa: E731
                                 {"num_cpus": num_cpus_per_worker, "num_gpus": num_gpus_per_worker}),
                              "max_restarts": max_restarts}
         self.workers = [actor.options(**options(i)).remote(checkpoint_dir, config, state_ref, engine, engine_kwargs,
-                                                           None, num_threads, model_overrides)
+                                                           None, num_threads, model_overrides, partial_rollouts)
                         for i in range(num_workers)]
+        self.partial_rollouts = partial_rollouts
+        self._sent_version: int | None = None  # the newest version synced (partial rollouts' min_version)
         ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
         self._pending_syncs: list[ray.ObjectRef] = []  # the workers' weight loads not yet waited for
         self._pending_senders: list[ray.ObjectRef] = []  # a broadcast sync's learner-side calls
@@ -149,11 +184,14 @@ class RolloutPool:
     def submit_generate(self, prompts: list[list[int]], params: SamplingParams) -> list[ray.ObjectRef]:
         """Starts generation on every worker's shard and returns at once; `collect` gets the results.
         Each worker runs its calls in submission order, so a generate submitted after a weight sync
-        samples with the new weights, and one submitted before it with the old."""
+        samples with the new weights, and one submitted before it with the old (partial rollouts: one
+        still running when a sync arrives continues on the new weights; a later one waits for them)."""
         refs = []
+        extra = (self._sent_version,) if self.partial_rollouts else ()  # no new argument when off
         for i, (w, (a, b)) in enumerate(zip(self.workers, self._shards(len(prompts)))):
             if b > a:
-                out, span = w.generate_timed.options(num_returns=2).remote(prompts[a:b], params, list(range(a, b)))
+                out, span = w.generate_timed.options(num_returns=2).remote(prompts[a:b], params, list(range(a, b)),
+                                                                          *extra)
                 refs.append(out)
                 self._spans.append((i, span))
         return refs
@@ -217,6 +255,7 @@ class RolloutPool:
         else:
             ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
         self._pending_syncs.extend(w.load_weights.remote(ref, version) for w in self.workers)
+        self._sent_version = version  # partial rollouts: later generate calls wait for it
         return self.wait_syncs() if wait else []
 
     def restore(self, weights, version: int, timeout_s: float = 300.0) -> list[int]:

@@ -2,7 +2,8 @@
 
 Columns: prompt id, group id (the GRPO group: one prompt's n samples in one step), prompt index and
 sample index, prompt and completion token ids, per-token sampling log-probabilities, finish reason,
-weight version, completion text, task metadata (JSON text: tasks carry different fields), reward
+weight version (of the oldest token), per-token weight versions (`token_versions`: partial rollouts;
+null where the engine did not record them or in older logs), completion text, task metadata (JSON text: tasks carry different fields), reward
 components (a map name -> value), the total reward and `reward_failed` (True: no reward worker scored
 it, so both are null; older logs read back with it null); optionally the sampler's keep mask (kept
 token ids per step), the indexer's selections (`indices`: the bytes of data/index_codec.py's exact
@@ -38,6 +39,7 @@ ROLLOUT_SCHEMA = pa.schema([
     pa.field("logprobs", pa.list_(pa.float32()), nullable=False),  # engines sample in fp32: exact
     pa.field("finish_reason", pa.string(), nullable=False),
     pa.field("weight_version", pa.int64(), nullable=False),
+    pa.field("token_versions", pa.list_(pa.int64())),  # per token: the weights that sampled it
     pa.field("text", pa.string(), nullable=False),
     pa.field("metadata", pa.string()),  # JSON object
     pa.field("reward_components", pa.map_(pa.string(), pa.float64())),
@@ -107,6 +109,7 @@ def completions_to_table(completions, prompt_ids: list[str] | None = None, group
         "logprobs": [list(c.logprobs) for c in completions],
         "finish_reason": [c.finish_reason for c in completions],
         "weight_version": [c.weight_version for c in completions],
+        "token_versions": [None if c.token_versions is None else list(c.token_versions) for c in completions],
         "text": [c.text for c in completions],
         "metadata": [json.dumps(m, default=str) for m in metadata] if metadata else [None] * n,  # dates etc.
         "reward_components": [list(r.items()) if r is not None else None for r in reward_components]
@@ -155,7 +158,7 @@ def table_to_records(table: pa.Table) -> list[RolloutRecord]:
             prompt_index=row["prompt_index"], sample_index=row["sample_index"],
             prompt_ids=row["prompt_token_ids"], token_ids=row["completion_token_ids"], logprobs=row["logprobs"],
             finish_reason=row["finish_reason"], text=row["text"], weight_version=row["weight_version"],
-            keep_mask=row["keep_mask"], indices=indices, experts=experts,
+            keep_mask=row["keep_mask"], indices=indices, experts=experts, token_versions=row["token_versions"],
         )
         rc = row["reward_components"]
         out.append(RolloutRecord(comp, row["prompt_id"], row["group_id"],

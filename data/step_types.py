@@ -15,6 +15,13 @@ engine to the learner, which decodes it when it pads the batch. `experts` is the
 the engine fed through the model: the prompt's P tokens, then each generated token but the last (the
 last is sampled, never fed), so [P + T - 1, M, k] for the M MoE layers in layer order, uint8
 (n_routed_experts <= 256) or int16: exact and compact.
+
+Partial rollouts (a generation continued across a weight update): `token_versions` holds, per generated
+token, the weight version that sampled it (non-decreasing along the completion), and `weight_version` is
+the oldest of them, the first token's: a sample partly sampled with older weights is as stale as its
+oldest token, so the staleness metric and bound read `weight_version`. `logprobs` stay per token under
+the weights that sampled each token, which is what the learner's off-policy mask and truncated IS need
+for a mixture of versions.
 """
 from dataclasses import dataclass, field
 
@@ -34,10 +41,16 @@ class Completion:
     logprobs: list[float]  # per generated token, under the sampled (temperature, top-p/k) distribution
     finish_reason: str  # "stop" (eos, stop token or stop string) | "length" (max_new_tokens or max_len)
     text: str  # decoded tokens (special tokens skipped), cut before the first stop string
-    weight_version: int  # the weights that generated it
+    weight_version: int  # the weights that sampled its first (oldest) token
     keep_mask: list[list[int]] | None = None  # per token, kept token ids (sorted)
     indices: PackedIndices | None = None  # [T, L, K] selections, encoded
     experts: torch.Tensor | None = None  # [P + T - 1, M, k] uint8 | int16: routed experts per MoE layer
+    token_versions: list[int] | None = None  # per token, the weight version that sampled it (None: all weight_version)
+
+    @property
+    def num_versions(self) -> int:
+        """How many weight versions sampled this completion (> 1: a partial rollout)."""
+        return len(set(self.token_versions)) if self.token_versions else 1
 
 
 @dataclass
@@ -63,8 +76,9 @@ class GroupSample:
     advantages: list[float]  # per completion
     keep_masks: list[list[list[int]]] | None = None  # per completion, per token: kept token ids
     indices: list[PackedIndices | torch.Tensor] | None = None  # per completion [T, L, K]: the sampler's top-k
-    weight_versions: list[int] | None = None  # per completion: the weights that sampled it
+    weight_versions: list[int] | None = None  # per completion: the weights that sampled its oldest token
     experts: list[torch.Tensor] | None = None  # per completion [P + T - 1, M, k]: the sampler's routing
+    token_versions: list[list[int] | None] | None = None  # per completion, per token: the weights that sampled it
 
     @property
     def group_size(self) -> int:

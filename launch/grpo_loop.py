@@ -92,6 +92,10 @@ class RolloutConfig:
     # trains, so a batch is at most this many weight versions old (0: generate, then learn, in turn).
     # The learner's off-policy masking and TIS use the sampler's own log-probs, which makes it safe.
     max_staleness: int = 0
+    # Partial rollouts (needs max_staleness >= 1 and the native engine): a weight sync reaches a generation
+    # in flight, which continues on the new weights from its next step (the KV so far recomputed with
+    # them); every token records the version that sampled it. A sample is as stale as its oldest token.
+    partial_rollouts: bool = False
 
 
 @dataclass
@@ -183,6 +187,13 @@ class GRPOConfig:
         if self.learner_ranks > 1 and lr.train_indexer:
             raise ValueError(f"learner.train_indexer runs on one learner rank only (the indexer's KL reads its "
                              f"parameters outside the sharded model's forward); learner_ranks is {self.learner_ranks}")
+        if ro.partial_rollouts and (ro.max_staleness < 1 or ro.engine != "native"):
+            raise ValueError(f"rollout.partial_rollouts needs rollout.max_staleness >= 1 (got {ro.max_staleness}) "
+                             f"and rollout.engine 'native' (got {ro.engine!r}): with max_staleness 0 no generation "
+                             f"runs during a weight sync, and only the native engine swaps weights mid-generation")
+        if ro.partial_rollouts and self.sync.method == "broadcast":
+            raise ValueError("rollout.partial_rollouts needs sync.method: object_store (a broadcast is received "
+                             "between generate calls, so it cannot reach a generation in flight)")
         if self.unmasked_truncation and not ro.allow_unmasked_truncation:
             why = ("engine 'vllm' returns no keep mask" if ro.engine == "vllm"
                    else "learner.keep_sampling_mask is false")
@@ -262,6 +273,16 @@ class PendingRound:
     submitted: float  # perf_counter() at submission
 
 
+def batch_staleness(groups, learner_version: int) -> tuple[list[int], int]:
+    """(per sample, how many versions its weights are behind the learner's; how many samples span more
+    than one version). A partial rollout's `weight_versions` entry is its oldest token's version
+    (data/step_types.py): a sample partly sampled with older weights is as stale as its oldest token, so
+    the max_staleness bound holds for every token of the batch."""
+    staleness = [learner_version - v for g in groups for v in g.weight_versions]
+    partial = sum(len(set(tv)) > 1 for g in groups for tv in (g.token_versions or []) if tv)
+    return staleness, partial
+
+
 class GRPOTrainer:
     """Wires the pools and the learner; `step()` is one GRPO step. Thin: the maths lives in learner/."""
 
@@ -317,7 +338,8 @@ class GRPOTrainer:
                                    num_gpus_per_worker=ro.num_gpus_per_worker, engine=ro.engine,
                                    engine_kwargs={"max_batch_size": ro.max_batch_size},
                                    num_threads=ro.num_threads, model_overrides=cfg.model_overrides,
-                                   placement=bundle("rollout"), max_restarts=cfg.fault_tolerance.actor_max_restarts)
+                                   placement=bundle("rollout"), max_restarts=cfg.fault_tolerance.actor_max_restarts,
+                                   partial_rollouts=ro.partial_rollouts)
         self.rewards = RewardPool(cfg.rewards, placement=bundle("reward"))
         sc, backend = cfg.sync, choose_backend(cfg.sync.backend, cfg.learner_num_gpus, ro.num_gpus_per_worker)
         self._make_sync = lambda: SYNC_METHODS[sc.method](  # noqa: E731  (also a learner restart's)
@@ -439,8 +461,7 @@ class GRPOTrainer:
         groups, gmetrics = build_groups(rounds, G, cfg.prompts_per_step, cfg.std_normalize,
                                         cfg.filter_uniform_groups, self.record_keep, self.record_indices)
         self._check_unscored(step, groups, gmetrics)
-        learner_version = self._version
-        staleness = [learner_version - v for g in groups for v in g.weight_versions]
+        staleness, partial = batch_staleness(groups, self._version)
         assert max(staleness, default=0) <= cfg.rollout.max_staleness, f"batch too stale: {max(staleness)}"
         self._phase("learn")
         t2 = time.perf_counter()
@@ -486,6 +507,7 @@ class GRPOTrainer:
             "weight_version": self._version, "tokens_per_s": n_tokens / max(t_gen, 1e-9),
             "staleness/max": float(max(staleness, default=0)),
             "staleness/mean": sum(staleness) / max(len(staleness), 1),
+            **({"staleness/partial_samples": float(partial)} if cfg.rollout.partial_rollouts else {}),
             **({"sampling/unmasked_truncation": 1.0} if cfg.unmasked_truncation else {}),
             "time/generate": t_gen, "time/reward": t_rew, "time/learn": t3 - t2, "time/sync": t4 - t3,
             **rollout_timing(busy, wall, self._learn_windows),

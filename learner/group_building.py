@@ -10,6 +10,8 @@ unscored sample (score None: its reward worker was lost, actors/reward_workers.p
 counted in groups/dropped_unscored and, with the filter, further rounds may replace it. Advantages are
 group-relative (learner/advantages.py), computed from each group's own rewards. The sampler's MoE routing
 passes through whenever the engine recorded it (it does only when the driver asks: return_experts).
+Each completion's weight version (its oldest token's, with partial rollouts) and per-token versions pass
+through to the group.
 """
 import math
 from dataclasses import replace
@@ -82,7 +84,8 @@ def build_groups(rounds: list[ScoredRound], group_size: int, target: int, std_no
                                   [c.indices for c in cs] if record_indices else None,
                                   [c.weight_version for c in cs],
                                   experts=[c.experts for c in cs] if all(c.experts is not None for c in cs)
-                                  else None))
+                                  else None,
+                                  token_versions=[c.token_versions for c in cs]))
     scored = _fully_scored(candidates)
     all_rewards = torch.stack(candidates)  # [P_all, G], NaN where unscored
     uniform = int((all_rewards[scored].amax(dim=1) == all_rewards[scored].amin(dim=1)).sum()) if scored else 0

@@ -12,12 +12,27 @@ rows [0, highest active slot], and refills take the lowest free slot, so a drain
 Sampling (temperature, top-p/k, per-sample counter-based RNG) is in sampling.py; stopping in
 stopping.py. Completions come back ordered by prompt, then sample.
 
+Partial rollouts (rollout.partial_rollouts): `stage_weights` may be called from another thread while a
+generation is in flight; the generate loop swaps the staged weights in at its next step boundary and
+continues. Each token records the version that sampled it (Completion.token_versions, non-decreasing);
+its log-prob stays the one it was sampled with, under that version's weights, so the learner's
+off-policy mask and truncated IS see the true sampling distribution of every token. At a swap the
+latent KV (and indexer keys) of every sequence in flight, prompt + tokens so far, is computed again
+with the new weights (one prefill, as AReaL's interrupted rollouts do), and so are prompts prefilled but
+not yet placed: every token after the swap is then exactly what the new weights give for its prefix,
+and its version names a real policy. Keeping the old KV would be cheaper by one prefill per update, but
+a token after the swap would come from a mixture of the two weights that no version describes. Replay
+records (indices, experts) of a token are those of the forward that produced or first fed it.
+
 Replay records (SamplingParams.return_indices / return_experts): the indexer's selection of the query
 that produced each token, and the MoE routing of every token fed through the model: the prompt's (from
 its one prefill, shared by the n samples) and each decoded token's, stored as uint8/int16 ids. A
 completion's selections leave the engine encoded (data/index_codec.py), exact and a fraction of int32.
 """
+import threading
 from collections import deque
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +72,7 @@ class _Seq:
     keep: list[list[int]] = field(default_factory=list)
     indices: list[torch.Tensor] = field(default_factory=list)
     experts: list[torch.Tensor] = field(default_factory=list)  # [P, M, k] of the prompt, then [1, M, k] per fed token
+    versions: list[int] = field(default_factory=list)  # per token, the weight version that sampled it
     finish_reason: str | None = None
 
 
@@ -93,6 +109,10 @@ class NativeEngine:
         self.prefill_tokens = prefill_tokens
         self.weight_version = weight_version
         self._vocab_text: list[str] | None = None
+        # partial rollouts: weights staged by another thread, applied by the generating one
+        self._cond = threading.Condition(threading.RLock())
+        self._staged: tuple[dict[str, torch.Tensor], int] | None = None
+        self._users = 0  # calls using the model now (generate, score): staging waits for them
 
     @property
     def device(self) -> torch.device:
@@ -102,6 +122,10 @@ class NativeEngine:
     @torch.no_grad()
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Copies a full state dict into the model in place (device and dtype converted)."""
+        self._check_state(state_dict)
+        self._copy_state(state_dict, version)
+
+    def _check_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         own = self.model.state_dict()
         tied = {"lm_head.weight"} if self.cfg.tie_word_embeddings else set()
         missing = set(own) - set(state_dict) - tied
@@ -109,19 +133,64 @@ class NativeEngine:
         if missing or unexpected:
             raise ValueError(f"state_dict: missing weights {sorted(missing)}, unexpected {sorted(unexpected)}")
         for name, value in state_dict.items():
-            if name in tied:
-                continue
-            if own[name].shape != value.shape:
+            if name not in tied and own[name].shape != value.shape:
                 raise ValueError(f"state_dict[{name!r}]: shape {tuple(value.shape)} != {tuple(own[name].shape)}")
+
+    @torch.no_grad()
+    def _copy_state(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        own = self.model.state_dict()
+        for name, value in state_dict.items():
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
             own[name].copy_(value)
         self.weight_version = version
+
+    def stage_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Partial rollouts: safe from another thread. Loads now when no generation runs; otherwise the
+        running generation loads them at its next step boundary (a newer staging replaces an older)."""
+        self._check_state(state_dict)
+        with self._cond:
+            if self._users:
+                self._staged = (state_dict, version)
+            else:
+                self._staged = None
+                self._copy_state(state_dict, version)
+            self._cond.notify_all()
+
+    def newest_version(self) -> int:
+        """The version loaded or staged: what the next step boundary will sample with."""
+        with self._cond:
+            return self._staged[1] if self._staged is not None else self.weight_version
+
+    def wait_for_version(self, version: int, timeout_s: float = 600.0) -> None:
+        """Blocks until weights of at least `version` are loaded or staged (a generate submitted after
+        a weight sync must not start on older weights when the sync runs on another thread)."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: (self._staged[1] if self._staged else self.weight_version) >= version,
+                                     timeout_s)
+        if not ok:
+            raise TimeoutError(f"no weights of version >= {version} arrived in {timeout_s} s "
+                               f"(the engine holds version {self.weight_version})")
+
+    def _apply_staged(self) -> bool:
+        """At a step boundary: loads staged weights, if any. True when the weights changed."""
+        with self._cond:  # re-entrant: also called with it held
+            if self._staged is None:
+                return False
+            state, version = self._staged
+            self._staged = None
+            self._copy_state(state, version)
+            return True
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 prompt_indices: list[int] | None = None) -> list[Completion]:
+                 prompt_indices: list[int] | None = None,
+                 step_hook: Callable[[int], None] | None = None) -> list[Completion]:
         """prompts: token ids. prompt_indices: the prompts' global indices (RNG streams and
-        Completion.prompt_index; default 0..len-1), so a pool's shards sample as one engine would."""
+        Completion.prompt_index; default 0..len-1), so a pool's shards sample as one engine would.
+        step_hook(i), if given, runs at the i-th step boundary (before admission and decode step i;
+        tests stage weights from it); staged weights are loaded right after it."""
         if prompt_indices is None:
             prompt_indices = list(range(len(prompts)))
         if len(prompt_indices) != len(prompts):
@@ -131,8 +200,24 @@ class NativeEngine:
                 raise ValueError(f"prompts[{i}] has {len(p)} tokens; need 1..{self.max_len - 1}")
         if not prompts:
             return []
-        run = _Run(self, prompts, params, prompt_indices)
-        return run.run()
+        with self._model_in_use():
+            return _Run(self, prompts, params, prompt_indices).run(step_hook)
+
+    @contextmanager
+    def _model_in_use(self):
+        """While a call uses the model, weights staged from another thread wait for a step boundary
+        (generate) or the call's end (scoring), never change under a forward."""
+        with self._cond:
+            self._users += 1
+            if self._users == 1:
+                self._apply_staged()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                if self._users == 0:
+                    self._apply_staged()  # staged after the last step boundary
 
     # ---- scoring -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -141,6 +226,10 @@ class NativeEngine:
 
         One prompt (list[int]) -> list[float]; a batch (list[list[int]]) -> list[list[float]].
         """
+        with self._model_in_use():
+            return self._score(prompt_ids, completion_ids, temperature)
+
+    def _score(self, prompt_ids, completion_ids, temperature: float):
         single = bool(prompt_ids) and isinstance(prompt_ids[0], int)
         prompts, completions = ([prompt_ids], [completion_ids]) if single else (prompt_ids, completion_ids)
         if len(prompts) != len(completions):
@@ -161,6 +250,10 @@ class NativeEngine:
         """P(the text after the prompt starts with "yes"/"Yes", optionally after one space), exact over
         tokenisations: tokens that complete a target count fully, tokens that are a proper prefix of
         one are followed by another forward on the extended prefix."""
+        with self._model_in_use():
+            return self._yes_probability(prompts)
+
+    def _yes_probability(self, prompts: list[str]) -> list[float]:
         vocab = self._vocab()
         frontier = [(i, self.tokenizer.encode(p, add_bos=True), 1.0, YES_TARGETS) for i, p in enumerate(prompts)]
         result = [0.0] * len(prompts)
@@ -227,8 +320,14 @@ class _Run:
         self.prefixes: dict[int, _Prefix] = {}
         self.done: list[_Seq] = []
 
-    def run(self) -> list[Completion]:
+    def run(self, step_hook: Callable[[int], None] | None = None) -> list[Completion]:
+        step = 0
         while self.waiting or any(self.slots):
+            if step_hook is not None:
+                step_hook(step)
+            if self.e._apply_staged():
+                self._recompute_kv()
+            step += 1
             if self.e.continuous or not any(self.slots):
                 self._admit()
             if any(self.slots):
@@ -291,6 +390,29 @@ class _Run:
                 del self.prefixes[i]
         self._append([b for b, _ in pairs], seqs, torch.stack(logits), first_idx)
 
+    def _recompute_kv(self) -> None:
+        """After a weight swap: the latent KV and indexer keys of every sequence in flight (prompt + the
+        tokens fed so far) and the prefixes not yet placed, computed again with the new weights."""
+        active = [b for b, s in enumerate(self.slots) if s is not None]
+        e = self.e
+        for c0 in range(0, len(active), max(1, e.max_batch_size)):
+            rows = active[c0:c0 + e.max_batch_size]
+            seqs = [list(self.prompts[self.slots[b].prompt_pos]) + self.slots[b].tokens[:-1] for b in rows]
+            lens = [len(s) for s in seqs]
+            ids = torch.full((len(rows), max(lens)), e.cfg.pad_token_id, dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : lens[r]] = torch.tensor(s)
+            scratch = StaticKVCache(e.cfg, len(rows), max(lens), device=e.device, dtype=self.cache.kv.dtype)
+            e.model(ids.to(e.device), cache=scratch, attention=e.attention, logits_slice=slice(0, 0))
+            for r, b in enumerate(rows):
+                assert int(self.cache.lengths[b]) == lens[r], f"slot {b}: {int(self.cache.lengths[b])} != {lens[r]}"
+                self.cache.kv[:, b, : lens[r]] = scratch.kv[:, r, : lens[r]]
+                self.cache.k_idx[:, b, : lens[r]] = scratch.k_idx[:, r, : lens[r]]
+        unplaced = {i: pre.unplaced for i, pre in self.prefixes.items()}
+        self._prefill(sorted(unplaced))
+        for i, n in unplaced.items():
+            self.prefixes[i].unplaced = n
+
     # ---- decoding ------------------------------------------------------------------------------
     def _decode_step(self) -> None:
         active = [b for b, s in enumerate(self.slots) if s is not None]
@@ -327,6 +449,7 @@ class _Run:
         for a, (b, s) in enumerate(zip(slots, seqs)):
             s.tokens.append(tokens[a])
             s.logprobs.append(logprobs[a])
+            s.versions.append(self.e.weight_version)
             if keep is not None:
                 s.keep.append(keep[a].nonzero().squeeze(-1).tolist())
             if step_idx[a] is not None:
@@ -344,7 +467,7 @@ class _Run:
         return Completion(
             prompt_index=self.prompt_indices[s.prompt_pos], sample_index=s.sample_index,
             prompt_ids=list(self.prompts[s.prompt_pos]), token_ids=s.tokens, logprobs=s.logprobs,
-            finish_reason=s.finish_reason, text=text, weight_version=self.e.weight_version,
+            finish_reason=s.finish_reason, text=text, weight_version=min(s.versions), token_versions=s.versions,
             keep_mask=s.keep if self.params.return_keep_mask else None,
             indices=encode_indices(torch.stack(s.indices)) if s.indices else None,  # compact before Ray carries it
             experts=torch.cat(s.experts) if s.experts else None,  # [P + T - 1, M, k]
