@@ -11,12 +11,13 @@ def configure(parser, name: str) -> None:
 
 def run(args) -> int:
     from .distill_pipeline import DistillConfig, run_distill
-    from .distill_seeds import run_seeds
+    from .distill_seeds import run_seeds, seed_config
     from .preflight import check_distill_config
 
     cfg = load_config(DistillConfig, args.config, args.overrides)
     resolve = config_resolver(cfg.config_path)
-    check_distill_config(cfg, resolve, args.resume)  # before run_distill starts Ray
+    # before run_distill starts Ray; with seeds, the first seed's run (its run_dir is what --resume finds)
+    check_distill_config(seed_config(cfg, cfg.seeds[0], None) if cfg.seeds else cfg, resolve, args.resume)
     run = run_seeds if cfg.seeds else run_distill  # seeds: one whole pipeline per seed, then the spread
     results = run(cfg, resume=bool(args.resume), resolve=resolve)
     print(f"distill: report at {cfg.run_dir}/report.md")
