@@ -150,7 +150,6 @@ def validation_rows(task: str, task_kwargs: dict, n: int, seed: int, exclude: li
         row = gen(random.Random(f"{seed}/validation/{task}/{i}"), **task_kwargs)  # make_rows' seeding, own split
         row["id"] = f"{task}-validation-{i}"
         i += 1
-        if str(row["prompt"]) not in seen:
-            seen.add(str(row["prompt"]))  # no repeats inside validation either
+        if str(row["prompt"]) not in seen:  # repeats inside validation kept: drawn as the held-out rows are
             out.append(row)
     return out
