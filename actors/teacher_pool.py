@@ -8,8 +8,12 @@ that domain's specialist. They sample (SFT data) and score in teacher mode (on-p
 `TeacherWorker` is a RolloutWorker plus `log_probs`: the full log-distribution at every completion
 position (learner/distill.py `completion_log_probs`), which the exact reverse KL needs; the plain
 `score` gives only the sampled token's logprob. Each sample goes to the teacher of its own domain
-(`route_by_domain`); all domains' requests are in flight at once.
+(`route_by_domain`); all domains' requests are in flight at once. `mixture_log_probs` scores a sample
+by several specialists and returns the log of their mean distribution (a domain taught by every
+specialist that is good at it, chosen on validation rows: launch/distill_select.py).
 """
+import math
+
 import ray
 import torch
 
@@ -80,6 +84,24 @@ class TeacherPool:
             for i, logp in zip(idx, [x for shard in ray.get(refs[d]) for x in shard]):
                 out[i] = logp
         return out
+
+    def mixture_log_probs(self, teacher_sets: list[list[str]], prompt_ids: list[list[int]],
+                          completion_ids: list[list[int]], temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per sample, the log of the mean of its teachers' distributions, log (1/k) sum_j pi_j(. | ...)
+        (one teacher: its own log-probs). Every (sample, teacher) pair is one request of `log_probs`,
+        all in flight at once; results are combined in input order, so the sum is the same every run."""
+        if len(teacher_sets) != len(prompt_ids):
+            raise ValueError(f"{len(teacher_sets)} teacher sets, {len(prompt_ids)} prompts")
+        pairs = [(i, t) for i, ts in enumerate(teacher_sets) for t in ts]
+        if any(not ts for ts in teacher_sets):
+            raise ValueError("every sample needs at least one teacher")
+        logp = self.log_probs([t for _, t in pairs], [prompt_ids[i] for i, _ in pairs],
+                              [completion_ids[i] for i, _ in pairs], temperature)
+        per_sample: list[list[torch.Tensor]] = [[] for _ in teacher_sets]
+        for (i, _), lp in zip(pairs, logp):
+            per_sample[i].append(lp)
+        return [lps[0] if len(lps) == 1 else torch.logsumexp(torch.stack(lps), dim=0) - math.log(len(lps))
+                for lps in per_sample]  # [Lc, V] each
 
     def _pool(self, domain: str) -> DomainTeachers:
         if domain not in self.pools:

@@ -18,7 +18,7 @@ from typing import Any
 
 from dsarl.rewards.config import RewardComponentConfig
 
-from .tasks import TASKS, register_task
+from .tasks import TASKS, get_task, register_task
 
 
 @register_task("code_lambda")
@@ -113,10 +113,43 @@ def mixed(rng: random.Random, domains: dict[str, dict] | None = None, weights: d
     return {**row, "domain": name}
 
 
-@dataclass
+@dataclass(frozen=True)
 class DomainRows:
-    """A domain's prompt rows: train (specialist GRPO, SFT, distillation) and held out (eval)."""
+    """A domain's prompt rows in three disjoint splits: train (specialist GRPO, SFT data, on-policy
+    prompts), validation (every choice the distillation makes) and held out (the report only)."""
 
-    domain: Domain
-    train: list[dict] = field(default_factory=list)
-    test: list[dict] = field(default_factory=list)
+    train: list[dict]
+    validation: list[dict]
+    test: list[dict]
+
+    def __post_init__(self):
+        assert_disjoint(self.train, self.validation, self.test)
+
+
+def assert_disjoint(train: list[dict], validation: list[dict], test: list[dict]) -> None:
+    """No prompt text in two splits: a validation row seen in training would flatter the student the
+    choices favour, one shared with the held-out rows would let a choice read the report's rows."""
+    for a_name, a, b_name, b in (("train", train, "validation", validation), ("train", train, "test", test),
+                                 ("validation", validation, "test", test)):
+        shared = {str(r["prompt"]) for r in a} & {str(r["prompt"]) for r in b}
+        assert not shared, f"{len(shared)} prompt(s) in both {a_name} and {b_name}, e.g. {sorted(shared)[0]!r}"
+
+
+def validation_rows(task: str, task_kwargs: dict, n: int, seed: int, exclude: list[dict]) -> list[dict]:
+    """`n` rows of the task's own `validation` split (ids `<task>-validation-<i>`) whose prompts are in
+    none of `exclude` (train and held-out rows): a small task (2-digit sums) repeats prompts across
+    splits, so rows are drawn past n until n disjoint ones are found."""
+    if n < 0:
+        raise ValueError(f"validation size must be >= 0, got {n}")
+    seen = {str(r["prompt"]) for r in exclude}
+    out, i, gen = [], 0, get_task(task)
+    while len(out) < n:
+        if i >= 20 * n + 1000:
+            raise ValueError(f"task {task!r} {task_kwargs}: only {len(out)} of {n} validation prompts differ from "
+                             f"the {len(exclude)} train and held-out rows after {i} draws; use fewer rows")
+        row = gen(random.Random(f"{seed}/validation/{task}/{i}"), **task_kwargs)  # make_rows' seeding, own split
+        row["id"] = f"{task}-validation-{i}"
+        i += 1
+        if str(row["prompt"]) not in seen:  # repeats inside validation kept: drawn as the held-out rows are
+            out.append(row)
+    return out

@@ -5,42 +5,46 @@
 2. specialists one GRPO run per domain from the base (data/domains.py gives its task, reward mix and
                accuracy component), or an existing checkpoint per domain; their GRPO evals are kept
 3. teachers    one pool of rollout workers per specialist (actors/teacher_pool.py)
-4. student     starts from the base, trained in this process (learner/distill.py):
+4. student     starts from the base, trained in this process (launch/distill_student.py):
                a. SFT on specialist samples whose total reward beats a threshold (rejection
                   sampling), each batch mixed across domains by `sft_weight`
                b. on-policy distillation: the student samples prompts drawn by `opd_weight`, the
-                  specialist of each prompt's domain returns its full log-distributions at the
+                  teacher(s) of each prompt's domain return their full log-distributions at the
                   student's tokens, the loss is the exact per-token reverse KL(student || teacher)
                either or both (a then b); `opd.sft_coef` keeps the SFT term inside b as well
+               Rows per domain: train (specialists, SFT data, on-policy prompts), validation
+               (`num_validation`: every choice: teachers, domain weights, on-policy steps kept) and
+               held out (the report only); data/domains.py keeps them disjoint.
 5. report      greedy held-out accuracy of base, each specialist and the student on every domain
-               (the rows and rule of GRPOTrainer.evaluate): printed, report.md, accuracy.png,
-               results.json in run_dir.
+               (the rows and rule of GRPOTrainer.evaluate), the choices and the validation
+               accuracies they read: printed, report.md, accuracy.png, results.json in run_dir
+               (launch/distill_report.py).
+`seeds: [0, 1, 2]` runs all of it per seed (launch/distill_seeds.py); `deterministic: true` makes
+one run bit-reproducible on one machine (README, Distillation).
 With --resume a stage whose output already exists is not run again.
 """
 import copy
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import ray
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from dsarl.actors.engine import NativeEngine, SamplingParams
-from dsarl.data.domains import get_domain
-from dsarl.data.rollout_schema import completions_to_table, write_rollouts
-from dsarl.learner.distill import Distiller, Sequences
-from dsarl.learner.distill_loss import rejection_filter
+from dsarl.actors.engine import NativeEngine
+from dsarl.data.domains import DomainRows, get_domain, validation_rows
 from dsarl.learner.metrics import MetricsLogger, read_metrics
-from dsarl.learner.optim import OptimConfig, lr_at
+from dsarl.learner.optim import OptimConfig
 from dsarl.learner.pretrain import PretrainConfig
 from dsarl.rewards.config import RewardConfig
 from dsarl.rewards.types import RewardSample
 
-from .grpo_loop import GRPOConfig, PromptData, load_prompt_rows, prompt_ids_for
+from .distill_report import write_report
+from .distill_student import evaluate, train_student
+from .grpo_loop import GRPOConfig, load_prompt_rows
 from .ray_setup import RayConfig, init_ray
 
 
@@ -83,6 +87,14 @@ class OPDConfig:
     samples_per_prompt: int = 2
     temperature: float = 1.0  # the student's sampling temperature (the KL is at temperature 1)
     sft_coef: float = 0.0  # > 0 (with sft enabled): an SFT batch in every step too, with this weight
+    # every choice below reads validation rows only (launch/distill_student.py, distill_select.py)
+    teacher: Literal["own", "validation"] = "own"  # validation: per domain the specialists best on its rows
+    teacher_margin: float = 0.0  # with validation: every specialist within this accuracy of the best (a mixture)
+    weights: Literal["fixed", "validation_gap"] = "fixed"  # validation_gap: re-weight domains at each eval
+    weight_floor: float = 0.1  # validation_gap: a domain's weight is floor + its gap to its teachers
+    eval_every: int = 0  # validate the student every n steps (and before the first); 0: never
+    keep_best: bool = True  # with eval_every: keep the best validated state, not the last
+    patience: int = 0  # with eval_every: stop after this many evals without gain; 0: run every step
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=0, min_lr_ratio=1.0,
                                                                     weight_decay=0.0))
 
@@ -100,6 +112,12 @@ class DistillConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)
     eval_samples: int = 128  # held-out rows per domain (the specialist GRPO evals use the same rows)
+    num_validation: int = 64  # validation rows per domain, disjoint from train and held-out rows: the choices' rows
+    seeds: list[int] = field(default_factory=list)  # non-empty: the pipeline per seed, in run_dir/seed<k> (seed unused)
+    reuse_specialists: bool = False  # with seeds: later seeds take the first seed's base and specialists
+    # bit-reproducible on one machine: fixed torch threads everywhere, deterministic torch algorithms,
+    # synchronous specialist rollouts (README, Distillation). Costs the async overlap.
+    deterministic: bool = False
     max_batch_size: int = 64  # the student's and the evaluator's generation batch
     num_threads: int = 0  # torch threads of this process (the student); 0: torch default
     ray_num_cpus: int | None = None
@@ -121,7 +139,19 @@ def specialist_config(cfg: DistillConfig, entry: DomainEntry, base: str) -> GRPO
     g.eval_samples, g.ray_num_cpus, g.tensorboard = cfg.eval_samples, cfg.ray_num_cpus, cfg.tensorboard
     if entry.grpo_overrides:
         g = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(g), OmegaConf.from_dotlist(entry.grpo_overrides)))
+    if cfg.deterministic:
+        if g.rollout.max_staleness:  # async rollouts land in an order set by timing
+            raise ValueError(f"deterministic: true needs synchronous specialist rollouts; the {entry.name} "
+                             f"specialist has rollout.max_staleness {g.rollout.max_staleness}")
+        g.rollout.num_threads = g.rollout.num_threads or 1  # a thread count fixed by the config, not the machine
+        g.learner_num_threads = g.learner_num_threads or 1
     return g
+
+
+def apply_determinism(cfg: DistillConfig) -> None:
+    """This process's part of `deterministic: true` (the actors' threads come from their configs)."""
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(cfg.num_threads or 1)
 
 
 @dataclass
@@ -130,7 +160,8 @@ class DomainData:
 
     name: str
     train: list[dict]
-    test: list[dict]
+    validation: list[dict]  # the choices' rows (data/domains.py validation_rows)
+    test: list[dict]  # held out: read for the report only
     rewards: object  # RewardPool
     accuracy_component: str
     max_new_tokens: int
@@ -142,13 +173,22 @@ class DomainData:
         return self.rewards.score(samples)[0]
 
 
-def domain_data(g: GRPOConfig, name: str, reward_num_cpus: float, resolve) -> DomainData:
+def domain_rows(g: GRPOConfig, num_validation: int, resolve) -> DomainRows:
+    """The specialist's own train and held-out rows (load_prompt_rows: what its GRPO run reads) and a
+    validation split drawn apart from both; DomainRows asserts the three are disjoint."""
+    train, test = load_prompt_rows(g.data, g.seed, resolve)
+    return DomainRows(train, validation_rows(g.data.task, g.data.task_kwargs, num_validation, g.seed, train + test),
+                      test)
+
+
+def domain_data(g: GRPOConfig, name: str, reward_num_cpus: float, resolve, num_validation: int) -> DomainData:
     from dsarl.actors.reward_workers import RewardPool
 
-    train, test = load_prompt_rows(g.data, g.seed, resolve)
+    rows = domain_rows(g, num_validation, resolve)
     rewards = RewardPool(RewardConfig(components=g.rewards.components, timeout_s=g.rewards.timeout_s,
                                       num_workers=1, num_cpus_per_worker=reward_num_cpus))
-    return DomainData(name, train, test, rewards, g.accuracy_component, g.rollout.max_new_tokens)
+    return DomainData(name, rows.train, rows.validation, rows.test, rewards, g.accuracy_component,
+                      g.rollout.max_new_tokens)
 
 
 def mixed_pretrain_kwargs(domains: list[DomainEntry], kwargs: dict) -> dict:
@@ -163,165 +203,6 @@ def mixed_pretrain_kwargs(domains: list[DomainEntry], kwargs: dict) -> dict:
                          f"not configured domains {[e.name for e in domains]}")
     return {"parts": {e.name: get_domain(e.name).pretrain_part(weights.get(e.name, 1.0), e.task_kwargs)
                       for e in domains}}
-
-
-def split_by_weight(total: int, weights: dict[str, float]) -> dict[str, int]:
-    """`total` items over the keys in proportion to `weights` (largest remainder; sums to total)."""
-    s = sum(weights.values())
-    if s <= 0:
-        raise ValueError(f"weights must have a positive sum, got {weights}")
-    exact = {k: total * w / s for k, w in weights.items()}
-    out = {k: int(v) for k, v in exact.items()}
-    for k in sorted(exact, key=lambda k: out[k] - exact[k])[: total - sum(out.values())]:
-        out[k] += 1
-    return out
-
-
-# ---- stages ---------------------------------------------------------------------------------------
-def evaluate(engine: NativeEngine, tokenizer, dom: DomainData, n: int) -> float:
-    """Greedy held-out accuracy: the share of rows whose accuracy component is above 0.5."""
-    rows = dom.test[:n]
-    comps = engine.generate(prompt_ids_for(rows, tokenizer, "raw"),
-                            SamplingParams(temperature=0.0, max_new_tokens=dom.max_new_tokens))
-    scores = dom.score(rows, comps)
-    return sum(s[dom.accuracy_component] > 0.5 for s in scores) / len(scores)
-
-
-def specialist_samples(teachers, dom: DomainData, tokenizer, n_prompts: int, sft: SFTConfig, seed: int, out_dir: Path):
-    """Specialist rollouts of `n_prompts` train prompts, scored, filtered by reward; written as Parquet.
-    -> (kept (prompt_ids, completion_ids) pairs, metrics)."""
-    rng = random.Random(f"{seed}/sft/{dom.name}")
-    rows = [rng.choice(dom.train) for _ in range(n_prompts)]
-    params = SamplingParams(temperature=sft.temperature, max_new_tokens=dom.max_new_tokens, n=sft.samples_per_prompt,
-                            seed=seed * 1_000_003 + 17)
-    comps = teachers.generate(dom.name, prompt_ids_for(rows, tokenizer, "raw"), params)
-    scores = dom.score(rows, comps)
-    total = torch.tensor([s["total"] for s in scores])
-    keep = rejection_filter(total, sft.reward_threshold)
-    table = completions_to_table(
-        comps, prompt_ids=[str(rows[c.prompt_index]["id"]) for c in comps],
-        group_ids=[f"sft-{dom.name}-{c.prompt_index}" for c in comps],
-        metadata=[{k: v for k, v in rows[c.prompt_index].items() if k != "prompt"} | {"kept": bool(k)}
-                  for c, k in zip(comps, keep.tolist())],
-        reward_components=[{k: v for k, v in s.items() if k != "total"} for s in scores], rewards=total.tolist())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_rollouts(table, out_dir / f"{dom.name}.parquet")
-    kept = [(c.prompt_ids, c.token_ids) for c, k in zip(comps, keep.tolist()) if k]
-    acc = sum(s[dom.accuracy_component] > 0.5 for s in scores) / max(1, len(scores))
-    return kept, {f"sft_data/{dom.name}/kept": len(kept), f"sft_data/{dom.name}/samples": len(comps),
-                  f"sft_data/{dom.name}/accuracy": acc}
-
-
-def mixed_batch(pools: dict[str, list], weights: dict[str, float], size: int, rng: random.Random) -> Sequences:
-    """`size` examples, per domain in proportion to its weight (domains with no kept sample skipped)."""
-    live = {d: w for d, w in weights.items() if pools.get(d) and w > 0}
-    counts = split_by_weight(size, live)
-    pairs = [rng.choice(pools[d]) for d in sorted(counts) for _ in range(counts[d])]
-    return Sequences([p for p, _ in pairs], [c for _, c in pairs])
-
-
-def run_sft(distiller: Distiller, pools, weights, sft: SFTConfig, seed: int, logger, step0: int,
-            show_progress: bool = True) -> int:
-    rng = random.Random(f"{seed}/sft/batches")
-    bar = tqdm(range(sft.steps), desc="distill sft", disable=not show_progress)
-    for step in bar:
-        batch = mixed_batch(pools, weights, sft.batch_size, rng)
-        m = distiller.step(lr_at(step, sft.steps, sft.optim), sft=batch)
-        logger.log(step0 + step + 1, {"phase": "sft", **m})
-        bar.set_postfix(loss=f"{m['sft/loss']:.3f}")
-    return step0 + sft.steps
-
-
-def run_opd(distiller: Distiller, engine: NativeEngine, tokenizer, teachers, data: dict[str, DomainData],
-            weights: dict[str, float], cfg: DistillConfig, pools, logger, step0: int,
-            show_progress: bool = True) -> int:
-    opd, seed = cfg.opd, cfg.seed
-    rng = random.Random(f"{seed}/opd")
-    counts = split_by_weight(opd.prompts_per_step, weights)
-    bar = tqdm(range(opd.steps), desc="distill on-policy", disable=not show_progress)
-    for step in bar:
-        t0 = time.perf_counter()
-        prompts, completions, domains = [], [], []
-        for j, name in enumerate(sorted(counts)):
-            rows = [rng.choice(data[name].train) for _ in range(counts[name])]
-            if not rows:
-                continue
-            params = SamplingParams(temperature=opd.temperature, max_new_tokens=data[name].max_new_tokens,
-                                    n=opd.samples_per_prompt, seed=(seed * 1_000_003 + step) * 101 + j)
-            comps = engine.generate(prompt_ids_for(rows, tokenizer, "raw"), params)
-            prompts += [c.prompt_ids for c in comps]
-            completions += [c.token_ids for c in comps]
-            domains += [name] * len(comps)
-        t1 = time.perf_counter()
-        teacher_logp = teachers.log_probs(domains, prompts, completions)
-        t2 = time.perf_counter()
-        sft = mixed_batch(pools, cfg_sft_weights(cfg), cfg.sft.batch_size, rng) if opd.sft_coef > 0 and any(pools.values()) else None
-        m = distiller.step(lr_at(step, opd.steps, opd.optim), sft=sft, opd=Sequences(prompts, completions),
-                           teacher_logp=teacher_logp, sft_coef=opd.sft_coef)
-        logger.log(step0 + step + 1, {"phase": "opd", **m, "time/generate": t1 - t0, "time/teacher": t2 - t1,
-                                      "time/learn": time.perf_counter() - t2})
-        bar.set_postfix(reverse_kl=f"{m['opd/reverse_kl']:.3f}")
-    return step0 + opd.steps
-
-
-def cfg_sft_weights(cfg: DistillConfig) -> dict[str, float]:
-    return {e.name: e.sft_weight for e in cfg.domains}
-
-
-# ---- report -------------------------------------------------------------------------------------
-def report_table(acc: dict[str, dict[str, float]], domains: list[str]) -> str:
-    lines = ["| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
-    lines += [f"| {m} | " + " | ".join(f"{100 * row[d]:.1f}" for d in domains) + " |" for m, row in acc.items()]
-    return "\n".join(lines)
-
-
-def goal_checks(acc: dict[str, dict[str, float]], domains: list[str], margin: float = 0.05) -> list[tuple[str, bool]]:
-    """The issue's bar: the student within `margin` of each specialist on its own domain, above the base on all."""
-    st, base = acc["student"], acc["base"]
-    out = [(f"student within {100 * margin:.0f} points of the {d} specialist on {d} "
-            f"({100 * st[d]:.1f} vs {100 * acc[f'specialist:{d}'][d]:.1f})",
-            st[d] >= acc[f"specialist:{d}"][d] - margin - 1e-9) for d in domains]
-    out += [(f"student above base on {d} ({100 * st[d]:.1f} vs {100 * base[d]:.1f})", st[d] > base[d]) for d in domains]
-    return out
-
-
-def plot_accuracy(acc: dict[str, dict[str, float]], domains: list[str], out_png: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(acc)
-    width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(2.2 * len(domains) + 2, 3.8))
-    for i, m in enumerate(models):
-        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(domains))]
-        ax.bar(xs, [100 * acc[m][d] for d in domains], width, label=m)
-    ax.set_xticks(range(len(domains)), domains)
-    ax.set_ylabel("held-out accuracy (%, greedy)"), ax.set_ylim(0, 100), ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
-
-
-def write_report(root: Path, acc, domains, grpo_evals, sft_metrics, times) -> dict:
-    table = report_table(acc, domains)
-    checks = goal_checks(acc, domains)
-    plot = plot_accuracy(acc, domains, root / "accuracy.png")
-    text = ["# specialist distillation", "", "Held-out accuracy (%), greedy decoding:", "", table, "",
-            "Goals:", *[f"- [{'x' if ok else ' '}] {name}" for name, ok in checks], "",
-            "Specialist GRPO evals (own domain, before -> after): "
-            + ", ".join(f"{d} {100 * a:.1f} -> {100 * b:.1f}" for d, (a, b) in grpo_evals.items()), "",
-            "Times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), "",
-            f"![accuracy]({plot.name})", ""]
-    (root / "report.md").write_text("\n".join(text))
-    results = {"accuracy": acc, "goals": [{"goal": n, "met": ok} for n, ok in checks], "grpo_evals": grpo_evals,
-               "sft_data": sft_metrics, "times_s": times}
-    (root / "results.json").write_text(json.dumps(results, indent=2))
-    print("\n".join(text[2:-2]))
-    return results
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
@@ -341,22 +222,36 @@ def train_specialist(g: GRPOConfig, resolve, show_progress: bool) -> Path:
     try:
         return trainer.fit(show_progress)
     finally:  # free the actors' CPU reservations before the next domain's run
-        if hasattr(trainer, "shutdown"):  # GRPOTrainer.shutdown also frees its placement group
-            trainer.shutdown()
-        else:
-            trainer.rollout.shutdown()
-            trainer.rewards.shutdown()
-            ray.kill(trainer.learner)
+        trainer.shutdown()
+
+
+def make_base(cfg: DistillConfig, root: Path, resume: bool, resolve, show_progress: bool) -> str:
+    from dsarl.learner.pretrain import pretrain
+
+    base = resolve(cfg.base) if cfg.base else str(root / "base" / "final")
+    if cfg.base is None and not (resume and _done(Path(base))):
+        p = copy.deepcopy(cfg.pretrain)
+        p.run_dir, p.seed, p.tensorboard = str(root / "base"), cfg.seed, cfg.tensorboard
+        if cfg.deterministic:
+            p.num_threads = p.num_threads or cfg.num_threads or 1
+        if p.task.name == "mixed":
+            p.task.name, p.task.kwargs = "mixture", mixed_pretrain_kwargs(cfg.domains, p.task.kwargs)
+        pretrain(p, resolve=resolve, show_progress=show_progress)
+    return base
 
 
 def run_distill(cfg: DistillConfig, resume: bool = False, resolve=lambda p: p, show_progress: bool = True) -> dict:
+    """One seed's pipeline (cfg.seed); `cfg.seeds` is launch/distill_seeds.py's."""
+    if cfg.seeds:
+        raise ValueError(f"run_distill runs one seed (seed: {cfg.seed}); seeds {cfg.seeds}: distill_seeds.run_seeds")
     from dsarl.actors.teacher_pool import TeacherPool
-    from dsarl.learner.pretrain import pretrain
     from dsarl.models import from_pretrained, save_pretrained
 
     from .stage_pretrain import write_resolved_config
 
-    if cfg.num_threads:
+    if cfg.deterministic:
+        apply_determinism(cfg)
+    elif cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     root = Path(cfg.run_dir)
     names = [e.name for e in cfg.domains]
@@ -366,13 +261,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, resolve=lambda p: p, s
     times: dict[str, float] = {}
 
     t = time.perf_counter()
-    base = resolve(cfg.base) if cfg.base else str(root / "base" / "final")
-    if cfg.base is None and not (resume and _done(Path(base))):
-        p = copy.deepcopy(cfg.pretrain)
-        p.run_dir, p.seed, p.tensorboard = str(root / "base"), cfg.seed, cfg.tensorboard
-        if p.task.name == "mixed":
-            p.task.name, p.task.kwargs = "mixture", mixed_pretrain_kwargs(cfg.domains, p.task.kwargs)
-        pretrain(p, resolve=resolve, show_progress=show_progress)
+    base = make_base(cfg, root, resume, resolve, show_progress)
     times["pretrain"] = time.perf_counter() - t
 
     init_ray(RayConfig(num_cpus=cfg.ray_num_cpus, include_dashboard=False))
@@ -390,54 +279,38 @@ def run_distill(cfg: DistillConfig, resume: bool = False, resolve=lambda p: p, s
             grpo_evals[entry.name] = _grpo_eval(Path(g.run_dir))
         times[f"specialist:{entry.name}"] = time.perf_counter() - t
 
-    data = {e.name: domain_data(grpo_cfgs[e.name], e.name, cfg.reward_num_cpus, resolve) for e in cfg.domains}
+    data = {e.name: domain_data(grpo_cfgs[e.name], e.name, cfg.reward_num_cpus, resolve, cfg.num_validation)
+            for e in cfg.domains}
     student_dir = root / "student" / "final"
+    choices_file = root / "student" / "choices.json"
     sft_metrics: dict = {}
     if not (resume and _done(student_dir)):
-        t = time.perf_counter()
         teachers = TeacherPool(specialists, cfg.teachers.num_workers, cfg.teachers.num_cpus_per_worker,
                                cfg.teachers.max_batch_size)
         model, tokenizer = from_pretrained(base)
-        distiller = Distiller(model, cfg.sft.optim, micro_batch=cfg.max_batch_size)
         logger = MetricsLogger(root / "student", tensorboard=cfg.tensorboard)
-        pools: dict[str, list] = {}
-        step = 0
-        if cfg.sft.enabled:
-            counts = split_by_weight(cfg.sft.prompts, cfg_sft_weights(cfg))
-            # one bar step per domain: each is one batched generate on that specialist's workers
-            for name, n in tqdm(counts.items(), desc="distill sft data (domains sampled)", disable=not show_progress):
-                pools[name], m = specialist_samples(teachers, data[name], tokenizer, n, cfg.sft, cfg.seed,
-                                                    root / "student" / "sft_data")
-                sft_metrics.update(m)
-            times["sft_data"] = time.perf_counter() - t
-            t = time.perf_counter()
-            n_kept = sum(len(p) for p in pools.values())
-            if n_kept < cfg.sft.min_samples:  # a few samples would only be memorised: say so, go on
-                print(f"distill: SFT skipped, {n_kept} specialist samples passed the reward threshold "
-                      f"{cfg.sft.reward_threshold} (sft.min_samples: {cfg.sft.min_samples})")
-                sft_metrics["sft_skipped"] = 1
-            else:
-                step = run_sft(distiller, pools, cfg_sft_weights(cfg), cfg.sft, cfg.seed, logger, step, show_progress)
-            times["sft"] = time.perf_counter() - t
-        if cfg.opd.enabled:
-            t = time.perf_counter()
-            distiller.optim_cfg = cfg.opd.optim
-            engine = NativeEngine(model, tokenizer, max_batch_size=cfg.max_batch_size)
-            step = run_opd(distiller, engine, tokenizer, teachers, data, {e.name: e.opd_weight for e in cfg.domains},
-                           cfg, pools, logger, step, show_progress)
-            times["opd"] = time.perf_counter() - t
-        logger.close()
-        teachers.shutdown()
+        try:
+            choices, sft_metrics, student_times = train_student(cfg, data, teachers, model, tokenizer,
+                                                                root / "student", logger, show_progress)
+        finally:
+            logger.close()
+            teachers.shutdown()
+        times.update(student_times)
         save_pretrained(model, student_dir, tokenizer)
+        choices_file.write_text(json.dumps({"choices": choices, "sft_data": sft_metrics}, indent=2))
+    else:
+        saved = json.loads(choices_file.read_text()) if choices_file.exists() else {}
+        choices, sft_metrics = saved.get("choices", {}), saved.get("sft_data", {})
 
+    # held-out rows, read here for the first time: every choice above is made
     t = time.perf_counter()
     models = {"base": base, **{f"specialist:{d}": specialists[d] for d in names}, "student": str(student_dir)}
     acc: dict[str, dict[str, float]] = {}
     for label, path in tqdm(models.items(), desc="distill eval (models)", disable=not show_progress):
         model, tokenizer = from_pretrained(path)
         engine = NativeEngine(model.requires_grad_(False), tokenizer, max_batch_size=cfg.max_batch_size)
-        acc[label] = {d: evaluate(engine, tokenizer, data[d], cfg.eval_samples) for d in names}
+        acc[label] = {d: evaluate(engine, tokenizer, data[d], data[d].test[:cfg.eval_samples]) for d in names}
     times["eval"] = time.perf_counter() - t
     for dom in data.values():
         dom.rewards.shutdown()
-    return write_report(root, acc, names, grpo_evals, sft_metrics, times)
+    return write_report(root, acc, names, grpo_evals, sft_metrics, times, choices, cfg.num_validation)

@@ -14,9 +14,10 @@ from dsarl.actors.teacher_pool import TeacherPool, route_by_domain
 from dsarl.data.domains import DOMAINS, mixed
 from dsarl.data.tasks import make_rows
 from dsarl.launch.config import load_config
-from dsarl.launch.distill_pipeline import (DistillConfig, DomainData, DomainEntry, OPDConfig, SFTConfig, goal_checks,
-                                          mixed_batch, run_distill, run_sft, specialist_config, specialist_samples,
-                                          split_by_weight)
+from dsarl.launch.distill_pipeline import (DistillConfig, DomainData, DomainEntry, OPDConfig, SFTConfig, run_distill,
+                                          specialist_config)
+from dsarl.launch.distill_report import goal_checks
+from dsarl.launch.distill_student import mixed_batch, run_sft, specialist_samples, split_by_weight
 from dsarl.launch.grpo_loop import GRPOConfig, PromptData, RolloutConfig
 from dsarl.learner.distill import Distiller, Sequences, completion_log_probs
 from dsarl.learner.metrics import MetricsLogger, read_metrics
@@ -30,7 +31,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a cluster another process started
     yield
     ray.shutdown()
 
@@ -111,7 +112,7 @@ class FakeRewards:
 
 def test_rejection_sampling_keeps_exactly_the_samples_above_the_threshold(tmp_path):
     rows = [{"prompt": f"p{i}", "answer": "x", "id": f"r{i}"} for i in range(5)]
-    dom = DomainData("toy", rows, [], FakeRewards(), "acc", 4)
+    dom = DomainData("toy", rows, [], [], FakeRewards(), "acc", 4)
     sft = SFTConfig(samples_per_prompt=4, reward_threshold=0.5)
     kept, m = specialist_samples(FakeTeachers(), dom, ByteTokenizer(), 6, sft, seed=0, out_dir=tmp_path)
     assert m["sft_data/toy/samples"] == 24 and m["sft_data/toy/kept"] == 12 == len(kept)
@@ -172,8 +173,8 @@ def test_small_distill_run_writes_the_report(ray_local, tmp_path):
                               steps=1, prompts_per_step=2, group_size=2, save_every=1, learner_num_cpus=0.5,
                               write_rollouts=False),
         sft=SFTConfig(prompts=6, samples_per_prompt=2, reward_threshold=-1.0, steps=2, batch_size=4, min_samples=1),
-        opd=OPDConfig(steps=2, prompts_per_step=3, samples_per_prompt=2, sft_coef=0.5),
-        eval_samples=4, max_batch_size=16)
+        opd=OPDConfig(steps=2, prompts_per_step=3, samples_per_prompt=2, sft_coef=0.5, eval_every=2),
+        eval_samples=4, num_validation=3, max_batch_size=16)
     cfg.specialist.rewards.num_cpus_per_worker = 0.25
     results = run_distill(cfg, show_progress=False)
     root = tmp_path / "run"
@@ -187,8 +188,8 @@ def test_small_distill_run_writes_the_report(ray_local, tmp_path):
     report = (root / "report.md").read_text()
     assert "| student |" in report and "accuracy.png" in report
     phases = [json.loads(line)["phase"] for line in (root / "student" / "metrics.jsonl").read_text().splitlines()]
-    assert phases == ["sft", "sft", "opd", "opd"]
-    last = json.loads((root / "student" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert phases == ["sft", "sft", "opd-validation", "opd", "opd", "opd-validation"]  # validated before and after
+    last = json.loads((root / "student" / "metrics.jsonl").read_text().splitlines()[-2])
     assert last["opd/reverse_kl"] >= 0 and "sft/loss" in last  # sft_coef > 0: both terms in one step
 
 
