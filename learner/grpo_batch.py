@@ -3,7 +3,7 @@
 Built by the driver from the rollout engine's completions and the reward workers' scores; plain
 tensors and lists, so it crosses Ray without custom serialisation.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -27,6 +27,16 @@ class PaddedGroups:
     group_size: int
     prompt_experts: torch.Tensor | None = None  # [P, Lp, M, k]: the sampler's routing of the prompt tokens
     experts: torch.Tensor | None = None  # [P*G, Lc, M, k]: ... of the completion tokens the learner feeds
+
+    def to(self, device) -> "PaddedGroups":
+        """This micro-batch on `device` (pad_groups builds it on the CPU; the learner's model may be on a GPU)."""
+        def move(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device, non_blocking=True)
+            if isinstance(v, list):
+                return [move(x) for x in v]
+            return v
+        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
 def pad_groups(groups: list[GroupSample], vocab_size: int, pad_id: int = 0) -> PaddedGroups:

@@ -196,13 +196,14 @@ class GRPOLearner:
         sharded model's collectives run per forward/backward); the padding ones repeat the mini-batch's
         first group and are trained with weight 0."""
         V, m = self.policy.config.vocab_size, self.cfg.micro_batch_groups
+        device = self.policy.device
         out = []
         for mini in self._mini_groups(groups):
             local = mini[self.rank:: self.world_size]
-            mbs = [pad_groups(local[j: j + m], V) for j in range(0, len(local), m)]
+            mbs = [pad_groups(local[j: j + m], V).to(device) for j in range(0, len(local), m)]
             real = len(mbs)
             most = -(-len(mini[:: self.world_size]) // m)  # rank 0's count: it gets the most groups
-            mbs += [pad_groups(mini[:1], V) for _ in range(most - real)]
+            mbs += [pad_groups(mini[:1], V).to(device) for _ in range(most - real)]
             out.append((self._normalizer(mini), mbs, real))
         return out
 

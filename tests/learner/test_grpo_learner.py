@@ -129,3 +129,28 @@ def test_train_indexer_option_moves_only_the_indexer_under_zero_advantages():
     assert metrics["indexer_kl"] > 0
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(".indexer." in k for k in changed), changed
+
+
+def test_a_padded_batch_moves_every_tensor_to_the_learners_device():
+    """pad_groups builds on the CPU; .to(device) must carry every tensor field, lists of tensors included
+    (a GPU learner fed CPU tensors fails in its first matmul). Checked with the meta device, which every
+    torch build has."""
+    import dataclasses
+
+    cfg = small_cfg()
+    groups = random_groups(random.Random(0), P=2, G=3)
+    for g in groups:  # every token selected key 0 in each layer: lists of index tensors travel too
+        g.indices = [torch.zeros(len(c), cfg.num_hidden_layers, cfg.index_topk, dtype=torch.int32)
+                     for c in g.completions]
+    batch = pad_groups(groups, cfg.vocab_size)
+    assert batch.indices is not None
+    moved = batch.to("meta")
+    for f in dataclasses.fields(batch):
+        before, after = getattr(batch, f.name), getattr(moved, f.name)
+        if isinstance(before, torch.Tensor):
+            assert after.device.type == "meta" and after.shape == before.shape and after.dtype == before.dtype
+        elif isinstance(before, list):
+            assert all(a.device.type == "meta" and a.shape == b.shape for a, b in zip(after, before))
+        else:
+            assert after == before
+    assert batch.prompts.device.type == "cpu"  # the original is left as it was
