@@ -161,9 +161,13 @@ class RolloutPool:
         self.workers = [actor.options(**options(i)).remote(checkpoint_dir, config, state_ref, engine, engine_kwargs,
                                                            None, num_threads, model_overrides, partial_rollouts)
                         for i in range(num_workers)]
+        ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
+        self._init_state(partial_rollouts)
+
+    def _init_state(self, partial_rollouts: bool = False) -> None:
+        """The pool's bookkeeping beside its workers (pools built on other workers call it too)."""
         self.partial_rollouts = partial_rollouts
         self._sent_version: int | None = None  # the newest version synced (partial rollouts' min_version)
-        ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
         self._pending_syncs: list[ray.ObjectRef] = []  # the workers' weight loads not yet waited for
         self._pending_senders: list[ray.ObjectRef] = []  # a broadcast sync's learner-side calls
         self._spans: list[tuple[int, ray.ObjectRef]] = []  # (worker, its generate call's (start, end))

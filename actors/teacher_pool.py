@@ -44,8 +44,7 @@ class DomainTeachers(RolloutPool):
         self.workers = [actor.remote(checkpoint_dir, None, None, "native", engine_kwargs, None, num_threads)
                         for _ in range(num_workers)]
         ray.get([w.weight_version.remote() for w in self.workers])  # surface construction errors here
-        self._pending_syncs = []  # teachers' weights never change, but the pool's generate checks them
-        self._spans = []
+        self._init_state()  # teachers' weights never change, but the pool's generate checks the sync state
 
     def submit_log_probs(self, prompt_ids, completion_ids, temperature: float) -> list:
         return [w.log_probs.remote(prompt_ids[a:b], completion_ids[a:b], temperature)
