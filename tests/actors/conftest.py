@@ -17,3 +17,14 @@ def reward_ray():
     yield
     ray.shutdown()
     sys.path.remove(PLUGINS)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny decode steps are all overhead: extra threads only contend (10x slower on a busy 2-core box)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,26 +4,13 @@ import torch
 
 from dsarl.actors.engine import NativeEngine, SamplingParams, keep_mask_tensor
 from dsarl.kernels.indexer_scores.reference import indexer_scores_reference
-from dsarl.models import ByteTokenizer, DSAConfig, build_model
+from dsarl.models import ByteTokenizer, build_model
 from dsarl.models.rope import rope_angles
 
-TOK = ByteTokenizer()
-# initializer_range 0.1: logits spread enough that greedy argmax has no near-ties in fp32. 8 indexer
-# heads: with few heads a key's ReLU terms are often all 0, and keys tied at score 0 make the top-k
-# selection (and so the logits) depend on how topk breaks ties, which differs between S lengths.
-CFG = DSAConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32,
-                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, index_n_heads=8, index_head_dim=16,
-                index_topk=6, intermediate_size=128, initializer_range=0.1, max_position_embeddings=128)
+from tiny_engine import CFG, TOK
+
 PROMPTS = [TOK.encode(s, add_bos=True) for s in ["hi", "hello world, how", "a", "the quick brown", "xyz!"]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny decode steps are all overhead: extra threads only contend (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/actors/conftest.py
 
 
 @pytest.fixture(scope="module")

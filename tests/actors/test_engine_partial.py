@@ -5,21 +5,14 @@ import pytest
 import torch
 
 from dsarl.actors.engine import NativeEngine, SamplingParams
-from dsarl.models import ByteTokenizer, DSAConfig, build_model
+from dsarl.models import build_model
 
-TOK = ByteTokenizer()
-CFG = DSAConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32,
-                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, index_n_heads=8, index_head_dim=16,
-                index_topk=6, intermediate_size=128, initializer_range=0.1, max_position_embeddings=128)
+from tiny_engine import CFG, TOK
+
 PROMPTS = [TOK.encode(s, add_bos=True) for s in ["hello world, how", "a"]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/actors/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import pytest
 from dsarl.launch.grpo_loop import FaultToleranceConfig, GRPOConfig, GRPOTrainer, PromptData, RolloutConfig
 from dsarl.rewards.config import RewardComponentConfig, RewardConfig
 
+from learner_faults import learner_killed_in_update
+
 DETERMINISTIC = ("reward/mean", "accuracy", "response_length/mean", "loss", "entropy", "grad_norm", "weight_version")
 
 
@@ -66,20 +68,8 @@ def test_a_rollout_worker_killed_mid_generate_is_restarted_and_the_step_redone(
 def test_a_lost_learner_rank_restarts_from_the_last_checkpoint_when_asked(
         ray_local, init_checkpoint, tmp_path, uninterrupted):
     trainer = GRPOTrainer(small_grpo(init_checkpoint, tmp_path, restart_from_checkpoint=True))
-    group_update = type(trainer.learner).update
-    killed = []
-
-    def kill_then_update(group, groups):  # the fault: the learner rank dies in step 3's update
-        if len(killed) == 0 and trainer.learner.weight_version() == 2:
-            killed.append(group.pids()[0])
-            os.kill(killed[0], signal.SIGKILL)
-        return group_update(group, groups)
-
-    type(trainer.learner).update = kill_then_update
-    try:
+    with learner_killed_in_update(trainer, at_version=2) as killed:  # learner rank 0 dies in step 3's update
         trainer.fit(show_progress=False)
-    finally:
-        type(trainer.learner).update = group_update
     got = metrics_of(tmp_path)
     assert killed and got[-1]["faults/learner_restarts"] == 1.0
     assert_same_run(got, uninterrupted)

@@ -21,6 +21,8 @@ from dsarl.models import DSAConfig, build_model
 from dsarl.models.config import ConfigError
 from dsarl.rewards.config import RewardComponentConfig, RewardConfig
 
+from learner_faults import learner_killed_in_update
+
 DETERMINISTIC = ("reward/mean", "accuracy", "response_length/mean", "loss", "entropy", "grad_norm", "weight_version",
                  "staleness/max", "eval/accuracy", "eval/reward")
 
@@ -151,20 +153,8 @@ def test_with_async_rollouts_a_killed_worker_recovers_as_with_the_object_store(r
 def test_a_restarted_learner_forms_a_new_broadcast_group(ray_local, init_checkpoint, tmp_path, uninterrupted):
     trainer = GRPOTrainer(small_grpo(init_checkpoint, tmp_path, "broadcast",
                                      fault_tolerance=FaultToleranceConfig(restart_from_checkpoint=True)))
-    group_update = type(trainer.learner).update
-    killed = []
-
-    def kill_then_update(group, groups):  # the fault: learner rank 0 dies in step 3's update
-        if not killed and trainer.learner.weight_version() == 2:
-            killed.append(group.pids()[0])
-            os.kill(killed[0], signal.SIGKILL)
-        return group_update(group, groups)
-
-    type(trainer.learner).update = kill_then_update
-    try:
+    with learner_killed_in_update(trainer, at_version=2) as killed:  # learner rank 0 dies in step 3's update
         trainer.fit(show_progress=False)
-    finally:
-        type(trainer.learner).update = group_update
     got = metrics_of(tmp_path)
     assert killed and got[-1]["faults/learner_restarts"] == 1.0
     assert_same_metrics(got, uninterrupted)
