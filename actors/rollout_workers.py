@@ -266,10 +266,16 @@ class RolloutPool:
         """After a worker died (and Ray restarted it): drops pending syncs, waits for every worker and
         loads `weights` (an ObjectRef or state dict; None: the initial weights are current) at `version`."""
         self._pending_syncs, self._pending_senders = [], []
-        self._ask_all("weight_version", timeout_s)  # every worker back (a restarted one answers again)
-        if weights is not None:
-            self.sync_weights(weights, version)
-        return self._ask_all("weight_version", timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._ask_all("weight_version", timeout_s)  # every worker back (a restarted one answers again)
+            try:
+                if weights is not None:
+                    self.sync_weights(weights, version)
+                return self._ask_all("weight_version", timeout_s)
+            except ray.exceptions.ActorUnavailableError:  # one restarted again between the two calls
+                if time.monotonic() > deadline:
+                    raise
 
     def pids(self) -> list[int]:
         return self._ask_all("pid")

@@ -546,7 +546,12 @@ class GRPOTrainer:
                        step + 1, str(error).splitlines()[0], self._version)
         self._phase("restarting a rollout worker")
         self._queue.clear()  # rounds submitted to the lost worker are generated again
-        self.sync.restore(self._version)
+        try:
+            self.sync.restore(self._version)
+        except ray.exceptions.RayActorError as e:  # it could not come back (its node is gone, nothing to take it)
+            raise RuntimeError(f"step {step + 1}: a lost rollout worker could not be restarted ({str(e).splitlines()[0]})"
+                               f"{self._nodes_lost()}; stopping. Continue with --resume (from the last "
+                               "checkpoint)") from e
         self._actor_failures += 1
 
     def _a_learner_rank_died(self) -> bool:
@@ -654,7 +659,11 @@ class GRPOTrainer:
                                 f"reward failures {self._reward_failures:.0f}")
             if done % cfg.save_every == 0 or done == cfg.steps:
                 self._phase("checkpoint")
-                self.learner.save(str(self.run_dir), done, {"step": done}, cfg.keep_checkpoints)
+                try:
+                    self.learner.save(str(self.run_dir), done, {"step": done}, cfg.keep_checkpoints)
+                except ray.exceptions.RayActorError as e:  # a rank lost after its update: this step is redone
+                    step = self._restart_learner(e)
+                    bar.n = step
         bar.close()
         self.logger.close()
         return Path(self.learner.save_final(str(self.run_dir / "final")))
