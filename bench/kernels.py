@@ -180,6 +180,20 @@ def run_cpu(quick: bool):
     bench_kl(backends("indexer_kl", "cpu"), 1, L, 256, "cpu", reps)
 
 
+FAILED: list[str] = []
+
+
+def attempt(fn, *args, **kwargs):
+    """fn(*args) with its failure printed as a JSON line and counted: one broken case leaves the rest to run."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported, and main exits non-zero
+        FAILED.append(fn.__name__)
+        emit(op=fn.__name__, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def run_cuda(quick: bool):
     reps = 3 if quick else 10
     H, Dqk, d_v, K, H_I, D_I = 128, 576, 512, 2048, 64, 128
@@ -188,16 +202,17 @@ def run_cuda(quick: bool):
     for L in lengths:
         T = min(L, 4096)  # the last T queries of an L-token sequence: every query sees >= L - T keys
         if L == lengths[0]:  # the reference gathers [T, K, Dqk]: a small T only
-            bench_sparse({"reference": sparse["reference"]}, 1, 256, L, H, Dqk, d_v, K, torch.bfloat16, "cuda", 2)
-        bench_sparse({"triton": sparse["triton"]}, 1, T, L, H, Dqk, d_v, K, torch.bfloat16, "cuda", reps)
-        bench_dense_sdpa(1, L, H, "cuda", torch.bfloat16, reps)
+            attempt(bench_sparse, {"reference": sparse["reference"]}, 1, 256, L, H, Dqk, d_v, K, torch.bfloat16,
+                    "cuda", 2)
+        attempt(bench_sparse, {"triton": sparse["triton"]}, 1, T, L, H, Dqk, d_v, K, torch.bfloat16, "cuda", reps)
+        attempt(bench_dense_sdpa, 1, L, H, "cuda", torch.bfloat16, reps)
         T_I = min(L, 2048)  # indexer on a chunk of queries against all L keys (memory O(chunk * L))
         triton_scores = dispatch.implementation("indexer_scores", "triton")
-        bench_indexer({"triton": triton_scores}, 1, T_I, L, H_I, D_I, "cuda", torch.bfloat16, reps)
-        bench_indexer({"triton_fp8": triton_scores}, 1, T_I, L, H_I, D_I, "cuda", torch.float8_e4m3fn, reps)
-        bench_topk({"torch.topk": lambda s, k: s.topk(k, dim=-1), **backends("topk", "cuda")}, 1, T_I, L, K, "cuda",
-                   reps)
-        bench_kl(backends("indexer_kl", "cuda"), 1, T, K, "cuda", reps)
+        attempt(bench_indexer, {"triton": triton_scores}, 1, T_I, L, H_I, D_I, "cuda", torch.bfloat16, reps)
+        attempt(bench_indexer, {"triton_fp8": triton_scores}, 1, T_I, L, H_I, D_I, "cuda", torch.float8_e4m3fn, reps)
+        attempt(bench_topk, {"torch.topk": lambda s, k: s.topk(k, dim=-1), **backends("topk", "cuda")},
+                1, T_I, L, K, "cuda", reps)
+        attempt(bench_kl, backends("indexer_kl", "cuda"), 1, T, K, "cuda", reps)
 
 
 def main():
@@ -210,6 +225,8 @@ def main():
         run_cuda(args.quick)
     else:
         run_cpu(args.quick)
+    if FAILED:
+        raise SystemExit(f"failed: {', '.join(FAILED)}")
 
 
 if __name__ == "__main__":

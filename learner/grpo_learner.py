@@ -113,11 +113,11 @@ def routed_group_forward(model, batch: PaddedGroups, attention: str, temperature
     prompt_out = model(batch.prompts, cache=prefix, attention=attention, return_experts=True,
                        experts=_per_layer(batch.prompt_experts if replay else None, moe_layers, model.device))
     prompt_logits = prompt_out.logits  # [P, Lp, V]
-    last = prompt_logits[torch.arange(P), batch.prompt_lens - 1]  # [P, V] predicts completion token 0
+    last = prompt_logits[torch.arange(P, device=prompt_logits.device), batch.prompt_lens - 1]  # [P, V] predicts completion token 0
     prefix.set_lengths(batch.prompt_lens)
     shared = prefix.repeat_rows(G)
     Lc = batch.completions.shape[1]
-    positions = batch.prompt_lens.repeat_interleave(G)[:, None] + torch.arange(Lc)  # [P*G, Lc]
+    positions = batch.prompt_lens.repeat_interleave(G)[:, None] + torch.arange(Lc, device=batch.prompt_lens.device)
     indices = batch.indices if (use_indices and attention == "sparse") else None
     if indices is not None and model.config.index_dense_when_all_fit and Lp + Lc <= model.config.index_topk:
         indices = None  # every query sees <= k keys: the sampler selected them all, the model runs dense
@@ -236,9 +236,10 @@ class GRPOLearner:
         for i, seq in enumerate(seqs):
             ids[i, : len(seq)] = torch.tensor(seq)
         lens = torch.tensor([len(seq) for seq in seqs])
+        ids, lens = ids.to(self.policy.device), lens.to(self.policy.device)
         with torch.no_grad():
             out = self.policy(ids, attention="sparse", collect_aux=True)
-        pad = torch.arange(L)[None] >= lens[:, None]  # [B, L] padded queries carry no loss
+        pad = torch.arange(L, device=lens.device)[None] >= lens[:, None]  # [B, L] padded queries carry no loss
         kls = []
         for layer, aux in indexed_layers(self.policy, out.aux):
             aux.indices = aux.indices.masked_fill(pad[..., None], -1)
@@ -247,13 +248,17 @@ class GRPOLearner:
         (self.cfg.indexer_kl_weight * kl).backward()
         return kl.item()
 
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sums a small CPU tensor over the ranks, on the policy's device (NCCL reduces only GPU tensors)."""
+        out = t.to(self.policy.device)
+        dist.all_reduce(out)
+        return out.cpu()
+
     def _global_loss(self, local: float) -> float:
         """The step's loss summed over ranks (each carries the global normaliser)."""
         if self.world_size == 1:
             return local
-        total = torch.tensor([local], dtype=torch.float64)
-        dist.all_reduce(total)
-        return float(total[0])
+        return float(self._all_reduce(torch.tensor([local], dtype=torch.float64))[0])
 
     def _clip_and_step(self, loss_finite: bool = True) -> tuple[float, float, bool]:
         """Clips the policy's and the indexer's gradients apart, sets the scheduled LR, steps.
@@ -335,9 +340,7 @@ class GRPOLearner:
                for k, v in sums.items()}
         counts = [out.get(k, 0.0) for k in COUNT_METRICS]
         if self.world_size > 1:
-            total = torch.tensor(counts, dtype=torch.float64)
-            dist.all_reduce(total)
-            counts = total.tolist()
+            counts = self._all_reduce(torch.tensor(counts, dtype=torch.float64)).tolist()
         for k, v in zip(COUNT_METRICS, counts):
             out[k] = v / cfg.ppo_epochs  # per pass over the batch
         out["offpolicy_masked_frac"] = out["offpolicy_masked_seqs"] / max(out["sequences"], 1.0)
@@ -369,9 +372,7 @@ class GRPOLearner:
     def _routing_metrics(self, counts: RoutingCounts) -> dict[str, float]:
         """moe/* metrics over the whole batch: counts summed over the data-parallel ranks."""
         if self.world_size > 1:
-            flat = counts.flat()
-            dist.all_reduce(flat)
-            counts = RoutingCounts.from_flat(flat, len(self._moe_layers()))
+            counts = RoutingCounts.from_flat(self._all_reduce(counts.flat()), len(self._moe_layers()))
         return routing_metrics(counts, self._moe_layers(), self.cfg.ppo_epochs)
 
     def full_state_items(self):

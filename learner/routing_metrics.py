@@ -42,6 +42,7 @@ class RoutingCounts:
 def routed_token_masks(prompt_lens: torch.Tensor, Lp: int, completion_lens: torch.Tensor,
                        Lc: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (prompt [P, Lp], completions [P*G, Lc]) bool: the real tokens whose routing reaches a log-prob."""
+    prompt_lens, completion_lens = prompt_lens.cpu(), completion_lens.cpu()  # they index the routing on the CPU
     return (torch.arange(Lp)[None] < prompt_lens[:, None],
             torch.arange(Lc)[None] < completion_lens[:, None] - 1)
 

@@ -22,10 +22,15 @@ unset TRITON_INTERPRET
 PY=${PYTHON:-python3}
 TABLE="$OUT_DIR/gpu_check.md"
 
-# dsarl itself without its dependencies (nothing can be fetched there), importable as `dsarl`
+# dsarl itself without its dependencies (nothing can be fetched there), importable as `dsarl`. Editable, as
+# here: `python -m pytest` puts the checkout first on sys.path, and its dsarl/__init__.py alone (the
+# sub-packages are folders at the root, mapped by package-dir) would hide a plain --target install.
 if ! $PY -c "import dsarl.kernels" 2>/dev/null; then
-  $PY -m pip install -q --no-deps --no-build-isolation --target .gpu_site . >"$OUT_DIR/install.log" 2>&1 \
-    || echo "dsarl install failed: see $OUT_DIR/install.log"
+  if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT_DIR/install.log" 2>&1; then
+    export PYTHONSAFEPATH=1  # no editable install: a --target one, and the checkout off sys.path
+    $PY -m pip install -q --no-deps --no-build-isolation --target .gpu_site . >>"$OUT_DIR/install.log" 2>&1 \
+      || echo "dsarl install failed: see $OUT_DIR/install.log"
+  fi
 fi
 
 {

@@ -188,6 +188,37 @@ def _blocks(H: int, K: int, Dqk: int, d_v: int, block_h: int, block_k: int):
     return BH, BK, BV, BR, num_warps
 
 
+# (BH, BK, num_stages) that fit the shared memory, per (kernel, shape, dtype): found once, then reused
+_FITTING: dict[tuple, tuple[int, int, int | None]] = {}
+
+
+def _candidates(BH: int, BK: int):
+    """The requested blocks first, then smaller ones: fewer software-pipeline stages, a narrower key
+    block, fewer heads per program (each halving of BH doubles the kv gathers, so it comes last). At
+    H=128, Dqk=576, d_v=512 in bf16 the backward's first choice asks an H100 for 385 KB of shared
+    memory against 227 KB (its q, dout and dq tiles are [BH, 512] each)."""
+    yield BH, BK, None
+    for bh in [b for b in (BH, BH // 2, BH // 4) if b >= 16]:
+        for bk in [b for b in (BK, BK // 2) if b >= 16]:
+            yield bh, bk, 1
+
+
+def _launch(kernel, T: int, B: int, H: int, BH: int, BK: int, key: tuple, *args, **meta):
+    """kernel[grid](*args, BH=, BK=, **meta) with the first candidate blocks the GPU can hold."""
+    key = (kernel.fn.__name__, *key)
+    tried = [_FITTING[key]] if key in _FITTING else list(_candidates(BH, BK))
+    for bh, bk, stages in tried:
+        extra = {} if stages is None else {"num_stages": stages}
+        try:
+            kernel[(T, triton.cdiv(H, bh), B)](*args, BH=bh, BK=bk, **meta, **extra)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        _FITTING[key] = (bh, bk, stages)
+        return
+    raise RuntimeError(f"{kernel.fn.__name__}: no block size fits this GPU's shared memory "
+                       f"(H={H}, tried {tried})")
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # only matters for fp32 operands
 
@@ -201,12 +232,10 @@ def sparse_mla_fwd(q, kv, indices, sm_scale: float, d_v: int, return_probs: bool
     lse = torch.full((B, T, H), float("nan"), device=q.device, dtype=torch.float32)
     probs = torch.zeros((B, T, K), device=q.device, dtype=torch.float32) if return_probs else lse
     BH, BK, BV, BR, num_warps = _blocks(H, K, Dqk, d_v, block_h, block_k)
-    grid = (T, triton.cdiv(H, BH), B)
-    _sparse_mla_fwd_kernel[grid](
-        q, kv, indices, out, lse, probs, T, S, H, K, Dqk, d_v, sm_scale * LOG2E,
-        HAS_TAIL=Dqk > d_v, RETURN_PROBS=return_probs, PRECISION=_precision(q.dtype),
-        BH=BH, BK=BK, BV=BV, BR=BR, num_warps=num_warps,
-    )
+    _launch(_sparse_mla_fwd_kernel, T, B, H, BH, BK, (H, K, Dqk, d_v, q.dtype, return_probs),
+            q, kv, indices, out, lse, probs, T, S, H, K, Dqk, d_v, sm_scale * LOG2E,
+            HAS_TAIL=Dqk > d_v, RETURN_PROBS=return_probs, PRECISION=_precision(q.dtype),
+            BV=BV, BR=BR, num_warps=num_warps)
     return out, lse, (probs if return_probs else None)
 
 
@@ -222,12 +251,10 @@ def sparse_mla_bwd(q, kv, indices, out, lse, dout, dlse, sm_scale: float, d_v: i
     dq = torch.full((B, T, H, Dqk), float("nan"), device=q.device, dtype=torch.float32)
     dkv = torch.zeros((B, S, Dqk), device=q.device, dtype=torch.float32)  # atomics need zeros
     BH, BK, BV, BR, num_warps = _blocks(H, K, Dqk, d_v, block_h, block_k)
-    grid = (T, triton.cdiv(H, BH), B)
-    _sparse_mla_bwd_kernel[grid](
-        q, kv, indices, dout, lse.contiguous(), delta.contiguous(), dq, dkv, T, S, H, K, Dqk, d_v,
-        sm_scale, sm_scale * LOG2E, HAS_TAIL=Dqk > d_v, PRECISION=_precision(q.dtype),
-        BH=BH, BK=BK, BV=BV, BR=BR, num_warps=num_warps,
-    )
+    _launch(_sparse_mla_bwd_kernel, T, B, H, BH, BK, (H, K, Dqk, d_v, q.dtype),
+            q, kv, indices, dout, lse.contiguous(), delta.contiguous(), dq, dkv, T, S, H, K, Dqk, d_v,
+            sm_scale, sm_scale * LOG2E, HAS_TAIL=Dqk > d_v, PRECISION=_precision(q.dtype),
+            BV=BV, BR=BR, num_warps=num_warps)
     return dq.to(q.dtype), dkv.to(kv.dtype)
 
 

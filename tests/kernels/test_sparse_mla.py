@@ -122,3 +122,38 @@ def test_bf16_production_dims(gen):
     assert rel_fro(got[1][fin], ref[1][fin]) <= 1e-2
     for i in (0, 2, 3, 4):
         assert rel_fro(got[i], ref[i]) <= 1e-2
+
+
+def test_launch_falls_back_to_the_first_blocks_that_fit(monkeypatch):
+    """A GPU without the shared memory for the requested blocks gets smaller ones (H100: 227 KB against
+    the 385 KB the backward's first choice needs at H=128, d_v=512), remembered for the next call."""
+    import triton
+
+    from dsarl.kernels.sparse_mla import triton as sparse_triton
+
+    launched = []
+
+    class Kernel:  # a launch needing more than BH=32, BK=16 per program is refused, as Triton does
+        class fn:
+            __name__ = "fake_kernel"
+
+        def __getitem__(self, grid):
+            def run(*args, BH, BK, **meta):
+                if BH * BK > 32 * 16:
+                    raise triton.runtime.errors.OutOfResources(BH * BK, 32 * 16, "shared memory")
+                launched.append((grid, BH, BK, meta.get("num_stages")))
+            return run
+
+    monkeypatch.setattr(sparse_triton, "_FITTING", {})
+    sparse_triton._launch(Kernel(), 5, 2, 128, 64, 32, ("shape",), "arg")
+    assert launched == [((5, 4, 2), 32, 16, 1)]  # 128 heads in blocks of 32: four programs per token
+    sparse_triton._launch(Kernel(), 5, 2, 128, 64, 32, ("shape",), "arg")
+    assert launched[-1] == ((5, 4, 2), 32, 16, 1) and len(launched) == 2  # found once, then reused
+    class TooBig(Kernel):  # nothing fits: a clear error, not a silent wrong launch
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                raise triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+            return run
+
+    with pytest.raises(RuntimeError, match="no block size fits"):
+        sparse_triton._launch(TooBig(), 5, 2, 8, 16, 16, ("other",), "arg")
