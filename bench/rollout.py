@@ -13,6 +13,8 @@ batch (greedy, KV cache, same fixed lengths) is timed as the baseline.
 """
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
@@ -77,10 +79,25 @@ def continuous_case(model, name, batch, context, attention, new_tokens, continuo
                 tok_s=round(sum(lens) / wall, 1), wall_s=round(wall, 3))
 
 
-def hf_case(cfg: DSAConfig, name, batch, context, new_tokens, device) -> dict | None:
+def import_hf_llama():
+    """transformers' Llama, imported with this folder off sys.path: Python puts a script's folder first, and
+    bench/kernels.py would stand in for Hugging Face's `kernels` package, which transformers imports
+    (the import failed, and the baseline rows went missing without a word)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError:
+    finally:
+        sys.path[:] = saved
+    return LlamaConfig, LlamaForCausalLM
+
+
+def hf_case(cfg: DSAConfig, name, batch, context, new_tokens, device) -> dict | None:
+    try:
+        LlamaConfig, LlamaForCausalLM = import_hf_llama()
+    except ImportError as e:
+        print(f"no Hugging Face baseline: {e}", file=sys.stderr)
         return None
     lcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,

@@ -110,10 +110,13 @@ def routed_group_forward(model, batch: PaddedGroups, attention: str, temperature
     moe_layers = [t == "sparse" for t in model.config.layer_mlp_types]
     replay = use_experts and batch.experts is not None
     prefix = PrefixKV(model.config.num_hidden_layers)
-    prompt_out = model(batch.prompts, cache=prefix, attention=attention, return_experts=True,
-                       experts=_per_layer(batch.prompt_experts if replay else None, moe_layers, model.device))
-    prompt_logits = prompt_out.logits  # [P, Lp, V]
-    last = prompt_logits[torch.arange(P, device=prompt_logits.device), batch.prompt_lens - 1]  # [P, V] predicts completion token 0
+    first = int(batch.prompt_lens.min()) - 1  # logits only from the shortest prompt's end on: the last layer
+    # runs its queries and MLP there alone (the other prompt positions only give keys and values)
+    prompt_out = model(batch.prompts, cache=prefix, attention=attention, return_experts=any(moe_layers),
+                       experts=_per_layer(batch.prompt_experts if replay else None, moe_layers, model.device),
+                       logits_slice=slice(first, Lp))
+    prompt_logits = prompt_out.logits  # [P, Lp - first, V]
+    last = prompt_logits[torch.arange(P, device=prompt_logits.device), batch.prompt_lens - 1 - first]  # [P, V]
     prefix.set_lengths(batch.prompt_lens)
     shared = prefix.repeat_rows(G)
     Lc = batch.completions.shape[1]

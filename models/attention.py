@@ -61,24 +61,35 @@ class MLA(nn.Module):
         return self.cfg.index_dense_when_all_fit and int(positions.max()) < self.cfg.index_topk
 
     def forward(self, x, cos, sin, positions, layer_idx: int, cache=None, attention: str = "dense",
-                indices: torch.Tensor | None = None, collect_aux: bool = False, doc_mask: torch.Tensor | None = None):
-        """x [B, T, hidden] -> (out [B, T, hidden], indices [B, T, K] | None, aux | None).
+                indices: torch.Tensor | None = None, collect_aux: bool = False, doc_mask: torch.Tensor | None = None,
+                query_slice: slice | None = None):
+        """x [B, T, hidden] -> (out [B, Tq, hidden], indices [B, Tq, K] | None, aux | None).
 
         `indices`: precomputed top-k selection (e.g. the sampler's) used instead of the indexer's.
         `doc_mask` [B, T, T] bool: packed documents (models/doc_mask.py); dense, cache-free only.
+        `query_slice`: only these positions query (Tq of the T); every position still writes its key and
+        value (the last layer of a prefill: only the positions whose logits are wanted need an output).
         """
         B, T, _ = x.shape
-        c_q = self.q_a_layernorm(self.q_a_proj(x))  # [B, T, q_rank]
-        q = self.q_b_proj(c_q).view(B, T, self.n_heads, self.nope + self.rope)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [B, T, H, nope], [B, T, H, rope]
+        kv_cos, kv_sin, kv_positions, xq = cos, sin, positions, x
+        if query_slice is not None:
+            xq, positions = x[:, query_slice], positions[:, query_slice]
+            cos, sin = cos[:, query_slice], sin[:, query_slice]
+            indices = None if indices is None else indices[:, query_slice]
+        Tq = xq.shape[1]
+        c_q = self.q_a_layernorm(self.q_a_proj(xq))  # [B, Tq, q_rank]
+        q = self.q_b_proj(c_q).view(B, Tq, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [B, Tq, H, nope], [B, Tq, H, rope]
         q_pe = apply_rope_interleaved(q_pe, cos, sin)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        kv_new = torch.cat([self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_pe, cos, sin)], dim=-1)  # [B, T, C+R]
-        k_idx_new = self.indexer.keys(x, cos, sin) if self.indexer is not None else None  # [B, T, d_I]
+        kv_new = torch.cat([self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_pe, kv_cos, kv_sin)], dim=-1)
+        k_idx_new = self.indexer.keys(x, kv_cos, kv_sin) if self.indexer is not None else None  # [B, T, d_I]
         if cache is None:
-            kv, k_idx, k_pos = kv_new, k_idx_new, positions
+            kv, k_idx, k_pos = kv_new, k_idx_new, kv_positions
         else:
-            kv, k_idx, k_pos = cache.update(layer_idx, kv_new, k_idx_new, positions)
+            kv, k_idx, k_pos = cache.update(layer_idx, kv_new, k_idx_new, kv_positions)
+        if Tq == 0:  # keys and values written, nothing asks (a KV-only pass: logits_slice=slice(0, 0))
+            return x.new_zeros(B, 0, self.o_proj.out_features), indices, None
 
         sparse = attention == "sparse"
         own_selection = indices is None or self.indexer is None  # a shared layer's indices are a full layer's
@@ -92,12 +103,12 @@ class MLA(nn.Module):
             if self.indexer is None:
                 raise ValueError(f"layer {layer_idx} shares an earlier layer's selection: sparse attention needs "
                                  f"its indices")
-            q_i, w_i = self.indexer.queries(c_q, x, cos, sin)
+            q_i, w_i = self.indexer.queries(c_q, xq, cos, sin)
             indices = kernels.indexer_topk(q_i, w_i, k_idx, self.cfg.index_topk, positions, k_pos,
                                            chunk=self.cfg.index_chunk)  # [B, T, K] int32
         probs = None
         scale = self.cfg.softmax_scale
-        if sparse or (cache is not None and T <= ABSORBED_DECODE_MAX_T):
+        if sparse or ((cache is not None or query_slice is not None) and Tq <= ABSORBED_DECODE_MAX_T):
             w_uk, w_uv = self._w_uk_uv()
             q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # absorb W_uk: [B, T, H, C]
             q_abs = torch.cat([q_lat, q_pe], dim=-1)  # [B, T, H, C+R]
@@ -118,8 +129,8 @@ class MLA(nn.Module):
             # Plain causal attention (SDPA's fused kernel, no mask tensor) whenever queries and keys are the
             # same tokens from position 0: training, and a prefill into an empty cache. Right padding
             # needs no mask there: a real query never sees a later (padded) key.
-            same = T == S and (cache is None or bool((positions[:, 0] == 0).all()))
+            same = Tq == S and (cache is None or bool((positions[:, 0] == 0).all()))
             out = kernels.dense_mha_attention(qf, k, v, scale, None if same else positions, None if same else k_pos,
                                               mask=doc_mask)
         aux = IndexerAux(x, c_q, positions, indices, probs) if collect_aux else None
-        return self.o_proj(out.reshape(B, T, -1)), indices, aux
+        return self.o_proj(out.reshape(B, Tq, -1)), indices, aux

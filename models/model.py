@@ -42,11 +42,13 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, positions, cache, attention, indices, collect_aux, doc_mask=None, experts=None):
-        """-> (x, indices, aux, experts [B, T, k] | None for a dense MLP)."""
+    def forward(self, x, cos, sin, positions, cache, attention, indices, collect_aux, doc_mask=None, experts=None,
+                query_slice: slice | None = None):
+        """-> (x, indices, aux, experts [B, T, k] | None for a dense MLP). query_slice: only those positions
+        come out (every position's key and value still reach the cache)."""
         h, indices, aux = self.self_attn(self.input_layernorm(x), cos, sin, positions, self.layer_idx, cache,
-                                         attention, indices, collect_aux, doc_mask)
-        x = x + h
+                                         attention, indices, collect_aux, doc_mask, query_slice)
+        x = (x if query_slice is None else x[:, query_slice]) + h
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             h, experts = self.mlp(h, experts)
@@ -110,7 +112,7 @@ class DSAForCausalLM(nn.Module):
         indices: list[torch.Tensor] | None = None,  # per layer precomputed top-k (e.g. the sampler's)
         return_indices: bool = False,
         collect_aux: bool = False,
-        logits_slice: slice | None = None,  # compute logits only for these positions (saves the V matmul)
+        logits_slice: slice | None = None,  # logits only for these positions (the last layer runs only them)
         experts: list[torch.Tensor | None] | None = None,  # per MoE layer [B, T, k] routing to replay
         return_experts: bool = False,
         doc_ids: torch.Tensor | None = None,  # [B, T] packed documents (models/doc_mask.py): each token
@@ -133,22 +135,30 @@ class DSAForCausalLM(nn.Module):
             positions = positions.expand(B, T)
         cos, sin = rope_for_config(self.config, positions)
         x = self.model.embed_tokens(input_ids)
+        # Past the last layer only logits_slice's rows matter, and the last layer's other positions only
+        # write their keys and values: it runs its queries, attention output and MLP on the slice alone
+        # (exact; a prefill of P tokens into L layers saves about 1/L of its work). Not where a caller
+        # wants every position's routing or indexer inputs. Returned selections then cover the slice only.
+        last_slice = logits_slice if (logits_slice is not None and not collect_aux and not return_experts
+                                      and experts is None and doc_mask is None) else None
+        n_layers = len(self.model.layers)
         all_indices, all_aux, all_experts, shared = [], [], [], None
         for i, layer in enumerate(self.model.layers):
             idx = None if indices is None else indices[i]
             if idx is None and layer.self_attn.indexer is None:
                 idx = shared  # GLM-5 "shared" layer: the previous full layer's selection
             x, idx, aux, routed = layer(x, cos, sin, positions, cache, attention, idx, collect_aux, doc_mask,
-                                        None if experts is None else experts[i])
+                                        None if experts is None else experts[i],
+                                        last_slice if i == n_layers - 1 else None)
             if layer.self_attn.indexer is not None:
                 shared = idx
-            all_indices.append(idx)
+            all_indices.append(idx if last_slice is None or idx is None or i == n_layers - 1 else idx[:, last_slice])
             all_aux.append(aux)
             all_experts.append(routed)
         if cache is not None:
             cache.advance(positions)
         x = self.model.norm(x)
-        if logits_slice is not None:
+        if logits_slice is not None and last_slice is None:
             x = x[:, logits_slice]
         logits = self.lm_head(x)
         return DecoderOutput(

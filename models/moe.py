@@ -97,4 +97,4 @@ class MoE(nn.Module):
         y = grouped_expert_forward(flat, weights, chosen, self.experts).view(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y, chosen.view(B, T, -1)
+        return y, chosen.view(B, T, chosen.shape[-1])  # T may be 0 (a KV-only last layer)

@@ -367,7 +367,8 @@ class _Run:
                       logits_slice=slice(P0 - 1, P))  # logits only where some prompt ends
         routed = stack_moe_experts(out.experts, self.expert_dtype) if self.want_experts else None  # [B, P, M, k]
         for r, i in enumerate(prompt_pos):
-            idx = None if out.indices is None else torch.stack([x[r, lens[r] - 1] for x in out.indices])  # [L, K]
+            # the selections cover the logits' positions P0 - 1 .. P - 1: the prompt's last token is row lens - P0
+            idx = None if out.indices is None else torch.stack([x[r, lens[r] - P0] for x in out.indices])  # [L, K]
             self.prefixes[i] = _Prefix(scratch.kv[:, r, : lens[r]], scratch.k_idx[:, r, : lens[r]],
                                        out.logits[r, lens[r] - P0], idx,
                                        None if routed is None else routed[r, : lens[r]], self.params.n)
