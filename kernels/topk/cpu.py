@@ -9,10 +9,15 @@ import ctypes
 import torch
 
 from .. import native
+from ..indexer_scores.matmul import indexer_scores_matmul
 from ..indexer_scores.reference import resolve_positions
 
 SOURCE = native.source("topk/cpu.c")
 KEY_BLOCK = 32  # cpu.c's KB: keys per transposed block
+# indexer_topk with at most this many queries per sequence scores by matmul and selects in C (decode);
+# measured crossover on 2 cores: equal at T = 128, the fused kernel 3x faster at T = 512
+FEW_QUERIES = 64
+UNFUSED_MAX_SCORES = 1 << 25  # the [B, T, S] fp32 scores it materialises: at most 128 MB
 
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -43,9 +48,15 @@ def indexer_topk_cpu(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, c
     q [B, T, H, D], w [B, T, H], k [B, S, D] (any float dtype, fp32 maths), q_pos [B, T], k_pos [B, S],
     k_scale [B, S] or None -> int32 [B, T, topk]. Memory O(threads * S): no [T, S] score matrix, so
     `chunk` (the reference's queries per chunk) has nothing to bound."""
-    lib = _lib()
     B, T, H, D = q.shape
     S = k.shape[1]
+    if T <= FEW_QUERIES and B * T * S <= UNFUSED_MAX_SCORES:
+        # Decode and short chunks: the fused kernel's cost is its re-layout of every key (a copy of the
+        # whole indexer cache, 33 MB per layer and step at 64 x 4k keys), not the scoring. Scores by
+        # matmul, then the C top-k: 32 ms -> 4.4 ms per call at B=64, T=1, S=4100, K=256 on 2 cores
+        # (bench/kernels.py's indexer_topk rows). Same maths and tie rule; fp32 sums in another order.
+        return topk_indices_cpu(indexer_scores_matmul(q, w, k, q_pos, k_pos, k_scale), topk)
+    lib = _lib()
     q_pos, k_pos = resolve_positions(B, T, S, q.device, q_pos, k_pos)
     qc, wc = q.float().contiguous(), w.float().contiguous()
     kb = KEY_BLOCK

@@ -114,9 +114,16 @@ def test_cpu_topk_when_the_sampled_threshold_is_too_high(gen):
     (1, 64, 700, 8, 32, 32, True, False),  # two groups of 4 heads, S not a multiple of the key block
     (1, 50, 3000, 6, 20, 64, False, False),  # long rows: the sampled threshold and radix sort
     (3, 41, 2000, 4, 16, 32, False, False),  # odd T: query pairs meet batch ends; rows split by work
+    (4, 1, 500, 4, 32, 64, False, False),  # a decode step: one query per sequence, the last position
 ])
-def test_cpu_fused_indexer_topk_matches_scores_then_reference(gen, B, T, S, H, D, k, scaled, shuffled):
+@pytest.mark.parametrize("path", ["fused", "matmul_then_topk"])
+def test_cpu_fused_indexer_topk_matches_scores_then_reference(gen, B, T, S, H, D, k, scaled, shuffled, path,
+                                                              monkeypatch):
+    """Both ways the CPU backend computes it: the fused C kernel (long query blocks) and matmul scores
+    then the C top-k (few queries per sequence: decode)."""
     from dsarl.kernels.indexer_scores.reference import resolve_positions
+
+    monkeypatch.setattr(topk_cpu, "FEW_QUERIES", 0 if path == "fused" else 10**9)
 
     q, w = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, H, generator=gen)
     keys = torch.randn(B, S, D, generator=gen)
