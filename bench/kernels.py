@@ -49,6 +49,16 @@ def causal_indices(B, T, S, K, device):
     return idx.masked_fill(torch.arange(K, device=device)[None, None, :] > t, -1).to(torch.int32)
 
 
+def triton_blocks(impl: str) -> dict:
+    """The (BH, BK, num_stages) each Triton sparse MLA kernel ran with: the first that fit (triton.py's _launch)."""
+    if impl != "triton":
+        return {}
+    from dsarl.kernels.sparse_mla import triton as sparse_triton
+
+    return {"blocks": {key[0].strip("_").replace("_kernel", ""): list(fit)
+                       for key, fit in sparse_triton._FITTING.items()}}
+
+
 def sparse_flops(T, K, H, Dqk, d_v):
     return 2 * T * K * H * (Dqk + d_v), 2 * T * H * K * (2 * d_v + 3 * Dqk)
 
@@ -75,7 +85,7 @@ def bench_sparse(impls, B, T, S, H, Dqk, d_v, K, dtype, device, reps):
         t_b = max(t_fb - t_f, 1e-9)
         emit(op="sparse_mla", impl=name, B=B, T=T, S=S, H=H, Dqk=Dqk, d_v=d_v, K=K, dtype=str(dtype)[6:],
              fwd_ms=1e3 * t_f, bwd_ms=1e3 * t_b, fwd_tflops=f_fwd / t_f / 1e12, bwd_tflops=f_bwd / t_b / 1e12,
-             fwd_gbps=fwd_bytes / t_f / 1e9)
+             fwd_gbps=fwd_bytes / t_f / 1e9, **triton_blocks(name))
 
 
 def bench_dense_sdpa(B, L, H, device, dtype, reps):
@@ -183,6 +193,34 @@ def run_cpu(quick: bool):
 FAILED: list[str] = []
 
 
+def tune_sparse_bwd(B, T, S, H, Dqk, d_v, K, dtype, reps):
+    """The Triton sparse MLA backward at each (BH, BK, num_stages) the GPU holds: one JSON line each, to
+    choose triton.py's first candidate from measurements (the default asks more shared memory than an
+    H100 has at H=128, d_v=512 and falls back)."""
+    from dsarl.kernels.sparse_mla import triton as sparse_triton
+
+    q = torch.randn(B, T, H, Dqk, device="cuda", dtype=dtype, requires_grad=True)
+    kv = torch.randn(B, S, Dqk, device="cuda", dtype=dtype, requires_grad=True)
+    idx = causal_indices(B, T, S, K, "cuda")
+    do = torch.randn(B, T, H, d_v, device="cuda", dtype=dtype)
+    key = ("_sparse_mla_bwd_kernel", H, K, Dqk, d_v, dtype)
+    fn = dispatch.implementation("sparse_mla", "triton")
+    out, _ = fn(q, kv, idx, Dqk ** -0.5, d_v)
+    flops = sparse_flops(B * T, K, H, Dqk, d_v)[1]
+    for bh in (16, 32, 64):
+        for bk in (16, 32, 64):
+            for stages in (1, 2, 3):
+                sparse_triton._FITTING[key] = (bh, bk, stages)
+                try:
+                    t = timeit(lambda: torch.autograd.grad(out, (q, kv), do, retain_graph=True), reps)
+                except Exception as e:  # noqa: BLE001 - a block size this GPU cannot hold
+                    emit(op="sparse_mla_bwd_blocks", BH=bh, BK=bk, num_stages=stages, error=type(e).__name__)
+                    continue
+                emit(op="sparse_mla_bwd_blocks", T=T, S=S, H=H, K=K, BH=bh, BK=bk, num_stages=stages,
+                     bwd_ms=1e3 * t, bwd_tflops=flops / t / 1e12)
+    sparse_triton._FITTING.pop(key, None)
+
+
 def attempt(fn, *args, **kwargs):
     """fn(*args) with its failure printed as a JSON line and counted: one broken case leaves the rest to run."""
     try:
@@ -205,6 +243,8 @@ def run_cuda(quick: bool):
             attempt(bench_sparse, {"reference": sparse["reference"]}, 1, 256, L, H, Dqk, d_v, K, torch.bfloat16,
                     "cuda", 2)
         attempt(bench_sparse, {"triton": sparse["triton"]}, 1, T, L, H, Dqk, d_v, K, torch.bfloat16, "cuda", reps)
+        if L == lengths[0] and os.environ.get("DSARL_TUNE"):
+            attempt(tune_sparse_bwd, 1, T, L, H, Dqk, d_v, K, torch.bfloat16, 3)
         attempt(bench_dense_sdpa, 1, L, H, "cuda", torch.bfloat16, reps)
         T_I = min(L, 2048)  # indexer on a chunk of queries against all L keys (memory O(chunk * L))
         triton_scores = dispatch.implementation("indexer_scores", "triton")
