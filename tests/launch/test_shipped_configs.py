@@ -19,6 +19,7 @@ def _schemas():
         "conversion/eval.yaml": EvalConfig, "conversion/eval_parity.yaml": EvalConfig,
         "pretrain_tiny.yaml": PretrainConfig, "grpo_tiny.yaml": GRPOConfig, "quickstart.yaml": PipelineConfig,
         "distill.yaml": DistillConfig, "examples/moe_dsa_grpo.yaml": GRPOConfig,
+        "examples/long_context_grpo.yaml": GRPOConfig,
     }
 
 
