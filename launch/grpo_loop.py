@@ -542,6 +542,10 @@ class GRPOTrainer:
         raise AssertionError("unreachable")
 
     def _recover_rollouts(self, step: int, error: Exception) -> None:
+        if self.cfg.fault_tolerance.max_step_retries == 0:  # no restarts asked: stop now, as the rollout phase does
+            raise RuntimeError(f"step {step + 1}: a rollout worker was lost ({str(error).splitlines()[0]})"
+                               f"{self._nodes_lost()}; stopping. Continue with --resume (from the last "
+                               "checkpoint)") from error
         logger.warning("step %d: a rollout worker was lost (%s); restarting it with weight version %d",
                        step + 1, str(error).splitlines()[0], self._version)
         self._phase("restarting a rollout worker")
