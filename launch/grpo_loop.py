@@ -535,17 +535,13 @@ class GRPOTrainer:
                 return self._rollout_rounds(step)
             except ray.exceptions.RayActorError as e:
                 if attempt == retries:
-                    raise RuntimeError(f"step {step + 1}: rollout workers lost {retries + 1} times ({e})"
-                                       f"{self._nodes_lost()}; stopping. Continue with --resume (from the last "
-                                       "checkpoint)") from e
+                    raise self._stopping(step, f"rollout workers lost {retries + 1} times ({e})") from e
                 self._recover_rollouts(step, e)
         raise AssertionError("unreachable")
 
     def _recover_rollouts(self, step: int, error: Exception) -> None:
         if self.cfg.fault_tolerance.max_step_retries == 0:  # no restarts asked: stop now, as the rollout phase does
-            raise RuntimeError(f"step {step + 1}: a rollout worker was lost ({str(error).splitlines()[0]})"
-                               f"{self._nodes_lost()}; stopping. Continue with --resume (from the last "
-                               "checkpoint)") from error
+            raise self._stopping(step, f"a rollout worker was lost ({str(error).splitlines()[0]})") from error
         logger.warning("step %d: a rollout worker was lost (%s); restarting it with weight version %d",
                        step + 1, str(error).splitlines()[0], self._version)
         self._phase("restarting a rollout worker")
@@ -553,10 +549,15 @@ class GRPOTrainer:
         try:
             self.sync.restore(self._version)
         except ray.exceptions.RayActorError as e:  # it could not come back (its node is gone, nothing to take it)
-            raise RuntimeError(f"step {step + 1}: a lost rollout worker could not be restarted ({str(e).splitlines()[0]})"
-                               f"{self._nodes_lost()}; stopping. Continue with --resume (from the last "
-                               "checkpoint)") from e
+            lost = str(e).splitlines()[0]
+            raise self._stopping(step, f"a lost rollout worker could not be restarted ({lost})") from e
         self._actor_failures += 1
+
+    def _stopping(self, step: int, what: str) -> RuntimeError:
+        """The error a run stops with when its rollout workers cannot go on: what happened, the Ray nodes
+        lost, and how to continue."""
+        return RuntimeError(f"step {step + 1}: {what}{self._nodes_lost()}; stopping. Continue with --resume "
+                            "(from the last checkpoint)")
 
     def _a_learner_rank_died(self) -> bool:
         for rank in self.learner.ranks:

@@ -1,12 +1,11 @@
 """logits_slice runs the last layer on the sliced positions only (its other positions just write their
 keys and values): the logits, the returned selections and the cache must equal a full forward's."""
-import random
-
 import pytest
 import torch
 
-from dsarl.models import DSAConfig, StaticKVCache, build_model
+from dsarl.models import StaticKVCache, build_model
 from dsarl.models.kv_cache import PrefixKV
+from small_model import fresh_seed, small_cfg
 
 CONFIGS = {
     "dense_mlp": dict(),
@@ -16,16 +15,8 @@ CONFIGS = {
 }
 
 
-def small_cfg(**kw) -> DSAConfig:
-    base = dict(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
-                q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
-                index_n_heads=3, index_head_dim=16, index_topk=5, index_chunk=7)
-    base.update(kw)
-    return DSAConfig(**base)
-
-
 def case(config: str):
-    seed = random.SystemRandom().randrange(2**31)
+    seed = fresh_seed()
     model = build_model(small_cfg(**CONFIGS[config]), seed=seed).requires_grad_(False)
     ids = torch.randint(0, 264, (3, 21), generator=torch.Generator().manual_seed(seed))
     return model, ids, seed
@@ -67,7 +58,7 @@ def test_a_sliced_prefill_leaves_the_cache_a_full_one_leaves(config, attention, 
 def test_a_sliced_prefix_forward_gives_the_completion_the_same_gradient(attention):
     """The learner's prompt pass (PrefixKV, logits at the prompt's end only) and the completion pass after
     it: same log-probs, same gradient in every parameter as with the full prompt forward."""
-    seed = random.SystemRandom().randrange(2**31)
+    seed = fresh_seed()
     model = build_model(small_cfg(), seed=seed)
     g = torch.Generator().manual_seed(seed)
     prompt, completion = torch.randint(0, 264, (2, 15), generator=g), torch.randint(0, 264, (2, 6), generator=g)

@@ -1,7 +1,6 @@
 """The DSA decoder against plain references: sparse = dense at k >= L, incremental decoding = full
 forward, indexer = naive loop, causality, checkpoints, config errors."""
 import json
-import random
 
 import pytest
 import torch
@@ -10,18 +9,7 @@ from dsarl import kernels
 from dsarl.models import DSAConfig, StaticKVCache, build_model, from_pretrained, save_pretrained
 from dsarl.models.config import ConfigError
 from dsarl.models.rope import rope_angles
-
-
-def small_cfg(**kw) -> DSAConfig:
-    base = dict(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
-                q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
-                index_n_heads=3, index_head_dim=16, index_topk=5, index_chunk=7)
-    base.update(kw)
-    return DSAConfig(**base)
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
+from small_model import fresh_seed, small_cfg
 
 
 @pytest.mark.parametrize("fp8, dense_when_all_fit", [(False, False), (True, False), (False, True)])
