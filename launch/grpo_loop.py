@@ -540,10 +540,11 @@ class GRPOTrainer:
         raise AssertionError("unreachable")
 
     def _recover_rollouts(self, step: int, error: Exception) -> None:
+        cause = str(error).splitlines()[0]
         if self.cfg.fault_tolerance.max_step_retries == 0:  # no restarts asked: stop now, as the rollout phase does
-            raise self._stopping(step, f"a rollout worker was lost ({str(error).splitlines()[0]})") from error
+            raise self._stopping(step, f"a rollout worker was lost ({cause})") from error
         logger.warning("step %d: a rollout worker was lost (%s); restarting it with weight version %d",
-                       step + 1, str(error).splitlines()[0], self._version)
+                       step + 1, cause, self._version)
         self._phase("restarting a rollout worker")
         self._queue.clear()  # rounds submitted to the lost worker are generated again
         try:
