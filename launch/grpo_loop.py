@@ -468,17 +468,17 @@ class GRPOTrainer:
         try:
             lmetrics = self.learner.update(groups) if groups else {}
         except ray.exceptions.RayError as e:
-            # a lost rank shows up either as its own death or as the survivors' failed collective (gloo:
-            # "connection reset by peer"), whichever ray.get meets first: both are a lost learner rank
-            if isinstance(e, ray.exceptions.RayActorError) or self._a_learner_rank_died():
+            if self._is_learner_loss(e):
                 raise LearnerLost(f"step {step + 1}") from e
             raise
         t3 = time.perf_counter()
         self._phase("sync")
         try:
-            self._version = self.sync.publish()
-        except ray.exceptions.RayActorError as e:
-            raise LearnerLost(f"step {step + 1}") from e
+            self._version = self.sync.publish()  # gathers the FSDP shards: a collective over every rank
+        except ray.exceptions.RayError as e:
+            if self._is_learner_loss(e):
+                raise LearnerLost(f"step {step + 1}") from e
+            raise
         try:
             self.sync.deliver(self._version, wait=cfg.rollout.max_staleness == 0)
         except SenderLost as e:
@@ -560,15 +560,28 @@ class GRPOTrainer:
         return RuntimeError(f"step {step + 1}: {what}{self._nodes_lost()}; stopping. Continue with --resume "
                             "(from the last checkpoint)")
 
-    def _a_learner_rank_died(self) -> bool:
-        for rank in self.learner.ranks:
-            try:
-                ray.get(rank.pid.remote(), timeout=60)
-            except ray.exceptions.RayActorError:
-                return True
-            except ray.exceptions.GetTimeoutError:
-                continue  # alive but still busy (a survivor blocked in a collective): not lost itself
-        return False
+    def _is_learner_loss(self, error: Exception) -> bool:
+        """A lost rank shows up either as its own death or as a survivor's failed collective (gloo:
+        "connection reset by peer"), whichever ray.get meets first, in any call that is a collective
+        (update, weight gather, checkpoint save): both are a lost learner rank."""
+        return isinstance(error, ray.exceptions.RayActorError) or self._a_learner_rank_died()
+
+    def _a_learner_rank_died(self, grace_s: float = 20.0) -> bool:
+        """Whether a learner rank is dead. A survivor's collective can fail before its peer's process is
+        gone (a removed node's raylet dies first, its workers a moment later), so with several ranks this
+        asks again for up to grace_s before calling the error the survivor's own."""
+        deadline = time.monotonic() + (grace_s if len(self.learner.ranks) > 1 else 0.0)
+        while True:
+            for rank in self.learner.ranks:
+                try:
+                    ray.get(rank.pid.remote(), timeout=60)
+                except ray.exceptions.RayActorError:
+                    return True
+                except ray.exceptions.GetTimeoutError:
+                    continue  # alive but still busy (a survivor blocked in a collective): not lost itself
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
 
     def _nodes_lost(self, wait_s: float = 25.0) -> str:
         """', Ray node(s) down: ID (IP), ...' for nodes alive when the trainer started and dead now. Ray marks
@@ -667,12 +680,21 @@ class GRPOTrainer:
                 self._phase("checkpoint")
                 try:
                     self.learner.save(str(self.run_dir), done, {"step": done}, cfg.keep_checkpoints)
-                except ray.exceptions.RayActorError as e:  # a rank lost after its update: this step is redone
+                except ray.exceptions.RayError as e:  # a rank lost after its update: this step is redone
+                    if not self._is_learner_loss(e):
+                        raise
                     step = self._restart_learner(e)
                     bar.n = step
         bar.close()
+        try:
+            final = self.learner.save_final(str(self.run_dir / "final"))  # a collective too
+        except ray.exceptions.RayError as e:
+            if not self._is_learner_loss(e):
+                raise
+            self._restart_learner(e)  # from the last checkpoint, which is the last step's: export again
+            final = self.learner.save_final(str(self.run_dir / "final"))
         self.logger.close()
-        return Path(self.learner.save_final(str(self.run_dir / "final")))
+        return Path(final)
 
     def shutdown(self) -> None:
         """Stops this trainer's actors and frees its placement group (the Ray instance stays up)."""

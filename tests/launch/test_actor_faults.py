@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+import ray
 
 from dsarl.launch.grpo_loop import FaultToleranceConfig, GRPOConfig, GRPOTrainer, PromptData, RolloutConfig
 from dsarl.rewards.config import RewardComponentConfig, RewardConfig
@@ -80,3 +81,40 @@ def test_a_lost_learner_rank_stops_the_run_naming_resume_by_default(ray_local, i
     os.kill(trainer.learner.pids()[0], signal.SIGKILL)
     with pytest.raises(RuntimeError, match="a learner rank was lost .*--resume"):
         trainer.fit(show_progress=False)
+
+
+@pytest.mark.parametrize("collective,at_version", [("publish_weights", 1), ("save", 1), ("save_final", 3)])
+def test_a_survivors_failed_collective_after_the_update_is_a_lost_rank(
+        ray_local, init_checkpoint, tmp_path, collective, at_version):
+    """With FSDP every weight gather and checkpoint save is a collective. When a rank's node goes away, Ray
+    reports that rank's death only once the node is marked dead (seconds later), so the first error the
+    driver meets is rank 0's failed collective: a task error carrying gloo's "connection reset by peer",
+    not an actor death (CI met exactly this on a removed node). That is a lost learner rank too: the run
+    stops naming --resume, not with the raw gloo error. Injected here: rank 1 SIGKILLed, then the driver
+    gets rank 0's own answer first (rank 0's real collective, failing on the real closed socket)."""
+    cfg = small_grpo(init_checkpoint, tmp_path)
+    cfg.learner_ranks = 2
+    cfg.learner_num_cpus = 0.25
+    trainer = GRPOTrainer(cfg)
+    group_type = type(trainer.learner)
+    original = getattr(group_type, collective)
+    failures: list[BaseException] = []
+
+    def rank1_lost_rank0_answers_first(group, *args):
+        if failures or trainer.learner.weight_version() != at_version:
+            return original(group, *args)
+        os.kill(group.pids()[1], signal.SIGKILL)
+        try:
+            answer = ray.get(getattr(group.ranks[0], collective).remote(*args))
+        except ray.exceptions.RayError as e:
+            failures.append(e)
+            raise
+        return answer
+
+    setattr(group_type, collective, rank1_lost_rank0_answers_first)
+    try:
+        with pytest.raises(RuntimeError, match="a learner rank was lost .*--resume"):
+            trainer.fit(show_progress=False)
+    finally:
+        setattr(group_type, collective, original)
+    assert len(failures) == 1 and not isinstance(failures[0], ray.exceptions.RayActorError)  # the gloo error
