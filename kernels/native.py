@@ -155,6 +155,24 @@ def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def batch_strided(t: torch.Tensor) -> torch.Tensor:
+    """t [B, S, D] as a kernel taking a batch stride reads it: each sequence's [S, D] rows contiguous,
+    sequences any distance apart. A KV cache's view [:, :S] of its [B, max_len, D] storage is one, and
+    handing it over without a copy saves a copy of the whole cache per layer and decode step."""
+    B, S, D = t.shape
+    if t.device.type == "cpu" and t.stride(-1) == 1 and (S == 1 or t.stride(-2) == D) and t.stride(0) >= S * D:
+        return t
+    return t.contiguous()
+
+
+def batch_ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    """The data pointer of a batch_strided tensor."""
+    B, S, D = t.shape
+    assert t.device.type == "cpu" and t.stride(-1) == 1 and (S == 1 or t.stride(-2) == D), \
+        "native kernels take [B, S, D] tensors with contiguous [S, D] rows"
+    return ctypes.c_void_p(t.data_ptr())
+
+
 def split_rows(n: int, parts: int, work: torch.Tensor | None = None) -> list[tuple[int, int]]:
     """[0, n) in `parts` contiguous ranges of near-equal size (empty ones dropped), or of near-equal
     total `work` (a per-row cost, [n]) when given: causal prefill's query t costs ~t, and equal row

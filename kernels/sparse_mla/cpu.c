@@ -221,14 +221,15 @@ static inline float row_sum(const float *x, int64_t n) {
 
 int sparse_mla_fwd(const float *q, const float *kv, const int32_t *idx, float *out, float *lse, float *probs,
                    int64_t n0, int64_t n1, int64_t T, int64_t S, int64_t H, int64_t K, int64_t D, int64_t DV,
-                   float scale) {
+                   int64_t kv_bstride, float scale) {
+    /* kv_bstride: floats between sequences (S * D when contiguous; a KV cache view's max_len * D) */
     float *s = malloc(sizeof(float) * H * K);
     const float **rows = malloc(sizeof(float *) * K);
     if (!s || !rows) { free(s); free(rows); return 1; }
     for (int64_t n = n0; n < n1; n++) {
         const float *qn = q + n * H * D;
         const int32_t *ix = idx + n * K;
-        const float *kvb = kv + (n / T) * S * D;
+        const float *kvb = kv + (n / T) * kv_bstride;
         for (int64_t j = 0; j < K; j++) {
             prefetch_row(kvb, ix, j + PREFETCH_AHEAD, K, D);
             rows[j] = kvb + (ix[j] >= 0 ? (int64_t)ix[j] : 0) * D;  /* empty slots: row 0, weight 0 */

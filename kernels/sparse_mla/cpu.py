@@ -15,7 +15,7 @@ from .function import sparse_mla_autograd
 
 SOURCE = native.source("sparse_mla/cpu.c")
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-SIGNATURES = {"sparse_mla_fwd": [_P] * 6 + [_I64] * 8 + [_F32], "sparse_mla_bwd": [_P] * 8 + [_I64] * 8 + [_F32]}
+SIGNATURES = {"sparse_mla_fwd": [_P] * 6 + [_I64] * 9 + [_F32], "sparse_mla_bwd": [_P] * 8 + [_I64] * 8 + [_F32]}
 
 
 def _lib():
@@ -31,15 +31,16 @@ def sparse_mla_cpu_fwd(q, kv, indices, sm_scale, d_v, return_probs):
     lib = _lib()
     B, T, H, D = q.shape
     S, K = kv.shape[1], indices.shape[-1]
-    qc, kvc = q.float().contiguous(), kv.float().contiguous()
+    qc, kvc = q.float().contiguous(), native.batch_strided(kv.float())  # a decode step's cache view: no copy
     idx = indices.to(torch.int32).contiguous()
     out = torch.empty((B, T, H, d_v), dtype=torch.float32)
     lse = torch.empty((B, T, H), dtype=torch.float32)
     probs = torch.empty((B, T, K), dtype=torch.float32) if return_probs else None
 
     def run(_, n0, n1):
-        _check(lib.sparse_mla_fwd(native.ptr(qc), native.ptr(kvc), native.ptr(idx), native.ptr(out),
-                                  native.ptr(lse), native.ptr(probs), n0, n1, T, S, H, K, D, d_v, sm_scale), "fwd")
+        _check(lib.sparse_mla_fwd(native.ptr(qc), native.batch_ptr(kvc), native.ptr(idx), native.ptr(out),
+                                  native.ptr(lse), native.ptr(probs), n0, n1, T, S, H, K, D, d_v, kvc.stride(0),
+                                  sm_scale), "fwd")
 
     native.parallel(run, B * T, native.thread_count(B * T, H * K * D))
     return out.to(q.dtype), lse, probs

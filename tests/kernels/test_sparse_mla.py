@@ -57,6 +57,31 @@ def test_matches_reference(gen, impl, B, T, S, H, Dqk, d_v, K):
 
 
 @needs_native
+@pytest.mark.parametrize("B,S", [(3, 37), (1, 5), (2, 1)])
+def test_cpu_kernel_reads_a_cache_view_in_place(gen, monkeypatch, B, S):
+    """A decode step's kv is the cache's view [:, :S] of its [B, max_len, D] storage: the C forward reads
+    it with its batch stride (no copy) and gives the reference's answers; the backward copies it."""
+    if DEVICE != "cpu":
+        pytest.skip("the C kernel takes CPU tensors")
+    T, H, D, d_v, K = 1, 4, 48, 32, 8
+    storage = torch.randn(B, S + 11, D, generator=gen)
+    kv = storage[:, :S]
+    assert not kv.is_contiguous() or B == 1
+    q = torch.randn(B, T, H, D, generator=gen)
+    idx = (torch.rand(B, T, K, generator=gen) * S).int()
+    idx[..., -2:] = -1
+    copies = []
+    contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(t.shape) or contiguous(t, *a, **k))
+    got = sparse_cpu.sparse_mla_cpu_fwd(q, kv, idx, 0.2, d_v, True)
+    assert tuple(kv.shape) not in copies or kv.is_contiguous()  # the view itself was never copied
+    monkeypatch.undo()
+    ref = sparse_mla_attention_reference(q, contiguous(kv), idx, 0.2, d_v, True)
+    for name, a, b in zip(("out", "lse", "probs"), got, ref):
+        assert rel_err(a, b) <= 1e-5, name
+
+
+@needs_native
 def test_cpu_kernel_threads(gen, monkeypatch):
     """Rows split over threads: each thread adds its kv gradient into its own buffer, so two runs on
     two threads are bitwise equal, and one thread agrees within fp32 rounding."""
