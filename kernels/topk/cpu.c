@@ -95,7 +95,9 @@ typedef struct {
 static int scratch_alloc(scratch_t *w, int64_t S, int64_t k) {
     w->heap = malloc(sizeof(uint64_t) * (k > 0 ? k : 1));
     w->cand = malloc(sizeof(int32_t) * ((S > 0 ? S : 1) + CAND_PAD));
-    w->sample = malloc(sizeof(uint32_t) * (S / STRIDE + 1));
+    /* select_row samples rows shorter than 4k whole (the fused kernel's rows end at their last visible key) */
+    const int64_t whole = S < 4 * k ? S : 4 * k;
+    w->sample = malloc(sizeof(uint32_t) * ((whole > S / STRIDE ? whole : S / STRIDE) + 1));
     w->keys = malloc(sizeof(uint64_t) * RADIX_MAX);
     w->keys_tmp = malloc(sizeof(uint64_t) * RADIX_MAX);
     return w->heap && w->cand && w->sample && w->keys && w->keys_tmp;
@@ -177,13 +179,26 @@ static void radix_sort_high(uint64_t *a, uint64_t *tmp, int64_t n) {
 /* The top k of row[0:S) (non-finite = not visible) into o[0:k), best first, -1 padded. */
 static void select_row(const float *row, int64_t S, int64_t k, scratch_t *w, int32_t *o) {
     uint64_t *heap = w->heap;
-    const int64_t ks = k / STRIDE + k / (2 * STRIDE);
+    /* Short rows (S < 4k: a causal prefill's first queries) sample every score, and the guess is then
+     * exact to 16 bits, never too high; they went through the heap before, which perf put at twice the
+     * fused indexer's scoring at S = 512, k = 64 (a mispredicted branch per heap level). */
+    const int64_t stride = S >= 4 * k ? STRIDE : 1;
+    const int64_t ks = stride == 1 ? k : k / STRIDE + k / (2 * STRIDE);
     int64_t size = -1;
-    if (ks >= 1 && S >= 4 * k) {
+    if (ks >= 1 && k <= RADIX_MAX) {
         int64_t m = 0;
-        for (int64_t s = 0; s < S; s += STRIDE) {
+        for (int64_t s = 0; s < S; s += stride) {
             w->sample[m] = image_of(row[s]);
             m += isfinite(row[s]) != 0;
+        }
+        if (stride == 1 && m < ks) {  /* fewer visible keys than k: all of them, best first */
+            int64_t c = 0;
+            for (int64_t s = 0; s < S; s++)
+                if (isfinite(row[s])) w->keys[c++] = key_of(row[s], s);
+            radix_sort_high(w->keys, w->keys_tmp, c);
+            for (int64_t i = 0; i < c; i++) o[i] = (int32_t)(w->keys[c - 1 - i] & 0xffffffffu);
+            for (int64_t i = c; i < k; i++) o[i] = -1;
+            return;
         }
         if (m >= ks) {
             const float guess = float_of(rth_largest_edge(w->sample, m, ks));

@@ -74,7 +74,8 @@ needs_native = pytest.mark.skipif(not native.available(topk_cpu.SOURCE),
 @needs_native
 @pytest.mark.parametrize("B,T,S,k", [(1, 5, 5, 3), (2, 37, 61, 8), (1, 7, 7, 12), (3, 64, 300, 32),
                                      (2, 40, 2003, 8),  # long rows: block-pruned, ragged tail
-                                     (2, 30, 3000, 64)])  # the C kernel's sampled threshold at k / 8 = 8
+                                     (2, 30, 3000, 64),  # the C kernel's sampled threshold at k / 8 = 8
+                                     (2, 60, 200, 64)])  # rows shorter than 4k: every score sampled
 def test_cpu_selection_equals_the_reference_with_many_ties(gen, B, T, S, k):
     """Indexer-like scores: ReLU sums that are exactly 0 on many keys, rows of both signs (so -0.0
     appears: a negative weight times a zero), repeated positive values, causal -inf. The selected
@@ -143,8 +144,8 @@ def test_cpu_fused_indexer_topk_matches_scores_then_reference(gen, B, T, S, H, D
 @needs_native
 def test_cpu_selection_of_a_row_of_equal_scores_is_the_latest_keys(gen):
     """Every visible score tied (an untrained indexer's zeros, as +0.0 and -0.0): recency alone decides,
-    on the heap path (short rows) and the sampled-threshold path (long rows)."""
-    for S, k in [(40, 8), (4000, 64)]:
+    on rows sampled whole (shorter than 4k), on the heap path and on the sampled-threshold path (long rows)."""
+    for S, k in [(40, 8), (4000, 64), (200, 64)]:
         scores = torch.zeros(2, 3, S)
         scores[0] = -0.0
         scores[1, :, S // 2:] = float("-inf")  # the latest visible keys are in the middle
