@@ -59,7 +59,7 @@ def native_case(model, name, batch, context, attention, new_tokens, device) -> d
     prompts = prompts_of(batch, context)
     fixed = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up: first-call costs
-    # min of 2: the time to first token and the full run are separate runs, each taken at its least noisy
+    # least of REPEATS: the time to first token and the full run are separate runs, each taken at its least noisy
     first = min(timed(lambda: engine.generate(prompts, SamplingParams(max_new_tokens=1, ignore_eos=True)))
                 for _ in range(REPEATS))
     wall = min(timed(lambda: engine.generate(prompts, fixed)) for _ in range(REPEATS))

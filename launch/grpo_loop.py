@@ -6,6 +6,7 @@
             -> metrics.jsonl, rollouts/step_N.parquet, checkpoints.
 Every step's prompts and sampling seeds derive from (seed, step), so `--resume` continues exactly.
 """
+import contextlib
 import dataclasses
 import logging
 import random
@@ -465,20 +466,12 @@ class GRPOTrainer:
         assert max(staleness, default=0) <= cfg.rollout.max_staleness, f"batch too stale: {max(staleness)}"
         self._phase("learn")
         t2 = time.perf_counter()
-        try:
+        with self._learner_collective(f"step {step + 1}"):
             lmetrics = self.learner.update(groups) if groups else {}
-        except ray.exceptions.RayError as e:
-            if self._is_learner_loss(e):
-                raise LearnerLost(f"step {step + 1}") from e
-            raise
         t3 = time.perf_counter()
         self._phase("sync")
-        try:
+        with self._learner_collective(f"step {step + 1}"):
             self._version = self.sync.publish()  # gathers the FSDP shards: a collective over every rank
-        except ray.exceptions.RayError as e:
-            if self._is_learner_loss(e):
-                raise LearnerLost(f"step {step + 1}") from e
-            raise
         try:
             self.sync.deliver(self._version, wait=cfg.rollout.max_staleness == 0)
         except SenderLost as e:
@@ -560,11 +553,18 @@ class GRPOTrainer:
         return RuntimeError(f"step {step + 1}: {what}{self._nodes_lost()}; stopping. Continue with --resume "
                             "(from the last checkpoint)")
 
-    def _is_learner_loss(self, error: Exception) -> bool:
-        """A lost rank shows up either as its own death or as a survivor's failed collective (gloo:
-        "connection reset by peer"), whichever ray.get meets first, in any call that is a collective
-        (update, weight gather, checkpoint save): both are a lost learner rank."""
-        return isinstance(error, ray.exceptions.RayActorError) or self._a_learner_rank_died()
+    @contextlib.contextmanager
+    def _learner_collective(self, what: str):
+        """Around every call that is a collective over the learner ranks (update, weight gather, checkpoint
+        save, final export): a lost rank shows up either as its own death or as a survivor's failed
+        collective (gloo: "connection reset by peer"), whichever ray.get meets first; both raise
+        LearnerLost (the Ray error as its cause), any other error passes unchanged."""
+        try:
+            yield
+        except ray.exceptions.RayError as e:
+            if isinstance(e, ray.exceptions.RayActorError) or self._a_learner_rank_died():
+                raise LearnerLost(what) from e
+            raise
 
     def _a_learner_rank_died(self, grace_s: float = 20.0) -> bool:
         """Whether a learner rank is dead. A survivor's collective can fail before its peer's process is
@@ -679,19 +679,17 @@ class GRPOTrainer:
             if done % cfg.save_every == 0 or done == cfg.steps:
                 self._phase("checkpoint")
                 try:
-                    self.learner.save(str(self.run_dir), done, {"step": done}, cfg.keep_checkpoints)
-                except ray.exceptions.RayError as e:  # a rank lost after its update: this step is redone
-                    if not self._is_learner_loss(e):
-                        raise
-                    step = self._restart_learner(e)
+                    with self._learner_collective(f"checkpoint {done}"):
+                        self.learner.save(str(self.run_dir), done, {"step": done}, cfg.keep_checkpoints)
+                except LearnerLost as e:  # a rank lost after its update: this step is redone
+                    step = self._restart_learner(e.__cause__)
                     bar.n = step
         bar.close()
         try:
-            final = self.learner.save_final(str(self.run_dir / "final"))  # a collective too
-        except ray.exceptions.RayError as e:
-            if not self._is_learner_loss(e):
-                raise
-            self._restart_learner(e)  # from the last checkpoint, which is the last step's: export again
+            with self._learner_collective("final export"):
+                final = self.learner.save_final(str(self.run_dir / "final"))
+        except LearnerLost as e:
+            self._restart_learner(e.__cause__)  # from the last checkpoint, which is the last step's: export again
             final = self.learner.save_final(str(self.run_dir / "final"))
         self.logger.close()
         return Path(final)
