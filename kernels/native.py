@@ -187,10 +187,11 @@ def split_rows(n: int, parts: int, work: torch.Tensor | None = None) -> list[tup
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-# Handing a range to a pool thread costs tens of microseconds; a decode step's whole call (8-16 rows)
-# is about that much work, and on two threads it ran 2x slower than inline. Each thread gets at least
-# this many multiply-adds (~0.1 ms), so small calls run on the caller's thread alone.
-MIN_WORK_PER_THREAD = 1 << 18
+# Handing a range to a pool thread costs tens of microseconds, and right after a torch op the pool
+# thread shares its core with OpenMP's spinning worker: a decode step's sparse attention (B = 32 rows,
+# 0.66 M multiply-adds) took 105 us on two threads and 80 us inline, at 1.3 M they were 151 against 171 us
+# (2 cores). Each thread gets at least this many multiply-adds, so small calls run on the caller's thread.
+MIN_WORK_PER_THREAD = 1 << 19
 
 
 def thread_count(n: int, work_per_row: int, threads: int | None = None) -> int:
@@ -207,8 +208,11 @@ def parallel(fn, n: int, threads: int = 1, work: torch.Tensor | None = None) -> 
     if len(ranges) <= 1:
         return [fn(i, a, b) for i, (a, b) in enumerate(ranges)]
     with _lock:
-        if _pool is None or _pool_pid != os.getpid() or _pool_size < len(ranges):
-            _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="dsarl-native")
-            _pool_size, _pool_pid = len(ranges), os.getpid()
+        if _pool is None or _pool_pid != os.getpid() or _pool_size < len(ranges) - 1:
+            _pool = ThreadPoolExecutor(max_workers=len(ranges) - 1, thread_name_prefix="dsarl-native")
+            _pool_size, _pool_pid = len(ranges) - 1, os.getpid()
         pool = _pool
-    return [f.result() for f in [pool.submit(fn, i, a, b) for i, (a, b) in enumerate(ranges)]]
+    # the caller's thread takes the first range instead of waiting idle: one hand-off fewer per call
+    futures = [pool.submit(fn, i, a, b) for i, (a, b) in enumerate(ranges) if i > 0]
+    first = fn(0, *ranges[0])
+    return [first] + [f.result() for f in futures]

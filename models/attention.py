@@ -83,7 +83,10 @@ class MLA(nn.Module):
         q_pe = apply_rope_interleaved(q_pe, cos, sin)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
         kv_new = torch.cat([self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_pe, kv_cos, kv_sin)], dim=-1)
-        k_idx_new = self.indexer.keys(x, kv_cos, kv_sin) if self.indexer is not None else None  # [B, T, d_I]
+        # dense attention reads no indexer keys (only the warm-up's aux, or a sparse forward, does): a dense
+        # rollout or learner skips them, and a dense cache's k_idx rows stay unwritten
+        need_keys = self.indexer is not None and (attention == "sparse" or collect_aux)
+        k_idx_new = self.indexer.keys(x, kv_cos, kv_sin) if need_keys else None  # [B, T, d_I]
         if cache is None:
             kv, k_idx, k_pos = kv_new, k_idx_new, kv_positions
         else:

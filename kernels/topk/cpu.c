@@ -326,7 +326,7 @@ int indexer_topk_rows(const float *q, const float *w, const float *kT, const flo
     const int64_t S_pad = (S + KB - 1) / KB * KB;
     float *rows = malloc(sizeof(float) * 2 * (S_pad > 0 ? S_pad : 1));
     if (!scratch_alloc(&ws, S, k) || !rows) { scratch_free(&ws); free(rows); return 1; }
-    int64_t sorted_b = -1;
+    int64_t sorted_b = -1, first_key = 0;  /* first_key: in a sorted batch, the first slot with k_pos >= 0 */
     int sorted = 0;
     for (int64_t n = n0; n < n1;) {
         const int64_t b = n / T;
@@ -334,6 +334,7 @@ int indexer_topk_rows(const float *q, const float *w, const float *kT, const flo
         if (b != sorted_b) {
             sorted = 1;
             for (int64_t s = 1; s < S; s++) sorted &= kp[s] >= kp[s - 1];
+            for (first_key = 0; first_key < S && kp[first_key] < 0; first_key++) {}
             sorted_b = b;
         }
         /* queries n and n + 1 together when both are in batch b */
@@ -350,9 +351,13 @@ int indexer_topk_rows(const float *q, const float *w, const float *kT, const flo
         for (int64_t i = 0; i < m; i++) {
             float *r = row[i];
             const int64_t qp = q_pos[n + i];
-            for (int64_t s = 0; s < end[i]; s++) {
-                if (ks) r[s] *= ks[s];
-                if (kp[s] < 0 || kp[s] > qp) r[s] = -INFINITY;
+            if (ks)
+                for (int64_t s = 0; s < end[i]; s++) r[s] *= ks[s];
+            if (sorted) {  /* every slot before end is at most qp: only the negative (padding) ones hide */
+                for (int64_t s = 0; s < first_key && s < end[i]; s++) r[s] = -INFINITY;
+            } else {
+                for (int64_t s = 0; s < end[i]; s++)
+                    if (kp[s] < 0 || kp[s] > qp) r[s] = -INFINITY;
             }
             select_row(r, end[i], k, &ws, out + (n + i) * k);
         }

@@ -17,6 +17,9 @@ KEY_BLOCK = 32  # cpu.c's KB: keys per transposed block
 # indexer_topk with at most this many queries per sequence scores by matmul and selects in C (decode);
 # measured crossover on 2 cores: equal at T = 128, the fused kernel 3x faster at T = 512
 FEW_QUERIES = 64
+# a score selected costs about as much as this many multiply-adds (native.thread_count's unit): two
+# threads beat one from ~70 k scores (128 rows of 576: 235 us either way; 256 rows: 389 against 681 us)
+SELECT_COST = 16
 UNFUSED_MAX_SCORES = 1 << 25  # the [B, T, S] fp32 scores it materialises: at most 128 MB
 
 
@@ -39,7 +42,7 @@ def topk_indices_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
         if lib.topk_rows(native.ptr(rows), native.ptr(out), n0, n1, S, k) != 0:
             raise MemoryError("topk: the C kernel could not allocate its heap")
 
-    native.parallel(run, B * T, native.thread_count(B * T, S))
+    native.parallel(run, B * T, native.thread_count(B * T, SELECT_COST * S))
     return out
 
 

@@ -67,6 +67,38 @@ def test_split_rows_by_work_covers_every_row_once_and_balances_the_work():
     assert native.split_rows(10, 3) == [(0, 4), (4, 8), (8, 10)]  # no work: equal row counts
 
 
+def test_parallel_runs_the_first_range_on_the_callers_thread_and_every_range_once():
+    import threading
+
+    from dsarl.kernels import native
+
+    for n, threads in [(10, 1), (10, 2), (11, 3), (2, 4)]:
+        calls = []
+
+        def fn(part, a, b):
+            calls.append((part, a, b, threading.get_ident()))
+            return part * 1000 + a
+
+        ranges = native.split_rows(n, threads)
+        assert native.parallel(fn, n, threads) == [i * 1000 + a for i, (a, _) in enumerate(ranges)]  # in order
+        assert sorted(c[:3] for c in calls) == [(i, a, b) for i, (a, b) in enumerate(ranges)]
+        on = {part: ident for part, _, _, ident in calls}
+        assert on[0] == threading.get_ident()  # the caller works instead of waiting
+        assert all(on[p] != threading.get_ident() for p in on if p > 0)
+
+
+def test_parallel_raises_what_a_range_raises():
+    from dsarl.kernels import native
+
+    def fn(part, a, b):
+        if part == 1:
+            raise MemoryError("range 1")
+        return a
+
+    with pytest.raises(MemoryError, match="range 1"):
+        native.parallel(fn, 10, 2)
+
+
 def test_the_cache_is_keyed_on_the_cpu(tmp_path, monkeypatch):
     """Two CPU identities (one with AVX-512, one without, on a shared home directory) get two builds;
     the same identity reuses its build without compiling again."""

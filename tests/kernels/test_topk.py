@@ -95,6 +95,17 @@ def test_cpu_selection_equals_the_reference_with_many_ties(gen, B, T, S, k):
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_selection_split_over_threads_equals_the_reference(gen, threads, monkeypatch):
+    """Rows split over pool threads and the caller's own (native.parallel), as a long decode batch runs."""
+    monkeypatch.setattr(native, "MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    scores = _distinct_scores(gen, 5, 9, 300)
+    got = topk_cpu.topk_indices_cpu(scores, 24)
+    assert torch.equal(got, topk_indices_reference(scores, 24))  # distinct scores: one answer, in order
+
+
+@needs_native
 def test_cpu_topk_when_the_sampled_threshold_is_too_high(gen):
     """The C kernel guesses a threshold from every 8th score; when fewer than k scores reach the guess
     (the best scores all sit on sampled slots) it must fall back to the whole row, not return fewer."""
@@ -108,17 +119,18 @@ def test_cpu_topk_when_the_sampled_threshold_is_too_high(gen):
 
 
 @needs_native
-@pytest.mark.parametrize("B,T,S,H,D,k,scaled,shuffled", [
-    (1, 5, 5, 3, 8, 3, False, False),  # k > visible keys for early queries
-    (2, 37, 61, 4, 32, 8, True, False),  # fp8-style k_scale
-    (2, 40, 300, 5, 24, 16, False, True),  # k_pos out of order with an invalid (-1) slot: no prefix cut
-    (1, 64, 700, 8, 32, 32, True, False),  # two groups of 4 heads, S not a multiple of the key block
-    (1, 50, 3000, 6, 20, 64, False, False),  # long rows: the sampled threshold and radix sort
-    (3, 41, 2000, 4, 16, 32, False, False),  # odd T: query pairs meet batch ends; rows split by work
-    (4, 1, 500, 4, 32, 64, False, False),  # a decode step: one query per sequence, the last position
+@pytest.mark.parametrize("B,T,S,H,D,k,scaled,invalid", [
+    (1, 5, 5, 3, 8, 3, False, None),  # k > visible keys for early queries
+    (2, 37, 61, 4, 32, 8, True, None),  # fp8-style k_scale
+    (2, 40, 300, 5, 24, 16, False, "shuffled"),  # k_pos out of order with an invalid (-1) slot: no prefix cut
+    (2, 40, 300, 5, 24, 16, True, "prefix"),  # sorted k_pos whose first slots are invalid (-1): left padding
+    (1, 64, 700, 8, 32, 32, True, None),  # two groups of 4 heads, S not a multiple of the key block
+    (1, 50, 3000, 6, 20, 64, False, None),  # long rows: the sampled threshold and radix sort
+    (3, 41, 2000, 4, 16, 32, False, None),  # odd T: query pairs meet batch ends; rows split by work
+    (4, 1, 500, 4, 32, 64, False, None),  # a decode step: one query per sequence, the last position
 ])
 @pytest.mark.parametrize("path", ["fused", "matmul_then_topk"])
-def test_cpu_fused_indexer_topk_matches_scores_then_reference(gen, B, T, S, H, D, k, scaled, shuffled, path,
+def test_cpu_fused_indexer_topk_matches_scores_then_reference(gen, B, T, S, H, D, k, scaled, invalid, path,
                                                               monkeypatch):
     """Both ways the CPU backend computes it: the fused C kernel (long query blocks) and matmul scores
     then the C top-k (few queries per sequence: decode)."""
@@ -130,10 +142,14 @@ def test_cpu_fused_indexer_topk_matches_scores_then_reference(gen, B, T, S, H, D
     keys = torch.randn(B, S, D, generator=gen)
     k_scale = torch.rand(B, S, generator=gen) if scaled else None
     q_pos, k_pos = resolve_positions(B, T, S, "cpu")
-    if shuffled:
+    if invalid == "shuffled":
         k_pos = k_pos.clone()
         k_pos[:, 5] = -1
         k_pos = k_pos[:, torch.randperm(S, generator=gen)]
+    elif invalid == "prefix":  # still non-decreasing: the kernel's sorted path
+        k_pos = k_pos.clone()
+        k_pos[0, :7] = -1
+        k_pos[1, :S - 5] = -1  # most queries of this sequence see nothing, the last few see a few keys
     got = topk_cpu.indexer_topk_cpu(q, w, keys, k, q_pos, k_pos, k_scale)
     scores = indexer_scores_reference(q, w, keys, q_pos, k_pos, k_scale)
     assert _as_sets(got) == _as_sets(topk_indices_reference(scores, k))

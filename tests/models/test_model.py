@@ -62,6 +62,30 @@ def test_incremental_decoding_matches_full_forward(attention):
             cur += 1
 
 
+def test_dense_attention_runs_no_indexer_unless_the_warm_up_asks(monkeypatch):
+    """Dense forwards (a dense rollout's prefill and decode, a dense learner) never need indexer keys and
+    skip them, with the same logits; the warm-up's aux and a sparse forward still compute them."""
+    seed = fresh_seed()
+    cfg = small_cfg(index_topk=4)
+    model = build_model(cfg, seed=seed)
+    ids = torch.randint(0, 264, (2, 12), generator=torch.Generator().manual_seed(seed))
+    indexer_type = type(model.model.layers[0].self_attn.indexer)
+    calls = []
+    orig = indexer_type.keys
+    monkeypatch.setattr(indexer_type, "keys", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+    with torch.no_grad():
+        want = model(ids, attention="dense").logits
+        cache = StaticKVCache(cfg, 2, 16)
+        first = model(ids[:, :8], cache=cache, attention="dense").logits
+        rest = model(ids[:, 8:], cache=cache, attention="dense").logits
+        assert calls == []
+        assert torch.allclose(torch.cat([first, rest], 1), want, atol=1e-5)
+        aux = model(ids, attention="dense", collect_aux=True)
+        assert len(calls) == cfg.num_hidden_layers and torch.equal(aux.logits, want)
+        model(ids, attention="sparse")
+        assert len(calls) == 2 * cfg.num_hidden_layers
+
+
 def test_indexer_scores_match_naive_loop():
     seed = fresh_seed()
     cfg = small_cfg()
