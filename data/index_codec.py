@@ -223,7 +223,7 @@ def encode_indices(idx, delta: bool = True, compress: bool = True, level: int = 
     cost = _bits if compress else varint_lengths
     gaps_cost = np.where(valid, cost(np.minimum(g, _BIG)), 0).sum(axis=1) + cost(n)
     mode = np.where(is_prefix, PREFIX, GAPS)
-    if delta and R:
+    if delta and R and not is_prefix.all():  # all PREFIX (every visible key selected): nothing to diff
         rem, rem_rid, add, add_rid, allowed = _delta_parts(s, n, T)
         rem_g, add_g = _gaps(rem, _run_starts(rem_rid)), _gaps(add, _run_starts(add_rid))
         n_rem, n_add = np.bincount(rem_rid, minlength=R), np.bincount(add_rid, minlength=R)
