@@ -34,8 +34,20 @@ def run_mode(mode: str, steps: int, run_root: Path) -> dict:
     return {"bench": "long_context_grpo", "attention": mode, "steps": len(trained),
             "accuracy_before": evals[0]["eval/accuracy"], "accuracy_after": evals[-1]["eval/accuracy"],
             "gain_points": 100 * (evals[-1]["eval/accuracy"] - evals[0]["eval/accuracy"]),
+            "eval_prompts": evals[0]["eval/prompts"],
             "train_accuracy_last4": sum(r["accuracy"] for r in trained[-4:]) / len(trained[-4:]),
             "run_wall_s": wall, **{k.replace("time/", "") + "_s": sum(r[k] for r in trained) for k in SPLIT}}
+
+
+def gain_difference_se(s: dict, d: dict) -> float:
+    """Standard error of (after - before) sparse minus (after - before) dense, each accuracy a binomial
+    proportion over eval_prompts prompts: what the 2-point goal must be read against."""
+    var = 0.0
+    for r in (s, d):
+        n = r["eval_prompts"]
+        for p in (r["accuracy_before"], r["accuracy_after"]):
+            var += p * (1 - p) / n
+    return var ** 0.5
 
 
 def main() -> None:
@@ -55,6 +67,8 @@ def main() -> None:
         print(json.dumps({"bench": "long_context_grpo_summary", "gain_sparse_points": round(s["gain_points"], 2),
                           "gain_dense_points": round(d["gain_points"], 2),
                           "gain_difference_points": round(s["gain_points"] - d["gain_points"], 2),
+                          # binomial standard error of that difference (four independent accuracies)
+                          "gain_difference_se_points": round(100 * gain_difference_se(s, d), 2),
                           "step_time_ratio_sparse_over_dense": round(s["step_s"] / d["step_s"], 3),
                           "run_wall_ratio_sparse_over_dense": round(s["run_wall_s"] / d["run_wall_s"], 3)}),
               flush=True)

@@ -403,7 +403,8 @@ class GRPOTrainer:
         key = self.cfg.accuracy_component
         return {"eval/accuracy": sum(is_correct(s, key) for s in scores) / len(scores) if scores else float("nan"),
                 "eval/reward": sum(s["total"] for s in scores) / len(scores) if scores else float("nan"),
-                "eval/unscored_samples": rmetrics["reward/unscored_samples"]}
+                "eval/unscored_samples": rmetrics["reward/unscored_samples"],
+                "eval/prompts": len(scores)}  # the accuracy's denominator: its binomial noise is ~sqrt(p(1-p)/n)
 
     def _phase(self, name: str) -> None:
         """Shows what the step is doing now, with the run's reward failures so far."""

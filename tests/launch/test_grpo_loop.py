@@ -37,6 +37,10 @@ def test_two_steps_write_metrics_rollouts_checkpoint_and_resume_exactly(ray_loca
                 "entropy", "time/generate", "time/reward", "time/learn", "time/sync", "tokens_per_s"):
         assert key in lines[1], key
     assert lines[3]["weight_version"] == 3 and "eval/accuracy" in lines[0] and "eval/accuracy" in lines[3]
+    n_eval = lines[0]["eval/prompts"]  # the 6 test rows less any that are also training prompts (held out)
+    assert 1 <= n_eval <= 6 and lines[3]["eval/prompts"] == n_eval
+    for m in (lines[0], lines[3]):  # the accuracy's denominator: it is k / n_eval
+        assert n_eval * m["eval/accuracy"] == pytest.approx(round(n_eval * m["eval/accuracy"]))
     table = pq.read_table(tmp_path / "a" / "rollouts" / "step_000001.parquet")
     assert table.num_rows == 3 * 4
     rows = table.to_pylist()
