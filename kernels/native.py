@@ -5,9 +5,11 @@ ops per layer (a few query rows at a time, so the gathered rows stay in cache); 
 dispatch, index_select / index_add_ copies and masking cost more than the arithmetic. One C loop per query
 row does gather, scores, softmax and the weighted sums with the rows in L1.
 
-No torch headers and no OpenMP: the library is plain C with `#pragma omp simd` loops (-fopenmp-simd
-needs no runtime), built in about a second, loaded with ctypes, and run on `torch.get_num_threads()` Python
-threads over disjoint ranges of query rows (ctypes drops the GIL during the call).
+No torch headers: the library is plain C, built in about a second and loaded with ctypes (which drops
+the GIL during a call). A call splits its query rows into up to `torch.get_num_threads()` parts
+(`run_parts`): built with -fopenmp, the library runs them on the process's OpenMP threads, which in a
+torch process are torch's own (libgomp.so.1, already loaded); where the compiler has no OpenMP it is
+built with -fopenmp-simd and the parts run on a pool of Python threads (`parallel`).
 
 The shared object is cached under $DSARL_NATIVE_CACHE (default ~/.cache/dsarl/native) in a folder
 per CPU identity (`cpu_identity`: the machine and what `-march=native` enables on it), named by a
@@ -34,8 +36,10 @@ from pathlib import Path
 import torch
 
 # -std=gnu11, not c11: ISO mode turns off FMA contraction (a*b + c stays a multiply and an add)
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=fast", "-shared", "-fPIC",
-         "-std=gnu11"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-shared", "-fPIC", "-std=gnu11"]
+# -fopenmp: a kernel's parts run on the process's OpenMP threads (torch's libgomp; run_parts). A compiler
+# without OpenMP (Apple clang) builds with -fopenmp-simd instead, and run_parts uses a thread pool.
+OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
 
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL | None] = {}
@@ -80,9 +84,9 @@ def _cpuinfo_flags() -> str:
     return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
 
 
-def library_path(src: Path, cc: str, cpu: str) -> Path:
-    """Where the build of `src` by `cc` for CPU identity `cpu` is cached."""
-    tag = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+def library_path(src: Path, cc: str, cpu: str, flags: list[str] = OPENMP_FLAGS[0]) -> Path:
+    """Where the build of `src` by `cc` with `flags` (one of OPENMP_FLAGS) for CPU identity `cpu` is cached."""
+    tag = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS, *flags]).encode()).hexdigest()[:16]
     return _cache_dir() / cpu / f"{src.parent.name}_{src.stem}_{tag}.so"
 
 
@@ -92,17 +96,22 @@ def _build(src: Path, cpu: str | None = None) -> Path:
         raise RuntimeError("no C compiler on PATH (cc, gcc or clang; or set CC)")
     if not src.is_file():
         raise RuntimeError(f"{src} is missing: the package was installed without its C sources (package data)")
-    out = library_path(src, cc, cpu or cpu_identity(cc))
-    if out.exists():
-        return out
+    cpu = cpu or cpu_identity(cc)
+    for flags in OPENMP_FLAGS:  # the first that builds
+        out = library_path(src, cc, cpu, flags)
+        if out.exists():
+            return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, rename: concurrent builds are safe
-        tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {src}:\n{proc.stderr[-2000:]}")
-        os.replace(tmp_out, out)
-    return out
+    for flags in OPENMP_FLAGS:
+        out = library_path(src, cc, cpu, flags)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, rename: concurrent builds are safe
+            tmp_out = Path(tmp) / out.name
+            proc = subprocess.run([cc, *FLAGS, *flags, str(src), "-o", str(tmp_out), "-lm"], capture_output=True,
+                                  text=True)
+            if proc.returncode == 0:
+                os.replace(tmp_out, out)
+                return out
+    raise RuntimeError(f"{cc} failed on {src}:\n{proc.stderr[-2000:]}")
 
 
 def load(src: Path) -> ctypes.CDLL | None:
@@ -198,6 +207,24 @@ def thread_count(n: int, work_per_row: int, threads: int | None = None) -> int:
     """How many threads `parallel` uses for n rows of `work_per_row` multiply-adds each (>= 1)."""
     threads = threads or torch.get_num_threads()
     return max(1, min(threads, n * max(1, work_per_row) // MIN_WORK_PER_THREAD))
+
+
+def run_parts(lib, call, n: int, threads: int = 1, work: torch.Tensor | None = None) -> int:
+    """Rows [0, n) in `threads` parts (split_rows by `work`) through a C kernel's `*_parts` entry:
+    call(bounds, part0, parts) -> return code, bounds int64 [parts + 1] (part p: rows bounds[p] ..
+    bounds[p + 1]). A library built with OpenMP runs every part in one call, on the process's OpenMP
+    threads (torch's); one without gets a call per part on `parallel`'s threads. -> the parts' return codes
+    OR-ed (0: all succeeded)."""
+    ranges = split_rows(n, threads, work)
+    if not ranges:
+        return 0
+    bounds = torch.tensor([ranges[0][0]] + [b for _, b in ranges], dtype=torch.int64)
+    if len(ranges) == 1 or lib.native_openmp():
+        return call(bounds, 0, len(ranges))
+    rc = 0
+    for r in parallel(lambda part, a, b: call(bounds, part, 1), n, threads, work):
+        rc |= r
+    return rc
 
 
 def parallel(fn, n: int, threads: int = 1, work: torch.Tensor | None = None) -> list:

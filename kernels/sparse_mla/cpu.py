@@ -15,7 +15,8 @@ from .function import sparse_mla_autograd
 
 SOURCE = native.source("sparse_mla/cpu.c")
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-SIGNATURES = {"sparse_mla_fwd": [_P] * 6 + [_I64] * 9 + [_F32], "sparse_mla_bwd": [_P] * 8 + [_I64] * 8 + [_F32]}
+SIGNATURES = {"sparse_mla_fwd_parts": [_P] * 7 + [_I64] * 9 + [_F32],
+              "sparse_mla_bwd_parts": [_P] * 8 + [_I64, _P] + [_I64] * 8 + [_F32], "native_openmp": []}
 
 
 def _lib():
@@ -37,12 +38,12 @@ def sparse_mla_cpu_fwd(q, kv, indices, sm_scale, d_v, return_probs):
     lse = torch.empty((B, T, H), dtype=torch.float32)
     probs = torch.empty((B, T, K), dtype=torch.float32) if return_probs else None
 
-    def run(_, n0, n1):
-        _check(lib.sparse_mla_fwd(native.ptr(qc), native.batch_ptr(kvc), native.ptr(idx), native.ptr(out),
-                                  native.ptr(lse), native.ptr(probs), n0, n1, T, S, H, K, D, d_v, kvc.stride(0),
-                                  sm_scale), "fwd")
+    def call(bounds, part0, parts):
+        return lib.sparse_mla_fwd_parts(native.ptr(qc), native.batch_ptr(kvc), native.ptr(idx), native.ptr(out),
+                                        native.ptr(lse), native.ptr(probs), native.ptr(bounds), part0, parts, T, S, H,
+                                        K, D, d_v, kvc.stride(0), sm_scale)
 
-    native.parallel(run, B * T, native.thread_count(B * T, H * K * D))
+    _check(native.run_parts(lib, call, B * T, native.thread_count(B * T, H * K * D)), "fwd")
     return out.to(q.dtype), lse, probs
 
 
@@ -59,15 +60,16 @@ def sparse_mla_cpu_bwd(q, kv, indices, out, lse, dout, dlse, sm_scale, d_v):
     delta = delta.contiguous()
     lsec = lse.float().contiguous()
     dq = torch.empty((B, T, H, D), dtype=torch.float32)
-    ranges = native.split_rows(B * T, native.thread_count(B * T, 3 * H * K * D))
-    dkv_parts = [torch.zeros((B * S, D), dtype=torch.float32) for _ in ranges]
+    threads = native.thread_count(B * T, 3 * H * K * D)
+    parts = max(1, len(native.split_rows(B * T, threads)))
+    dkv_parts = torch.zeros((parts, B * S, D), dtype=torch.float32)  # part p adds into dkv_parts[p]
 
-    def run(part, n0, n1):
-        _check(lib.sparse_mla_bwd(native.ptr(qc), native.ptr(kvc), native.ptr(idx), native.ptr(lsec),
-                                  native.ptr(doutc), native.ptr(delta), native.ptr(dq), native.ptr(dkv_parts[part]),
-                                  n0, n1, T, S, H, K, D, d_v, sm_scale), "bwd")
+    def call(bounds, part0, n_parts):
+        return lib.sparse_mla_bwd_parts(native.ptr(qc), native.ptr(kvc), native.ptr(idx), native.ptr(lsec),
+                                        native.ptr(doutc), native.ptr(delta), native.ptr(dq), native.ptr(dkv_parts),
+                                        B * S * D, native.ptr(bounds), part0, n_parts, T, S, H, K, D, d_v, sm_scale)
 
-    native.parallel(run, B * T, len(ranges))
+    _check(native.run_parts(lib, call, B * T, threads), "bwd")
     dkv = dkv_parts[0]
     for extra in dkv_parts[1:]:
         dkv += extra

@@ -24,7 +24,8 @@ UNFUSED_MAX_SCORES = 1 << 25  # the [B, T, S] fp32 scores it materialises: at mo
 
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-SIGNATURES = {"topk_rows": [_P, _P] + [_I64] * 4, "indexer_topk_rows": [_P] * 7 + [_I64] * 7}
+SIGNATURES = {"topk_parts": [_P, _P, _P] + [_I64] * 4, "indexer_topk_parts": [_P] * 8 + [_I64] * 7,
+              "native_openmp": []}
 
 
 def _lib():
@@ -38,11 +39,11 @@ def topk_indices_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
     rows = scores.float().contiguous()
     out = torch.empty((B, T, k), dtype=torch.int32)
 
-    def run(_, n0, n1):
-        if lib.topk_rows(native.ptr(rows), native.ptr(out), n0, n1, S, k) != 0:
-            raise MemoryError("topk: the C kernel could not allocate its heap")
+    def call(bounds, part0, parts):
+        return lib.topk_parts(native.ptr(rows), native.ptr(out), native.ptr(bounds), part0, parts, S, k)
 
-    native.parallel(run, B * T, native.thread_count(B * T, SELECT_COST * S))
+    if native.run_parts(lib, call, B * T, native.thread_count(B * T, SELECT_COST * S)) != 0:
+        raise MemoryError("topk: the C kernel could not allocate its heap")
     return out
 
 
@@ -70,16 +71,16 @@ def indexer_topk_cpu(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, c
     qp, kp = q_pos.long().contiguous(), k_pos.long().contiguous()
     out = torch.empty((B, T, topk), dtype=torch.int32)
 
-    def run(_, n0, n1):
-        rc = lib.indexer_topk_rows(native.ptr(qc), native.ptr(wc), native.ptr(kT), native.ptr(ks), native.ptr(qp),
-                                   native.ptr(kp), native.ptr(out), n0, n1, T, S, H, D, topk)
-        if rc != 0:
-            raise MemoryError("indexer_topk: the C kernel could not allocate its row buffers")
+    def call(bounds, part0, parts):
+        return lib.indexer_topk_parts(native.ptr(qc), native.ptr(wc), native.ptr(kT), native.ptr(ks), native.ptr(qp),
+                                      native.ptr(kp), native.ptr(out), native.ptr(bounds), part0, parts, T, S, H, D,
+                                      topk)
 
     threads = native.thread_count(B * T, S * H * D // 2)
     visible = None  # a row's cost is its visible keys (all S unless k_pos is sorted, as in prefill; cpu.c
     if threads > 1 and S > 1:  # visible_end); a decode step runs inline and skips these few torch ops
         visible = torch.where((kp[:, 1:] >= kp[:, :-1]).all(-1, keepdim=True),
                               torch.searchsorted(kp, qp, right=True), S).flatten()
-    native.parallel(run, B * T, threads, work=visible)
+    if native.run_parts(lib, call, B * T, threads, work=visible) != 0:
+        raise MemoryError("indexer_topk: the C kernel could not allocate its row buffers")
     return out

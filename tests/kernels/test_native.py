@@ -45,6 +45,53 @@ def test_a_failing_compiler_is_reported_and_the_op_still_works(tmp_path):
     assert got["BACKEND"] == "reference" and float(got["ERR"]) <= 1e-5
 
 
+OPENMP_PROBE = r"""
+import torch
+from dsarl.kernels import native
+from dsarl.kernels.sparse_mla import cpu as mla
+from dsarl.kernels.sparse_mla.reference import sparse_mla_attention_reference
+from dsarl.kernels.topk import cpu as topk
+from dsarl.kernels.topk.reference import topk_indices_reference
+native.MIN_WORK_PER_THREAD = 1  # split even these small calls into parts
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+q = torch.randn(2, 40, 3, 24, generator=g, requires_grad=True)
+kv = torch.randn(2, 40, 24, generator=g, requires_grad=True)
+idx = torch.randint(-1, 40, (2, 40, 8), generator=g, dtype=torch.int32)
+out = mla.sparse_mla_attention_cpu(q, kv, idx, 0.3, 16)[0]
+dq, dkv = torch.autograd.grad(out.square().sum(), (q, kv))
+ref = sparse_mla_attention_reference(q, kv, idx, 0.3, 16)[0]
+rq, rkv = torch.autograd.grad(ref.square().sum(), (q, kv))
+scores = torch.randperm(2 * 40 * 300, generator=g).float().view(2, 40, 300)
+print("OPENMP", mla._lib().native_openmp(), topk._lib().native_openmp())
+print("GOMP", len({l.split()[-1] for l in open("/proc/self/maps") if "libgomp" in l}))
+print("ERR", max(float((a - b).abs().max()) for a, b in [(out, ref), (dq, rq), (dkv, rkv)]))
+print("TOPK", bool(torch.equal(topk.topk_indices_cpu(scores, 24), topk_indices_reference(scores, 24))))
+"""
+
+
+@pytest.mark.parametrize("openmp_compiles", [True, False])
+def test_kernels_run_their_parts_on_torchs_openmp_threads_or_without_openmp(tmp_path, openmp_compiles):
+    """Built with -fopenmp, the parts of a call run on the process's OpenMP threads, through the libgomp
+    torch already loaded (one copy in the process); a compiler that cannot -fopenmp (Apple clang) gets
+    a -fopenmp-simd build whose parts run on Python threads. Both answer as the reference does."""
+    import shutil
+
+    cc = tmp_path / "cc"
+    real = shutil.which("cc") or shutil.which("gcc")
+    refuse = "" if openmp_compiles else 'for a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\n'
+    cc.write_text(f"#!/bin/sh\n{refuse}exec {real} \"$@\"\n")
+    cc.chmod(0o755)
+    env = {**os.environ, "DSARL_NATIVE_CACHE": str(tmp_path / "cache"), "CC": str(cc)}
+    out = subprocess.run([sys.executable, "-c", OPENMP_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert got["OPENMP"] == ("1 1" if openmp_compiles else "0 0")
+    assert got["GOMP"] == "1"  # torch's libgomp only: never a second OpenMP runtime beside it
+    assert float(got["ERR"]) <= 1e-4 and got["TOPK"] == "True"
+    assert "unavailable" not in out.stderr
+
+
 def test_split_rows_by_work_covers_every_row_once_and_balances_the_work():
     import torch
 

@@ -124,7 +124,7 @@ def test_public_op_backends(gen, monkeypatch):
 
 
 def test_gradcheck_reference(gen):
-    B, T, S, H, Dqk, d_v, K = 1, 3, 4, 2, 5, 3, 3
+    B, T, S, H, Dqk, d_v = 1, 3, 4, 2, 5, 3  # K = 3: idx below
     q = torch.randn(B, T, H, Dqk, generator=gen, dtype=torch.float64, requires_grad=True)
     kv = torch.randn(B, S, Dqk, generator=gen, dtype=torch.float64, requires_grad=True)
     idx = torch.tensor([[[0, -1, 1], [2, 0, -1], [3, 3, 1]]], dtype=torch.int32)
