@@ -196,10 +196,10 @@ def split_rows(n: int, parts: int, work: torch.Tensor | None = None) -> list[tup
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-# Handing a range to a pool thread costs tens of microseconds, and right after a torch op the pool
-# thread shares its core with OpenMP's spinning worker: a decode step's sparse attention (B = 32 rows,
-# 0.66 M multiply-adds) took 105 us on two threads and 80 us inline, at 1.3 M they were 151 against 171 us
-# (2 cores). Each thread gets at least this many multiply-adds, so small calls run on the caller's thread.
+# Handing rows to another thread costs tens of microseconds: a decode step's sparse attention (B = 32
+# rows, 0.66 M multiply-adds) took 105 us on two threads and 80 us inline, at 1.3 M they were 151 against
+# 171 us (2 cores, measured with the Python pool before run_parts used OpenMP). Each thread gets at least
+# this many multiply-adds, so small calls run on the caller's thread.
 MIN_WORK_PER_THREAD = 1 << 19
 
 
