@@ -86,7 +86,9 @@ def _cpuinfo_flags() -> str:
 
 def library_path(src: Path, cc: str, cpu: str, flags: list[str] = OPENMP_FLAGS[0]) -> Path:
     """Where the build of `src` by `cc` with `flags` (one of OPENMP_FLAGS) for CPU identity `cpu` is cached."""
-    tag = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS, *flags]).encode()).hexdigest()[:16]
+    # the header every kernel includes is part of what was built: an edit to it must rebuild
+    tag = hashlib.sha256(src.read_bytes() + source("parts.h").read_bytes()
+                         + " ".join([cc, *FLAGS, *flags]).encode()).hexdigest()[:16]
     return _cache_dir() / cpu / f"{src.parent.name}_{src.stem}_{tag}.so"
 
 

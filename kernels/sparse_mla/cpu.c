@@ -317,27 +317,17 @@ int sparse_mla_bwd(const float *q, const float *kv, const int32_t *idx, const fl
     return 0;
 }
 
-/* ---- Parts of rows on the process's OpenMP threads: see topk/cpu.c (native_openmp) ----
- * Part p is rows [bounds[p], bounds[p + 1]); the backward's part p adds into its own buffer
- * dkv + p * dkv_part (the caller sums them in part order: results do not depend on thread timing). */
-int native_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
+/* ---- The entries: parts of rows on the process's OpenMP threads (../parts.h). The backward's part p
+ * adds into its own buffer dkv + p * dkv_part (the caller sums them in part order: results do not depend
+ * on thread timing). ---- */
+#include "../parts.h"
 
 int sparse_mla_fwd_parts(const float *q, const float *kv, const int32_t *idx, float *out, float *lse, float *probs,
                          const int64_t *bounds, int64_t part0, int64_t parts, int64_t T, int64_t S, int64_t H,
                          int64_t K, int64_t D, int64_t DV, int64_t kv_bstride, float scale) {
 #define PART(p) sparse_mla_fwd(q, kv, idx, out, lse, probs, bounds[p], bounds[(p) + 1], T, S, H, K, D, DV, \
                                kv_bstride, scale)
-    if (parts == 1) return PART(part0);  /* no OpenMP region for one part: topk/cpu.c, topk_parts */
-    int rc = 0;
-#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
-    for (int64_t p = part0; p < part0 + parts; p++) rc |= PART(p);
-    return rc;
+    RETURN_PARTS(PART);
 #undef PART
 }
 
@@ -347,10 +337,6 @@ int sparse_mla_bwd_parts(const float *q, const float *kv, const int32_t *idx, co
                          int64_t DV, float scale) {
 #define PART(p) sparse_mla_bwd(q, kv, idx, lse, dout, delta, dq, dkv + (p) * dkv_part, bounds[p], bounds[(p) + 1], \
                                T, S, H, K, D, DV, scale)
-    if (parts == 1) return PART(part0);
-    int rc = 0;
-#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
-    for (int64_t p = part0; p < part0 + parts; p++) rc |= PART(p);
-    return rc;
+    RETURN_PARTS(PART);
 #undef PART
 }

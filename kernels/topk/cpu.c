@@ -368,31 +368,13 @@ int indexer_topk_rows(const float *q, const float *w, const float *kT, const flo
     return 0;
 }
 
-/* ---- Parts of rows on the process's OpenMP threads (native.py, run_parts) ----
- * Part p is rows [bounds[p], bounds[p + 1]); a call runs parts part0 .. part0 + parts - 1 in parallel.
- * Built with -fopenmp this library links libgomp.so.1, which in a torch process is torch's own copy,
- * already loaded: the parts run on the threads torch's ops just used, which spin waiting for work. A
- * thread pool of dsarl's own shared its core with that spinning worker for milliseconds (perf; the fused
- * indexer at 16 x 512: 18 ms on two threads, 11 ms with the spin off). Without OpenMP the parts run in
- * turn and the caller splits them over its own threads. */
-int native_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
+/* ---- The entries: parts of rows on the process's OpenMP threads (../parts.h) ---- */
+#include "../parts.h"
 
-/* a parts == 1 call opens no OpenMP region: a region of fewer threads than torch's docks its idle
- * workers, and torch's next op paid for waking them (decode steps 10.0 -> 11.6 ms per token) */
 int topk_parts(const float *scores, int32_t *out, const int64_t *bounds, int64_t part0, int64_t parts, int64_t S,
                int64_t k) {
 #define PART(p) topk_rows(scores, out, bounds[p], bounds[(p) + 1], S, k)
-    if (parts == 1) return PART(part0);
-    int rc = 0;
-#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
-    for (int64_t p = part0; p < part0 + parts; p++) rc |= PART(p);
-    return rc;
+    RETURN_PARTS(PART);
 #undef PART
 }
 
@@ -400,10 +382,6 @@ int indexer_topk_parts(const float *q, const float *w, const float *kT, const fl
                        const int64_t *k_pos, int32_t *out, const int64_t *bounds, int64_t part0, int64_t parts,
                        int64_t T, int64_t S, int64_t H, int64_t D, int64_t k) {
 #define PART(p) indexer_topk_rows(q, w, kT, k_scale, q_pos, k_pos, out, bounds[p], bounds[(p) + 1], T, S, H, D, k)
-    if (parts == 1) return PART(part0);
-    int rc = 0;
-#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
-    for (int64_t p = part0; p < part0 + parts; p++) rc |= PART(p);
-    return rc;
+    RETURN_PARTS(PART);
 #undef PART
 }
