@@ -54,6 +54,16 @@ def build_vllm(checkpoint_dir=None, config=None, state_dict=None, device=None, m
 ENGINES = {"native": build_native, "vllm": build_vllm}
 
 
+def sampler_dtype(engine: str, dtype: str, model_overrides: dict) -> tuple[dict, dict]:
+    """rollout.dtype -> (extra engine kwargs, the rollout model's overrides): vLLM takes it as its `dtype`
+    argument, the native engine as the model's torch_dtype; "auto" keeps the checkpoint's."""
+    if dtype == "auto":
+        return {}, dict(model_overrides)
+    if engine == "vllm":
+        return {"dtype": dtype}, dict(model_overrides)
+    return {}, {**model_overrides, "torch_dtype": dtype}
+
+
 class RolloutWorker:
     """Owns one engine (and its device); every method is a thin call into it."""
 

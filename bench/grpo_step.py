@@ -11,6 +11,9 @@ rollout workers generate the next step while the learner trains) and reports eac
 the generate/update overlap. `--learner-ranks 1 2` runs the learner as 1 and as 2 FSDP2 ranks and reports
 each rank's memory after the last step: its parameter, gradient and AdamW shards (`learner_state_bytes`,
 the sum; 2 ranks hold about half of 1 rank's each) and the process's peak RSS (`learner_max_rss_bytes`).
+`--precision fp32 bf16` also runs the production precision: a bf16 sampler (`rollout.dtype: bfloat16`) and
+a learner with bf16 matmuls under fp32 master weights (`learner.fsdp.mixed_precision: bf16`), which is
+also TRL GRPOConfig's default (`bf16=True`).
 """
 import argparse
 import json
@@ -22,6 +25,7 @@ from pathlib import Path
 import ray
 
 from dsarl.launch.grpo_loop import GRPOConfig, GRPOTrainer, PromptData, RolloutConfig
+from dsarl.learner.fsdp import FSDPConfig
 from dsarl.learner.grpo_learner import LearnerConfig
 from dsarl.learner.grpo_loss import GRPOLossConfig
 from dsarl.models import DSAConfig, build_model, save_pretrained
@@ -33,7 +37,7 @@ MODEL = dict(hidden_size=256, intermediate_size=896, num_hidden_layers=4, num_at
 
 
 def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: int, group: int, new_tokens: int,
-             staleness: int = 0, learner_ranks: int = 1) -> dict:
+             staleness: int = 0, learner_ranks: int = 1, precision: str = "fp32") -> dict:
     task_kwargs = {"context_len": prompt_len} if prompt_len > 32 else {}
     # Synchronous steps alternate the roles, so each may use both cores; asynchronous ones run them at the
     # same time, and 2 + 2 threads on 2 cores made a 16-token step 3x slower (1.69 against 0.48 s): there
@@ -45,9 +49,11 @@ def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: in
         data=PromptData(task="kv_retrieval" if task_kwargs else "arithmetic", task_kwargs=task_kwargs, num_train=64,
                         num_test=0),
         rollout=RolloutConfig(num_cpus_per_worker=0.5, num_threads=threads, max_new_tokens=new_tokens,
-                              max_batch_size=prompts * group, max_staleness=staleness),
+                              max_batch_size=prompts * group, max_staleness=staleness,
+                              dtype="bfloat16" if precision == "bf16" else "auto"),
         rewards=RewardConfig(components=[RewardComponentConfig(name="exact_match")], num_cpus_per_worker=0.25),
-        learner=LearnerConfig(loss=GRPOLossConfig(beta=0.01), micro_batch_groups=prompts),
+        learner=LearnerConfig(loss=GRPOLossConfig(beta=0.01), micro_batch_groups=prompts,
+                              fsdp=FSDPConfig(mixed_precision=precision)),
         learner_ranks=learner_ranks, learner_num_cpus=0.5, learner_num_threads=threads, accuracy_component="exact_match",
         run_dir=tempfile.mkdtemp(prefix="bench-grpo-"))
     trainer = GRPOTrainer(cfg)
@@ -64,7 +70,7 @@ def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: in
     timed = rows[1:] if len(rows) > 1 else rows
     med = lambda k: statistics.median(r[k] for r in timed)  # noqa: E731
     return {"bench": "grpo_step", "prompt_len_target": prompt_len,
-            "attention": attention, "index_topk": MODEL["index_topk"],
+            "attention": attention, "precision": precision, "index_topk": MODEL["index_topk"],
             "prompts": prompts, "group_size": group, "new_tokens": new_tokens, "beta": 0.01,
             "run_s": run_s, "step_s": med("time/step"), "generate_s": med("time/generate"), "reward_s": med("time/reward"),
             "learn_s": med("time/learn"), "sync_s": med("time/sync"), "max_staleness": staleness,
@@ -86,6 +92,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 prompts x 2 samples x 4 tokens, 2 steps")
     parser.add_argument("--max-staleness", type=int, nargs="+", default=[0], help="rollout.max_staleness values")
     parser.add_argument("--learner-ranks", type=int, nargs="+", default=[1], help="learner_ranks values (FSDP2)")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="fp32, or bf16 sampler weights + bf16 learner matmuls")
     args = parser.parse_args()
     prompts, group, new_tokens, steps = (2, 2, 4, 2) if args.quick else (8, 8, 16, args.steps)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -96,10 +104,11 @@ def main() -> None:
         for attention in args.attention:
             for staleness in args.max_staleness:
                 for ranks in args.learner_ranks:
-                    out = run_case(str(init), prompt_len, attention, steps, prompts, group, new_tokens, staleness,
-                                   ranks)
-                    out["model_params"] = model.num_params()
-                    print(json.dumps(out), flush=True)
+                    for precision in args.precision:
+                        out = run_case(str(init), prompt_len, attention, steps, prompts, group, new_tokens,
+                                       staleness, ranks, precision)
+                        out["model_params"] = model.num_params()
+                        print(json.dumps(out), flush=True)
     ray.shutdown()
 
 

@@ -24,7 +24,7 @@ from dsarl.actors.learner_actor import resume_checkpoint
 from dsarl.actors.learner_group import LearnerGroup
 from dsarl.actors.placement import ResourceSpec, create_placement_group
 from dsarl.actors.reward_workers import RewardPool
-from dsarl.actors.rollout_workers import RolloutPool
+from dsarl.actors.rollout_workers import RolloutPool, sampler_dtype
 from dsarl.actors.weight_sync import SYNC_METHODS, SenderLost, choose_backend
 from dsarl.data.rollout_schema import completions_to_table, write_rollouts
 from dsarl.data.tasks import make_rows
@@ -78,6 +78,11 @@ class RolloutConfig:
     num_gpus_per_worker: float = 0.0
     num_threads: int = 0  # torch threads per worker (0: torch default)
     engine: Literal["native", "vllm"] = "native"
+    # The sampler's weight dtype (vLLM's `dtype`); auto: the checkpoint's torch_dtype. bfloat16 is what
+    # production samplers run: half the weight bytes, and bf16 matmuls (on a CPU with AVX512-BF16 about
+    # 4x fp32's throughput). The learner keeps its own precision (learner.fsdp.mixed_precision); the
+    # sampler/learner mismatch this adds is what the off-policy masking and TIS see (sampler log-probs).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_batch_size: int = 64
     temperature: float = 1.0  # the one temperature: the learner's log-probs are of this distribution
     top_p: float = 1.0
@@ -335,10 +340,11 @@ class GRPOTrainer:
             cfg.learner_num_threads, resume_from, cfg.model_overrides, placement=bundle("learner"),
             total_updates=cfg.steps)
         self.learner = self._make_learner(ckpt)
+        dtype_kwargs, rollout_overrides = sampler_dtype(ro.engine, ro.dtype, cfg.model_overrides)
         self.rollout = RolloutPool(ro.num_workers, ckpt or init, num_cpus_per_worker=ro.num_cpus_per_worker,
                                    num_gpus_per_worker=ro.num_gpus_per_worker, engine=ro.engine,
-                                   engine_kwargs={"max_batch_size": ro.max_batch_size},
-                                   num_threads=ro.num_threads, model_overrides=cfg.model_overrides,
+                                   engine_kwargs={"max_batch_size": ro.max_batch_size, **dtype_kwargs},
+                                   num_threads=ro.num_threads, model_overrides=rollout_overrides,
                                    placement=bundle("rollout"), max_restarts=cfg.fault_tolerance.actor_max_restarts,
                                    partial_rollouts=ro.partial_rollouts)
         self.rewards = RewardPool(cfg.rewards, placement=bundle("reward"))

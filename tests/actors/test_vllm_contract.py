@@ -9,6 +9,7 @@ import pytest
 from dsarl.actors.engine import SamplingParams
 from dsarl.actors.engine.vllm_engine import (CHECKED_VLLM_VERSIONS, EXTENSION, judge_request_kwargs, llm_kwargs,
                                              score_request_kwargs, vllm_request_kwargs)
+from dsarl.actors.rollout_workers import sampler_dtype
 
 from vllm_source import VLLMSource, fetch_wheel
 
@@ -22,7 +23,9 @@ def vllm_source(request):
 
 
 def test_llm_constructor_accepts_every_engine_argument_we_pass(vllm_source):
-    passed = set(llm_kwargs("models/m", max_batch_size=32))
+    dtype_kwargs, _ = sampler_dtype("vllm", "bfloat16", {})  # what rollout.dtype adds
+    passed = set(llm_kwargs("models/m", max_batch_size=32, **dtype_kwargs))
+    assert passed > set(llm_kwargs("models/m", max_batch_size=32))
     accepted = vllm_source.parameters("LLM", "__init__", "vllm/entrypoints/") | vllm_source.fields(
         "EngineArgs", "vllm/engine/")  # LLM(**kwargs) builds EngineArgs(**kwargs)
     assert passed <= accepted, f"not vLLM arguments in {vllm_source.wheel.name}: {sorted(passed - accepted)}"
@@ -30,6 +33,7 @@ def test_llm_constructor_accepts_every_engine_argument_we_pass(vllm_source):
     assert llm_kwargs("/m", max_batch_size=32)["max_num_seqs"] == 32
     modes = "".join(vllm_source._zip.read(p).decode() for p in vllm_source.files("vllm/config"))
     assert '"processed_logprobs"' in modes  # a LogprobsMode value of this release
+    assert all(f'"{d}"' in modes for d in ("bfloat16", "float32"))  # rollout.dtype's values are ModelDType's
 
 
 def test_sampling_params_accept_every_request_keyword_we_pass(vllm_source):

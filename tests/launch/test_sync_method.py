@@ -204,3 +204,28 @@ def test_preflight_names_the_key_for_what_broadcast_cannot_do(init_checkpoint, t
         check_sync(cfg)
     with pytest.raises(ValueError, match=r"sync\.method must be one of"):
         SyncConfig(method="carrier_pigeon")
+
+
+def test_a_bf16_sampler_holds_the_learners_weights_rounded_and_samples_close_to_its_fp32_logprobs(
+        ray_local, init_checkpoint, tmp_path):
+    """rollout.dtype: bfloat16 (the native engine's weights; vLLM's `dtype`): after a step's sync every worker
+    holds the fp32 learner's weights cast to bf16 (the indexer's head weights stay fp32, as checkpoints keep
+    them), and the sampler's log-probs of its tokens differ from the learner's fp32 ones by bf16 rounding:
+    more than an fp32 sampler's, far less than a different policy's."""
+    diff = {}
+    for dtype in ("auto", "bfloat16"):
+        cfg = small_grpo(init_checkpoint, tmp_path / dtype, "object_store", steps=1)
+        cfg.rollout.dtype = dtype
+        trainer = GRPOTrainer(cfg)
+        try:
+            diff[dtype] = trainer.step(0)["logp_sampler_absdiff_mean"]
+            want = trainer.learner.state_dict()
+            for worker in trainer.rollout.workers:
+                got = ray.get(worker.state_dict.remote())
+                assert set(got) == set(want)
+                for k, v in want.items():
+                    keep = dtype == "auto" or k.endswith("indexer.weights_proj.weight")
+                    assert torch.equal(got[k], v if keep else v.to(torch.bfloat16)), (dtype, k)
+        finally:
+            trainer.shutdown()
+    assert diff["auto"] < 1e-5 and 1e-4 < diff["bfloat16"] < 0.05, diff
