@@ -11,6 +11,7 @@ import copy
 import resource
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -20,6 +21,7 @@ from dsarl.learner.fsdp import apply_activation_checkpointing, local_state_bytes
 from dsarl.learner.grpo_learner import GRPOLearner, LearnerConfig
 from dsarl.models import from_pretrained
 
+from .packed_state import layout, pack_into
 from .threads import follow_cpu_share
 
 
@@ -36,6 +38,7 @@ class Learner:
         self.cfg, self.total_updates, self.resume_from = cfg, total_updates, resume_from
         self.init_checkpoint, self.model_overrides = init_checkpoint, model_overrides or {}
         self.rank, self.world_size = 0, world_size
+        self._pack_slots, self._pack_buffer = None, None  # publish_weights' layout and staging buffer, reused
         self.policy, self.tokenizer = from_pretrained(init_checkpoint, device=self.device, **self.model_overrides)
         self.learner: GRPOLearner | None = None
         self.state: dict = {"step": 0}
@@ -135,11 +138,18 @@ class Learner:
         return self.learner.full_state_items()
 
     def publish_weights(self) -> list:
-        """One ray.put of the new weights; returns [ref] (wrapped, so the caller gets the reference and
-        every rollout worker fetches the same object) and the version. Collective: rank 0's ref, None
-        elsewhere."""
-        state = dict(self.full_state_items())
-        return [ray.put(state) if self.rank == 0 else None, self.learner.version]
+        """One ray.put of the new weights, packed in one buffer (actors/packed_state.py); returns [ref]
+        (wrapped, so the caller gets the reference and every rollout worker fetches the same object) and
+        the version. Collective: rank 0's ref, None elsewhere."""
+        items = self.learner.full_state_items(copy=False)
+        if self.rank != 0:
+            for _ in items:  # the gathers are collectives: run them in step with rank 0
+                pass
+            return [None, self.learner.version]
+        if self._pack_buffer is None:  # the full shapes (a DTensor state dict gives them without a gather)
+            self._pack_slots, size = layout((k, tuple(v.shape), v.dtype) for k, v in self.policy.state_dict().items())
+            self._pack_buffer = np.empty(size, dtype=np.uint8)
+        return [ray.put(pack_into(self._pack_slots, items, self._pack_buffer)), self.learner.version]
 
     def state_dict(self) -> dict:
         """The full policy on rank 0 ({} elsewhere); collective."""

@@ -22,6 +22,7 @@ import torch
 from dsarl.data.step_types import Completion
 
 from .engine import NativeEngine, SamplingParams
+from .packed_state import PackedState, pack_state
 from .threads import follow_cpu_share
 from .weight_sync import BroadcastGroup, GroupHolder, SenderLost, TensorSpec
 
@@ -109,9 +110,11 @@ class RolloutWorker:
     def yes_probability(self, prompts: list[str]) -> list[float]:
         return self.engine.yes_probability(prompts)
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+    def load_weights(self, state_dict: dict[str, torch.Tensor] | PackedState, version: int) -> int:
         """Loads the weights (partial rollouts: stages them for the generation in flight, if any).
         Returns the version loaded or staged."""
+        if isinstance(state_dict, PackedState):
+            state_dict = state_dict.unpack()  # views of the object store's shared memory
         if self.partial:
             self.engine.stage_weights(state_dict, version)
             return version
@@ -267,7 +270,7 @@ class RolloutPool:
         if isinstance(state_dict, ray.ObjectRef):
             ref = state_dict
         else:
-            ref = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
+            ref = ray.put(pack_state(state_dict))
         self._pending_syncs.extend(w.load_weights.remote(ref, version) for w in self.workers)
         self._sent_version = version  # partial rollouts: later generate calls wait for it
         return self.wait_syncs() if wait else []

@@ -93,18 +93,19 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_state_items(model, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+def full_state_items(model, rank: int, copy: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full CPU tensor) of the model's state dict, one tensor at a time. Sharded tensors are
     all-gathered, so every rank must run this generator to the end, in step; only rank 0 yields (the
     others yield nothing), and each full tensor is dropped once the consumer moves on: no rank ever holds
-    a second full copy of the model."""
+    a second full copy of the model. copy=False: an unsharded CPU model's own tensors, for a consumer that
+    copies them before the weights change (packing a sync)."""
     for name, value in model.state_dict().items():
         if isinstance(value, DTensor):
             full = value.full_tensor().detach()  # collective: every rank
             if rank == 0:
                 yield name, full.cpu()
         elif rank == 0:
-            yield name, value.detach().to("cpu", copy=True)  # a copy: the caller may keep it past the next step
+            yield name, value.detach().to("cpu", copy=copy)  # a copy: the caller may keep it past the next step
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -378,10 +378,10 @@ class GRPOLearner:
             counts = RoutingCounts.from_flat(self._all_reduce(counts.flat()), len(self._moe_layers()))
         return routing_metrics(counts, self._moe_layers(), self.cfg.ppo_epochs)
 
-    def full_state_items(self):
+    def full_state_items(self, copy: bool = True):
         """(name, full CPU tensor) of the policy, one at a time: every rank must exhaust it (the shards are
         all-gathered in step); only rank 0 yields. See fsdp.full_state_items."""
-        return full_state_items(self.policy, self.rank)
+        return full_state_items(self.policy, self.rank, copy)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's full state dict (CPU) on rank 0, {} on the others; a collective with N ranks."""

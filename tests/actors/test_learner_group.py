@@ -138,7 +138,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_with_the_same_next_step(ray_lo
 
     def step_then_publish(group):
         ref, version = group.publish_weights()
-        return ray.get(ref), version
+        return ray.get(ref).unpack(), version
 
     cont = run(2, tmp_path / "init", LCFG, [first, second])
     resumed = run(1, tmp_path / "init", LCFG, [second], resume_from=ckpt, after=step_then_publish)
