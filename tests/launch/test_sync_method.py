@@ -208,13 +208,15 @@ def test_preflight_names_the_key_for_what_broadcast_cannot_do(init_checkpoint, t
 
 def test_a_bf16_sampler_holds_the_learners_weights_rounded_and_samples_close_to_its_fp32_logprobs(
         ray_local, init_checkpoint, tmp_path):
-    """rollout.dtype: bfloat16 (the native engine's weights; vLLM's `dtype`): after a step's sync every worker
-    holds the fp32 learner's weights cast to bf16 (the indexer's head weights stay fp32, as checkpoints keep
-    them), and the sampler's log-probs of its tokens differ from the learner's fp32 ones by bf16 rounding:
-    more than an fp32 sampler's, far less than a different policy's."""
+    """rollout.dtype: bfloat16 (the native engine's weights; vLLM's `dtype`), sparse attention: after a step's
+    sync every worker holds the fp32 learner's weights cast to bf16 (the indexer's head weights stay fp32, as
+    checkpoints keep them), and the sampler's log-probs of its tokens differ from the learner's fp32 ones
+    (which replay the sampler's selection) by bf16 rounding: more than an fp32 sampler's, far less than a
+    different policy's."""
     diff = {}
     for dtype in ("auto", "bfloat16"):
-        cfg = small_grpo(init_checkpoint, tmp_path / dtype, "object_store", steps=1)
+        cfg = small_grpo(init_checkpoint, tmp_path / dtype, "object_store", steps=1,
+                         model_overrides={"attention": "sparse"})  # top-4 of up to ~20 keys: the C kernels in bf16
         cfg.rollout.dtype = dtype
         trainer = GRPOTrainer(cfg)
         try:
