@@ -13,7 +13,9 @@ each rank's memory after the last step: its parameter, gradient and AdamW shards
 the sum; 2 ranks hold about half of 1 rank's each) and the process's peak RSS (`learner_max_rss_bytes`).
 `--precision fp32 bf16` also runs the production precision: a bf16 sampler (`rollout.dtype: bfloat16`) and
 a learner with bf16 matmuls under fp32 master weights (`learner.fsdp.mixed_precision: bf16`), which is
-also TRL GRPOConfig's default (`bf16=True`).
+also TRL GRPOConfig's default (`bf16=True`). `bench/trl_grpo_step.py` times TRL's GRPOTrainer on the
+16-token case's work (same model, prompts, batch and beta) in both precisions: run the two one after the
+other and compare their ratios.
 """
 import argparse
 import json
@@ -74,6 +76,7 @@ def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: in
             "prompts": prompts, "group_size": group, "new_tokens": new_tokens, "beta": 0.01,
             "run_s": run_s, "step_s": med("time/step"), "generate_s": med("time/generate"), "reward_s": med("time/reward"),
             "learn_s": med("time/learn"), "sync_s": med("time/sync"), "max_staleness": staleness,
+            "response_length_mean": statistics.mean(r["response_length/mean"] for r in rows),
             "staleness_max": max(r["staleness/max"] for r in rows), "rollout_idle_s": med("time/rollout_idle"),
             "learner_idle_s": med("time/learner_idle"), "overlap_s": med("time/overlap"), "steps_timed": len(timed),
             "learner_ranks": learner_ranks,
