@@ -82,6 +82,8 @@ def varint_encode(v: np.ndarray) -> bytes:
     v = np.asarray(v, dtype=np.int64)
     if v.size and v.min() < 0:
         raise ValueError(f"varint_encode needs non-negative integers, got {v.min()}")
+    if not v.size or v.max() < 0x80:  # one byte each (short completions' counts): skip the per-byte passes
+        return v.astype(np.uint8).tobytes()
     n = varint_lengths(v)
     starts = np.cumsum(n) - n
     out = np.empty(int(n.sum()), dtype=np.uint8)
@@ -96,6 +98,8 @@ def varint_decode(b: bytes) -> np.ndarray:
     a = np.frombuffer(b, dtype=np.uint8)
     if not a.size:
         return np.zeros(0, dtype=np.int64)
+    if a.max() < 0x80:  # every number one byte
+        return a.astype(np.int64)
     ends = np.flatnonzero(a < 0x80)
     if not ends.size or ends[-1] != a.size - 1:
         raise ValueError("varint stream ends inside a number")
@@ -215,6 +219,8 @@ def encode_indices(idx, delta: bool = True, compress: bool = True, level: int = 
     R = L * T
     valid = np.arange(K)[None] < n[:, None]  # [R, K]
     is_prefix = ((s == np.arange(K)[None]) | ~valid).all(axis=1)
+    if is_prefix.all():  # every visible key selected (prompt + completion <= K): the counts are the record
+        return _record((T, L, K), np.full(R, PREFIX), n, np.empty(0, dtype=np.int64), compress, level)
     vrid = np.repeat(np.arange(R), n)
     g = np.empty_like(s)  # [R, K] first key, then gap - 1; garbage past n
     g[:, :1] = s[:, :1]
@@ -223,7 +229,7 @@ def encode_indices(idx, delta: bool = True, compress: bool = True, level: int = 
     cost = _bits if compress else varint_lengths
     gaps_cost = np.where(valid, cost(np.minimum(g, _BIG)), 0).sum(axis=1) + cost(n)
     mode = np.where(is_prefix, PREFIX, GAPS)
-    if delta and R and not is_prefix.all():  # all PREFIX (every visible key selected): nothing to diff
+    if delta:
         rem, rem_rid, add, add_rid, allowed = _delta_parts(s, n, T)
         rem_g, add_g = _gaps(rem, _run_starts(rem_rid)), _gaps(add, _run_starts(add_rid))
         n_rem, n_add = np.bincount(rem_rid, minlength=R), np.bincount(add_rid, minlength=R)
@@ -251,6 +257,14 @@ def encode_indices(idx, delta: bool = True, compress: bool = True, level: int = 
         payload[pstart[rem_rid[r_take]] + _positions_in_segment(n_rem[is_delta])] = rem_g[r_take]
         payload[pstart[add_rid[a_take]] + n_rem[add_rid[a_take]] + _positions_in_segment(n_add[is_delta])] \
             = add_g[a_take]
+    return _record((T, L, K), mode, counts, payload, compress, level)
+
+
+def _record(shape: tuple[int, int, int], mode: np.ndarray, counts: np.ndarray, payload: np.ndarray,
+            compress: bool, level: int) -> PackedIndices:
+    """The rows' modes, counts and payload -> the bytes (header, 2-bit modes, varints; deflated if smaller)."""
+    T, L, K = shape
+    R = mode.size
     modes = np.zeros((R + 3) // 4 * 4, dtype=np.uint8)
     modes[:R] = mode
     packed_modes = (modes.reshape(-1, 4) << np.array([0, 2, 4, 6], dtype=np.uint8)).sum(axis=1).astype(np.uint8)
