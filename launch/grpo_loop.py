@@ -80,8 +80,10 @@ class RolloutConfig:
     engine: Literal["native", "vllm"] = "native"
     # The sampler's weight dtype (vLLM's `dtype`); auto: the checkpoint's torch_dtype. bfloat16 is what
     # production samplers run: half the weight bytes, and bf16 matmuls (on a CPU with AVX512-BF16 about
-    # 4x fp32's throughput). The learner keeps its own precision (learner.fsdp.mixed_precision); the
-    # sampler/learner mismatch this adds is what the off-policy masking and TIS see (sampler log-probs).
+    # 4x fp32's throughput). On a CPU it pays at short prompts only: the C attention kernels compute in
+    # fp32 and convert a bf16 KV cache at every call. The learner keeps its own precision
+    # (learner.fsdp.mixed_precision); the sampler/learner mismatch this adds is what the off-policy
+    # masking and TIS see (sampler log-probs).
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_batch_size: int = 64
     temperature: float = 1.0  # the one temperature: the learner's log-probs are of this distribution
