@@ -1,8 +1,9 @@
 """Weight sync from the learner to rollout workers (DESIGN.md section 4), every sync with a version.
 `sync.method` in the GRPO config picks one of the two (SYNC_METHODS at the end of this file).
 
-- Object store (default): learner rank 0 `ray.put`s its state dict once; every worker reads the same
-  object and copies it into its engine (RolloutPool.sync_weights).
+- Object store (default): learner rank 0 `ray.put`s its state dict once, packed in one byte buffer
+  (packed_state.py: one copy in, a zero-copy view out); every worker reads the same object and copies it
+  into its engine (RolloutPool.sync_weights).
 - Broadcast: a torch.distributed group of learner rank 0 (rank 0) and the workers (ranks 1..N), NCCL
   on GPU and gloo on CPU. The group is a standalone ProcessGroup on its own TCPStore, never the
   default group, so a learner that already runs FSDP in its own default group can still join it.
