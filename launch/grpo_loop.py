@@ -80,8 +80,7 @@ class RolloutConfig:
     engine: Literal["native", "vllm"] = "native"
     # The sampler's weight dtype (vLLM's `dtype`); auto: the checkpoint's torch_dtype. bfloat16 is what
     # production samplers run: half the weight bytes, and bf16 matmuls (on a CPU with AVX512-BF16 about
-    # 4x fp32's throughput). On a CPU, dense attention over long prompts runs slower in bf16 than in fp32
-    # (README, speed). The learner keeps its own precision
+    # 4x fp32's throughput; the KV cache stays fp32 on a CPU). The learner keeps its own precision
     # (learner.fsdp.mixed_precision); the sampler/learner mismatch this adds is what the off-policy
     # masking and TIS see (sampler log-probs).
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

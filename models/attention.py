@@ -123,6 +123,8 @@ class MLA(nn.Module):
                 o_lat, _ = kernels.dense_mla_attention(q_abs, kv, scale, self.kv_rank, positions, k_pos)
             out = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B, T, H, v]
         else:
+            if kv.dtype != q_nope.dtype and not torch.is_autocast_enabled(kv.device.type):
+                kv = kv.to(q_nope.dtype)  # an engine's CPU cache holds a bf16 model's keys in fp32 (engine/native.py)
             c_all, pe_all = kv.split([self.kv_rank, self.rope], dim=-1)
             S = kv.shape[1]
             kvb = self.kv_b_proj(c_all).view(B, S, self.n_heads, self.nope + self.v_dim)

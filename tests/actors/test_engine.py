@@ -235,3 +235,27 @@ def test_generation_stops_at_every_tokenizer_stop_id_unless_ignore_eos(model):
     ignored = NativeEngine(model, ChatByteTokenizer(first)).generate(
         PROMPTS[:1], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
     assert ignored.token_ids == free.token_ids and ignored.finish_reason == "length"
+
+
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_a_bf16_models_cpu_cache_is_fp32_and_changes_no_answer(attention, monkeypatch):
+    """On a CPU the engine keeps a bf16 model's KV cache in fp32 (native.cache_dtype: its kernels compute in
+    fp32 and would widen a bf16 cache at every call). bf16 values are exact in fp32, so tokens, log-probs
+    and selections equal those of a cache in the model's own dtype, bit for bit: prefill (MHA), decode
+    (absorbed), and sparse top-6 selection with the C kernels."""
+    from dsarl.actors.engine import native
+
+    bf16 = build_model(CFG.replace(torch_dtype="bfloat16"), seed=0).requires_grad_(False)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, ignore_eos=True, seed=3, return_indices=True)
+
+    def run():
+        return NativeEngine(bf16, TOK, max_batch_size=4, attention=attention).generate(PROMPTS, params)
+
+    assert native.cache_dtype(bf16) == torch.float32
+    ours = run()
+    monkeypatch.setattr(native, "cache_dtype", lambda model: model.lm_head.weight.dtype)  # the bf16 cache
+    theirs = run()
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+        assert (a.indices is None) == (attention == "dense")
+        assert a.indices == b.indices  # the encoded selections, byte for byte
