@@ -22,6 +22,7 @@ from dsarl.learner.grpo_learner import GRPOLearner, LearnerConfig
 from dsarl.models import from_pretrained
 
 from .packed_state import layout, pack_into
+from .weight_sync import weight_spec
 from .threads import follow_cpu_share
 
 
@@ -38,7 +39,7 @@ class Learner:
         self.cfg, self.total_updates, self.resume_from = cfg, total_updates, resume_from
         self.init_checkpoint, self.model_overrides = init_checkpoint, model_overrides or {}
         self.rank, self.world_size = 0, world_size
-        self._pack_slots, self._pack_buffer = None, None  # publish_weights' layout and staging buffer, reused
+        self._pack_spec, self._pack_offsets, self._pack_buffer = None, None, None  # publish_weights', reused
         self.policy, self.tokenizer = from_pretrained(init_checkpoint, device=self.device, **self.model_overrides)
         self.learner: GRPOLearner | None = None
         self.state: dict = {"step": 0}
@@ -146,10 +147,12 @@ class Learner:
             for _ in items:  # the gathers are collectives: run them in step with rank 0
                 pass
             return [None, self.learner.version]
-        if self._pack_buffer is None:  # the full shapes (a DTensor state dict gives them without a gather)
-            self._pack_slots, size = layout((k, tuple(v.shape), v.dtype) for k, v in self.policy.state_dict().items())
+        if self._pack_buffer is None:
+            self._pack_spec = weight_spec(self.policy.state_dict())
+            self._pack_offsets, size = layout(self._pack_spec)
             self._pack_buffer = np.empty(size, dtype=np.uint8)
-        return [ray.put(pack_into(self._pack_slots, items, self._pack_buffer)), self.learner.version]
+        return [ray.put(pack_into(self._pack_spec, self._pack_offsets, items, self._pack_buffer)),
+                self.learner.version]
 
     def state_dict(self) -> dict:
         """The full policy on rank 0 ({} elsewhere); collective."""
@@ -178,8 +181,6 @@ class Learner:
     def weight_spec(self) -> list:
         """What a weight broadcast carries: names, full shapes and dtypes, in full_state_items' order (read
         from the state dict's metadata, so nothing is gathered); a tied lm_head is left out, workers re-tie it."""
-        from .weight_sync import weight_spec
-
         tied = ("lm_head.weight",) if self.policy.config.tie_word_embeddings else ()
         return weight_spec(self.policy.state_dict(), skip=tied)
 

@@ -43,6 +43,10 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str  # str(torch.dtype)
 
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * DTYPE_NAMES[self.dtype].itemsize
+
 
 class SyncRefused(RuntimeError):
     """Some rank refused a broadcast sync (version or spec mismatch); every rank raises it together."""
@@ -67,7 +71,7 @@ def buckets(spec: list[TensorSpec], bucket_bytes: int) -> list[list[TensorSpec]]
     """Consecutive same-dtype runs of the spec, each at most bucket_bytes (a bigger tensor goes alone)."""
     out, cur, size = [], [], 0
     for s in spec:
-        nbytes = torch.Size(s.shape).numel() * DTYPE_NAMES[s.dtype].itemsize
+        nbytes = s.nbytes
         if cur and (s.dtype != cur[0].dtype or size + nbytes > bucket_bytes):
             out.append(cur)
             cur, size = [], 0
@@ -82,7 +86,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _in_spec_order(items: Iterable[tuple[str, torch.Tensor]], spec: list[TensorSpec]) -> Iterator[torch.Tensor]:
+def in_spec_order(items: Iterable[tuple[str, torch.Tensor]], spec: list[TensorSpec]) -> Iterator[torch.Tensor]:
     """The stream's tensors, checked against the spec one by one (names outside it, tied weights, skipped)."""
     names = {s.name for s in spec}
     want = iter(spec)
@@ -143,7 +147,7 @@ class BroadcastGroup:
         ok=False: the sender refuses (its version is wrong), after telling the receivers."""
         assert self.rank == 0, f"only the learner (rank 0) sends, this is rank {self.rank}"
         self._agree(version, spec_digest(spec), ok)
-        tensors = _in_spec_order(items, spec)
+        tensors = in_spec_order(items, spec)
         for bucket in buckets(spec, bucket_bytes):
             parts = [next(tensors).detach().reshape(-1) for _ in bucket]
             flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.device)

@@ -78,11 +78,11 @@ def native_runner(model, batch, context, attention, new_tokens):
             lambda: engine.generate(prompts, fixed))
 
 
-def native_row(name, batch, context, attention, new_tokens, device, first, wall) -> dict:
-    return dict(case="native", model=name, batch=batch, context=context, attention=attention, new_tokens=new_tokens,
-                device=str(device), tok_s=round(batch * new_tokens / wall, 1),
-                ms_per_token=per_token_ms(wall, first, new_tokens), ttft_s=round(first, 3),
-                wall_s=round(wall, 3))
+def timed_row(case, name, batch, context, new_tokens, device, first, wall, **extra) -> dict:
+    """One fixed-length case's JSON row from its time to first token and wall time."""
+    return dict(case=case, model=name, batch=batch, context=context, new_tokens=new_tokens, device=str(device),
+                **extra, tok_s=round(batch * new_tokens / wall, 1),
+                ms_per_token=per_token_ms(wall, first, new_tokens), ttft_s=round(first, 3), wall_s=round(wall, 3))
 
 
 def continuous_case(model, name, batch, context, attention, new_tokens, continuous, device) -> dict:
@@ -134,14 +134,6 @@ def hf_runner(cfg: DSAConfig, batch, context, new_tokens, device):
             sum(p.numel() for p in model.parameters()))
 
 
-def hf_row(name, batch, context, new_tokens, device, params, first, wall) -> dict:
-    return dict(case="hf_llama_generate", model=name, batch=batch, context=context, new_tokens=new_tokens,
-                device=str(device), params=params,
-                tok_s=round(batch * new_tokens / wall, 1),
-                ms_per_token=per_token_ms(wall, first, new_tokens), ttft_s=round(first, 3),
-                wall_s=round(wall, 3))
-
-
 def grid(quick: bool):
     """(model, batch, context) cases; --quick keeps CPU prefill affordable (no 32 x 4k prefill)."""
     for name in MODELS:
@@ -179,7 +171,8 @@ def main():
             if hf is not None:
                 runners["hf"] = hf[:2]
         times = least_times(runners)  # interleaved rounds: the ratio's contestants see the same machine
-        native = {a: native_row(name, batch, context, a, new_tokens, device, *times[a]) for a in ("sparse", "dense")}
+        native = {a: timed_row("native", name, batch, context, new_tokens, device, *times[a], attention=a)
+                  for a in ("sparse", "dense")}
         for row in native.values():
             print(json.dumps(row), flush=True)
         if batch > 1 and context == 512:
@@ -187,7 +180,7 @@ def main():
                 print(json.dumps(continuous_case(model, name, batch, context, "sparse", 4 * new_tokens, continuous,
                                                  device)), flush=True)
         if hf is not None:
-            hf = hf_row(name, batch, context, new_tokens, device, hf[2], *times["hf"])
+            hf = timed_row("hf_llama_generate", name, batch, context, new_tokens, device, *times["hf"], params=hf[2])
             print(json.dumps(hf), flush=True)
             # the issue's goal, from this run's numbers: native tok/s over HF generate()'s, per mode
             print(json.dumps(dict(case="native_over_hf", model=name, batch=batch, context=context,
