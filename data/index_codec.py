@@ -260,6 +260,16 @@ def encode_indices(idx, delta: bool = True, compress: bool = True, level: int = 
     return _record((T, L, K), mode, counts, payload, compress, level)
 
 
+def prefix_indices(first_n: int, T: int, L: int, K: int, compress: bool = True, level: int = 1) -> PackedIndices:
+    """The record of a completion whose every query selected all the keys it saw (prompt + completion <=
+    K): token t's rows are 0..first_n + t - 1 in each of L layers. Equal, byte for byte, to encode_indices
+    of those rows, written from the counts alone (an engine that ran such a completion dense never built them)."""
+    if first_n < 1 or first_n + T - 1 > K:
+        raise ValueError(f"prefix rows of {first_n}..{first_n + T - 1} keys do not fit K = {K}")
+    n = np.tile(first_n + np.arange(T, dtype=np.int64), L)  # layer-major rows
+    return _record((T, L, K), np.full(L * T, PREFIX), n, np.empty(0, dtype=np.int64), compress, level)
+
+
 def _record(shape: tuple[int, int, int], mode: np.ndarray, counts: np.ndarray, payload: np.ndarray,
             compress: bool, level: int) -> PackedIndices:
     """The rows' modes, counts and payload -> the bytes (header, 2-bit modes, varints; deflated if smaller)."""

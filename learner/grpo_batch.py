@@ -39,7 +39,9 @@ class PaddedGroups:
         return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
-def pad_groups(groups: list[GroupSample], vocab_size: int, pad_id: int = 0) -> PaddedGroups:
+def pad_groups(groups: list[GroupSample], vocab_size: int, pad_id: int = 0, dense_within: int = 0) -> PaddedGroups:
+    """dense_within: the model's DSAConfig.dense_within. A batch whose queries see at most that many keys
+    (Lp + Lc) runs dense, its sampler having selected every visible key: its selections are not decoded."""
     G = groups[0].group_size
     if any(g.group_size != G for g in groups):
         raise ValueError(f"every group needs the same number of completions, got {[g.group_size for g in groups]}")
@@ -65,7 +67,7 @@ def pad_groups(groups: list[GroupSample], vocab_size: int, pad_id: int = 0) -> P
                 keep[i, t] = False
                 keep[i, t, ids] = True
     indices = None
-    if all(g.indices is not None for g in groups):
+    if all(g.indices is not None for g in groups) and Lp + Lc > dense_within:
         indices = _sampler_indices_in_learner_slots(groups, Lp, Lc)
     prompt_experts = experts = None
     if all(g.experts is not None for g in groups):

@@ -107,6 +107,9 @@ def routed_group_forward(model, batch: PaddedGroups, attention: str, temperature
     use_experts: route as the sampler did (batch.prompt_experts / batch.experts), when recorded."""
     P, Lp = batch.prompts.shape
     G = batch.group_size
+    # no query sees more than Lp + Lc keys: with every visible key selected (the sampler's selection too)
+    # sparse attention is dense attention, run without the indexer
+    attention = model.config.attention_within(attention, Lp + batch.completions.shape[1])
     moe_layers = [t == "sparse" for t in model.config.layer_mlp_types]
     replay = use_experts and batch.experts is not None
     prefix = PrefixKV(model.config.num_hidden_layers)
@@ -122,8 +125,6 @@ def routed_group_forward(model, batch: PaddedGroups, attention: str, temperature
     Lc = batch.completions.shape[1]
     positions = batch.prompt_lens.repeat_interleave(G)[:, None] + torch.arange(Lc, device=batch.prompt_lens.device)
     indices = batch.indices if (use_indices and attention == "sparse") else None
-    if indices is not None and model.config.index_dense_when_all_fit and Lp + Lc <= model.config.index_topk:
-        indices = None  # every query sees <= k keys: the sampler selected them all, the model runs dense
     comp_experts = _per_layer(batch.experts if replay else None, moe_layers, model.device)
     comp_out = model(batch.completions, positions=positions, cache=shared, attention=attention, indices=indices,
                      return_experts=True, experts=comp_experts)
@@ -199,14 +200,15 @@ class GRPOLearner:
         sharded model's collectives run per forward/backward); the padding ones repeat the mini-batch's
         first group and are trained with weight 0."""
         V, m = self.policy.config.vocab_size, self.cfg.micro_batch_groups
+        K = self.policy.config.dense_within
         device = self.policy.device
         out = []
         for mini in self._mini_groups(groups):
             local = mini[self.rank:: self.world_size]
-            mbs = [pad_groups(local[j: j + m], V).to(device) for j in range(0, len(local), m)]
+            mbs = [pad_groups(local[j: j + m], V, dense_within=K).to(device) for j in range(0, len(local), m)]
             real = len(mbs)
             most = -(-len(mini[:: self.world_size]) // m)  # rank 0's count: it gets the most groups
-            mbs += [pad_groups(mini[:1], V).to(device) for _ in range(most - real)]
+            mbs += [pad_groups(mini[:1], V, dense_within=K).to(device) for _ in range(most - real)]
             out.append((self._normalizer(mini), mbs, real))
         return out
 

@@ -58,7 +58,7 @@ class MLA(nn.Module):
 
     def _all_visible_fit(self, positions: torch.Tensor) -> bool:
         """True when no query can see more than index_topk keys (positions 0..t are all it sees)."""
-        return self.cfg.index_dense_when_all_fit and int(positions.max()) < self.cfg.index_topk
+        return int(positions.max()) < self.cfg.dense_within
 
     def forward(self, x, cos, sin, positions, layer_idx: int, cache=None, attention: str = "dense",
                 indices: torch.Tensor | None = None, collect_aux: bool = False, doc_mask: torch.Tensor | None = None,

@@ -81,6 +81,19 @@ class DSAConfig:
         return self.qk_head_dim**-0.5 * softmax_scale_factor(self.rope)  # YaRN's mscale^2 (1 without)
 
     @property
+    def dense_within(self) -> int:
+        """The most keys a query may see for sparse attention to run dense: its top-k selects every visible
+        key, so sparse attention *is* dense attention, and the dense kernels skip the indexer (the paper's
+        "masked MHA mode" for short sequences). 0 with index_dense_when_all_fit off."""
+        return self.index_topk if self.index_dense_when_all_fit else 0
+
+    def attention_within(self, attention: str, max_keys: int) -> str:
+        """The attention a forward runs when none of its queries sees more than max_keys keys. Decided
+        where a whole run's length is known up front (an engine's cache, a learner's batch), which also
+        skips the indexer's keys; a sparse forward's layers check the same per call (models/attention.py)."""
+        return "dense" if attention == "sparse" and max_keys <= self.dense_within else attention
+
+    @property
     def layer_mlp_types(self) -> list[str]:
         if self.mlp_layer_types is not None:
             return list(self.mlp_layer_types)

@@ -42,7 +42,7 @@ from dsarl.models import StaticKVCache
 
 from .sampling import SamplingParams, sample_keys, sample_step, uniforms
 from .stopping import StopRule, cut_at_stop_string
-from dsarl.data.index_codec import encode_indices
+from dsarl.data.index_codec import encode_indices, prefix_indices
 from dsarl.data.step_types import Completion
 
 YES_TARGETS = ("yes", "Yes", " yes", " Yes")
@@ -321,6 +321,10 @@ class _Run:
         B = min(engine.max_batch_size, len(prompts) * params.n)
         self.cache_len = min(engine.max_len, max(len(p) for p in prompts) + params.max_new_tokens)
         self.cache = StaticKVCache(engine.cfg, B, self.cache_len, device=engine.device, dtype=cache_dtype(engine.model))
+        # No query of this run sees more than cache_len keys: where the top-k would select every one, a sparse
+        # engine runs the dense kernels (no indexer keys or scores) and writes its selections from the counts
+        self.attention = engine.cfg.attention_within(engine.attention, self.cache_len)
+        self.all_visible_selected = self.want_indices and self.attention != engine.attention
         self.slots: list[_Seq | None] = [None] * B
         self.last_token = torch.zeros(B, dtype=torch.long, device=engine.device)
         self.waiting = deque((i, j) for i in range(len(prompts)) for j in range(params.n))
@@ -369,7 +373,7 @@ class _Run:
         for r, i in enumerate(prompt_pos):
             ids[r, : lens[r]] = torch.tensor(self.prompts[i])
         scratch = StaticKVCache(e.cfg, len(prompt_pos), P, device=e.device, dtype=self.cache.kv.dtype)
-        out = e.model(ids.to(e.device), cache=scratch, attention=e.attention, return_indices=self.want_indices,
+        out = e.model(ids.to(e.device), cache=scratch, attention=self.attention, return_indices=self.want_indices,
                       return_experts=self.want_experts,
                       logits_slice=slice(P0 - 1, P))  # logits only where some prompt ends
         routed = stack_moe_experts(out.experts, self.expert_dtype) if self.want_experts else None  # [B, P, M, k]
@@ -411,7 +415,7 @@ class _Run:
             for r, s in enumerate(seqs):
                 ids[r, : lens[r]] = torch.tensor(s)
             scratch = StaticKVCache(e.cfg, len(rows), max(lens), device=e.device, dtype=self.cache.kv.dtype)
-            e.model(ids.to(e.device), cache=scratch, attention=e.attention, logits_slice=slice(0, 0))
+            e.model(ids.to(e.device), cache=scratch, attention=self.attention, logits_slice=slice(0, 0))
             for r, b in enumerate(rows):
                 assert int(self.cache.lengths[b]) == lens[r], f"slot {b}: {int(self.cache.lengths[b])} != {lens[r]}"
                 self.cache.kv[:, b, : lens[r]] = scratch.kv[:, r, : lens[r]]
@@ -429,7 +433,7 @@ class _Run:
         live = torch.zeros(hi, dtype=torch.bool, device=self.cache.lengths.device)
         live[active] = True
         positions = torch.where(live, view.lengths, torch.zeros_like(view.lengths))[:, None]  # [hi, 1]
-        out = self.e.model(self.last_token[:hi, None], positions=positions, cache=view, attention=self.e.attention,
+        out = self.e.model(self.last_token[:hi, None], positions=positions, cache=view, attention=self.attention,
                            return_indices=self.want_indices, return_experts=self.want_experts)
         rows = torch.tensor(active, device=out.logits.device)
         if self.want_experts:  # the routing of the token fed now: the one each slot sampled last step
@@ -472,11 +476,18 @@ class _Run:
 
     def _completion(self, s: _Seq) -> Completion:
         text = cut_at_stop_string(self.e.tokenizer.decode(s.tokens), self.stop.stop_strings)
+        indices = None  # compact before Ray carries it
+        if self.all_visible_selected:  # token t's query saw, and selected, keys 0 .. P + t - 1
+            cfg = self.e.cfg
+            indices = prefix_indices(len(self.prompts[s.prompt_pos]), len(s.tokens), cfg.num_hidden_layers,
+                                     cfg.index_topk)
+        elif s.indices:
+            indices = encode_indices(torch.stack(s.indices))
         return Completion(
             prompt_index=self.prompt_indices[s.prompt_pos], sample_index=s.sample_index,
             prompt_ids=list(self.prompts[s.prompt_pos]), token_ids=s.tokens, logprobs=s.logprobs,
             finish_reason=s.finish_reason, text=text, weight_version=min(s.versions), token_versions=s.versions,
             keep_mask=s.keep if self.params.return_keep_mask else None,
-            indices=encode_indices(torch.stack(s.indices)) if s.indices else None,  # compact before Ray carries it
+            indices=indices,
             experts=torch.cat(s.experts) if s.experts else None,  # [P + T - 1, M, k]
         )

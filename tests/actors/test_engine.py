@@ -259,3 +259,31 @@ def test_a_bf16_models_cpu_cache_is_fp32_and_changes_no_answer(attention, monkey
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
         assert (a.indices is None) == (attention == "dense")
         assert a.indices == b.indices  # the encoded selections, byte for byte
+
+
+def test_a_run_whose_queries_see_at_most_k_keys_runs_dense_and_records_every_visible_key():
+    """index_topk 32 against prompts + 8 tokens of at most 26: top-k selects every key a query sees, so a
+    sparse engine runs the dense kernels for the whole run (DSAConfig.attention_within) and writes its
+    selections from the counts. Its tokens and log-probs are a dense engine's, bit for bit; its records
+    decode to rows 0..P + t - 1; and a model that must run the indexer and the sparse kernels
+    (index_dense_when_all_fit off) selects the same keys and gives the same tokens."""
+    cfg = CFG.replace(index_topk=32)
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=8, ignore_eos=True, return_indices=True)
+    assert max(map(len, PROMPTS)) + params.max_new_tokens <= cfg.index_topk
+
+    def run(cfg, attention):
+        model = build_model(cfg, seed=0).requires_grad_(False)
+        return NativeEngine(model, TOK, max_batch_size=3, attention=attention).generate(PROMPTS, params)
+
+    ours, dense = run(cfg, "sparse"), run(cfg, "dense")
+    indexed = run(cfg.replace(index_dense_when_all_fit=False), "sparse")
+    for a, d, s in zip(ours, dense, indexed, strict=True):
+        assert a.token_ids == d.token_ids and a.logprobs == d.logprobs and d.indices is None
+        P, T = len(a.prompt_ids), len(a.token_ids)
+        want = torch.full((T, cfg.num_hidden_layers, cfg.index_topk), -1, dtype=torch.int32)
+        for t in range(T):
+            want[t, :, : P + t] = torch.arange(P + t, dtype=torch.int32)
+        assert torch.equal(a.indices.decode(), want)
+        assert torch.equal(s.indices.decode(), want)  # the indexer's own top-32 of at most 26 keys
+        assert s.token_ids == a.token_ids
+        torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(a.logprobs), rtol=0, atol=1e-5)

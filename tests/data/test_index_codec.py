@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dsarl.actors.engine import NativeEngine, SamplingParams
 from dsarl.data.index_codec import (CHAIN, PackedIndices, canonical_rows, decode_indices, encode_indices,
-                                    replay_rows, varint_decode, varint_encode)
+                                    prefix_indices, replay_rows, varint_decode, varint_encode)
 from dsarl.data.rollout_schema import completions_to_table, table_to_completions, with_current_columns
 from dsarl.models import ByteTokenizer, DSAConfig, build_model
 
@@ -82,6 +82,23 @@ def test_edge_cases():
     assert_round_trip(x)
     rows = 2 * T
     assert encode_indices(x).nbytes <= rows + 16  # such rows cost their length only, not K keys
+
+
+@pytest.mark.parametrize("first_n, T, L, K", [(1, 1, 1, 1), (3, 9, 2, 16), (17, 16, 4, 256), (5, 0, 3, 8),
+                                             (40, 217, 2, 256)])
+def test_a_prefix_record_is_the_encoding_of_its_all_visible_rows(first_n, T, L, K):
+    """prefix_indices writes, from the counts, exactly the bytes encode_indices makes of the rows an engine
+    that selected every visible key would record: token t's rows hold keys 0..first_n + t - 1, best
+    first (any order: the codec keeps the set), in every layer."""
+    x = np.full((T, L, K), -1, dtype=np.int64)
+    for t in range(T):
+        x[t, :, : first_n + t] = np.arange(first_n + t)[::-1]
+    for compress in (True, False):
+        got = prefix_indices(first_n, T, L, K, compress=compress)
+        assert got == encode_indices(x, compress=compress)
+        assert np.array_equal(decode_indices(got).numpy(), plain_canonical(x))
+    with pytest.raises(ValueError, match="do not fit"):
+        prefix_indices(first_n, K - first_n + 2, L, K)
 
 
 def test_long_chains_of_small_changes_are_exact_and_small():

@@ -92,3 +92,28 @@ def test_learner_update_is_bit_identical_encoded_vs_raw():
     assert m_raw == m_enc
     assert all(torch.equal(s_raw[k], s_enc[k]) for k in s_raw)
     assert any(not torch.equal(s_raw[k], v) for k, v in model.state_dict().items())  # the step moved weights
+
+
+def test_a_batch_whose_queries_see_at_most_k_keys_replays_as_dense_attention():
+    """Prompts of up to 9 tokens and completions of up to 7 against K = 16: the sampler selected every
+    key each query saw, so the batch carries no decoded selections (pad_groups' dense_within) and the
+    sparse learner computes dense attention's log-probs, bit for bit. A model made to replay the recorded
+    selections through the sparse kernels (index_dense_when_all_fit off) agrees to rounding."""
+    rng = random.Random(3)
+    cfg = small_cfg(attention="sparse", index_topk=16)
+    model = build_model(cfg, seed=3)
+    groups = random_groups(rng, P=3, G=2)
+    records = record_selections(model, groups)
+    assert all((r >= 0).sum(-1).max() < 16 for rec in records for r in rec)  # every row is a visible prefix
+    groups = with_indices(groups, records, encode=True)
+    batch = pad_groups(groups, cfg.vocab_size, dense_within=cfg.dense_within)
+    assert batch.indices is None and batch.prompts.shape[1] + batch.completions.shape[1] <= 16
+    sparse = group_forward(model, batch, "sparse", 0.7, use_indices=True, keep_mask=False)[0]
+    dense = group_forward(model, batch, "dense", 0.7, use_indices=True, keep_mask=False)[0]
+    assert torch.equal(sparse, dense)
+    replaying = build_model(cfg.replace(index_dense_when_all_fit=False), seed=3)
+    replayed_batch = pad_groups(groups, cfg.vocab_size)
+    assert replayed_batch.indices is not None
+    replayed = group_forward(replaying, replayed_batch, "sparse", 0.7, use_indices=True, keep_mask=False)[0]
+    real = batch.mask.bool()  # padded positions query nothing the sampler selected
+    torch.testing.assert_close(replayed[real], sparse[real], rtol=0, atol=1e-5)
