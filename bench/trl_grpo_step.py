@@ -80,7 +80,7 @@ def prompt_dataset(tokenizer) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"prompt": texts, "answer": [r["answer"] for r in rows]})
 
 
-def run_case(init: Path, precision: str, steps: int) -> dict:
+def run_case(init: Path, precision: str, steps: int, checkpointing: bool = False) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(init)
     # eager: what the interop tests compare with dsarl (tests/models/test_hf_interop.py)
     model = AutoModelForCausalLM.from_pretrained(init, attn_implementation="eager")
@@ -89,7 +89,7 @@ def run_case(init: Path, precision: str, steps: int) -> dict:
         per_device_train_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1,  # one generation per step
         num_generations=GROUP, max_completion_length=NEW_TOKENS, temperature=1.0, beta=BETA, num_iterations=1,
         learning_rate=2e-4,  # grpo_step.py's learner (LearnerConfig's optim); TRL's default is 1e-6
-        gradient_checkpointing=False,  # TRL turns it on by default; dsarl's learner does not recompute
+        gradient_checkpointing=checkpointing,  # TRL's default is on; dsarl's learner does not recompute
         bf16=precision == "bf16", use_cpu=True, use_vllm=False, dataloader_num_workers=0,
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
     timer = StepTimer()
@@ -102,7 +102,8 @@ def run_case(init: Path, precision: str, steps: int) -> dict:
     assert len(timer.times) == steps, f"{len(timer.times)} steps timed, {steps} run"
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     timed = timer.times[1:] if steps > 1 else timer.times
-    return {"bench": "trl_grpo_step", "precision": precision, "prompts": PROMPTS, "group_size": GROUP,
+    return {"bench": "trl_grpo_step", "precision": precision, "gradient_checkpointing": checkpointing,
+            "prompts": PROMPTS, "group_size": GROUP,
             "new_tokens": NEW_TOKENS, "beta": BETA, "step_s": statistics.median(timed), "steps_s": timer.times,
             "completion_mean_length": statistics.mean(lengths) if lengths else None,
             "trl_version": trl.__version__, "transformers_version": transformers.__version__,
@@ -114,12 +115,14 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["fp32", "bf16"],
                         help="bf16: GRPOConfig's default (bf16 autocast over fp32 weights); fp32: plain")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="TRL's default (GRPOConfig turns it on); off unless given, as dsarl's learner")
     args = parser.parse_args()
     torch.set_num_threads(2)  # what grpo_step.py gives each role in synchronous steps
     init = Path(tempfile.mkdtemp(prefix="bench-trl-grpo-init-")) / "model"
     save_pretrained(build_model(DSAConfig(**MODEL), seed=0), init)
     for precision in args.precision:
-        print(json.dumps(run_case(init, precision, args.steps)), flush=True)
+        print(json.dumps(run_case(init, precision, args.steps, args.gradient_checkpointing)), flush=True)
 
 
 if __name__ == "__main__":
