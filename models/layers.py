@@ -11,9 +11,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # fp32 for the mean square
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * weight in fp32, rounded once to x's dtype: torch's one op gives the
+        # same bits as those five (checked over widths 8..7168, fp32 and bf16) in about half the time with
+        # its backward (the learner runs ~17 of these a forward)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
