@@ -25,4 +25,9 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and gate.requires_grad:
+            return self.down_proj(F.silu(gate) * up)
+        # no autograd (a rollout, a reference forward): the same two ops in place. A 512-token prefill's two
+        # fresh [tokens, intermediate] buffers per layer (10 MB each) cost more than the ops themselves
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))

@@ -241,3 +241,25 @@ def test_fp8_quant_dequant_error_bound():
     # e4m3: 3 mantissa bits -> relative error <= 2^-4 for normals; absolute 2^-10 * scale near zero
     assert bool(((x - y).abs() <= x.abs() / 16 + scale * 2**-9 + 1e-12).all())
     assert not torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_mlp_fast_forms_equal_their_plain_maths(dtype):
+    """RMSNorm (torch's rms_norm op) and SwiGLU's no-grad in-place form against the formulas written out:
+    x * rsqrt(mean(x^2) + eps) * w in fp32, rounded once; down(silu(gate(x)) * up(x)). Bit for bit,
+    with and without autograd, on fresh random inputs."""
+    from dsarl.models.layers import RMSNorm, SwiGLU
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    for width in (8, 80, 256, 1000):
+        norm = RMSNorm(width, eps=1e-5).to(dtype)
+        norm.weight.data = (torch.randn(width, generator=g) * 0.3 + 1).to(dtype)
+        x = (torch.randn(3, 5, width, generator=g) * 4).to(dtype)
+        xf = x.float()
+        want = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.float()).to(dtype)
+        assert torch.equal(norm(x), want)
+        mlp = SwiGLU(width, 2 * width).to(dtype)
+        plain = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        with torch.no_grad():
+            assert torch.equal(mlp(x), plain)
+        assert torch.equal(mlp(x), plain) and mlp(x).requires_grad
