@@ -26,7 +26,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if torch.is_grad_enabled() and gate.requires_grad:
+        if gate.requires_grad:  # never under no_grad / inference_mode
             return self.down_proj(F.silu(gate) * up)
         # no autograd (a rollout, a reference forward): the same two ops in place. A 512-token prefill's two
         # fresh [tokens, intermediate] buffers per layer (10 MB each) cost more than the ops themselves
