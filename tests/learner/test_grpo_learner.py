@@ -54,6 +54,21 @@ def test_shared_prefix_loss_and_gradients_equal_per_sample(attention):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), f"{name} seed {seed}"
 
 
+
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_one_token_completions_take_every_logprob_from_the_prompt_forward(attention):
+    # The completion forward feeds tokens 0..Lc-2 (the last predicts nothing): with Lc = 1 it feeds none
+    seed = random.SystemRandom().randrange(2**31)
+    model = build_model(small_cfg(), seed=seed)
+    groups = random_groups(random.Random(seed), P=3, G=2, completion_lens=(1, 1))
+    batch = pad_groups(groups, model.config.vocab_size)
+    logp, _ = group_forward(model, batch, attention, 1.0, use_indices=False, keep_mask=False)
+    want = torch.stack(per_sample_logp(model, groups, attention, 1.0))  # [P*G, 1]
+    assert logp.shape == want.shape == (6, 1)
+    assert (logp - want).abs().max() <= 1e-5, f"seed {seed}"
+    logp.sum().backward()
+    assert model.model.layers[0].self_attn.q_a_proj.weight.grad.abs().max() > 0  # the prompt's KV is trained
+
 def test_sampler_indices_reproduce_the_indexer_selection():
     # Feeding the selections the indexer itself makes must give the same logprobs as not feeding them.
     rng = random.Random(3)

@@ -13,12 +13,13 @@ def small_cfg(**kw):
     return DSAConfig(**base)
 
 
-def random_groups(rng: random.Random, P: int, G: int, sampler_logp: float = -1.0) -> list[GroupSample]:
+def random_groups(rng: random.Random, P: int, G: int, sampler_logp: float = -1.0,
+                  completion_lens: tuple[int, int] = (1, 7)) -> list[GroupSample]:
     """P groups of G completions (1-7 tokens) of random prompts (2-9 tokens), advantages in [-1, 1]."""
     groups = []
     for _ in range(P):
         prompt = [rng.randrange(256) for _ in range(rng.randint(2, 9))]
-        comps = [[rng.randrange(256) for _ in range(rng.randint(1, 7))] for _ in range(G)]
+        comps = [[rng.randrange(256) for _ in range(rng.randint(*completion_lens))] for _ in range(G)]
         groups.append(GroupSample(prompt, comps, [[sampler_logp] * len(c) for c in comps],
                                   [rng.uniform(-1, 1) for _ in range(G)]))
     return groups
