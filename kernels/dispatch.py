@@ -57,7 +57,9 @@ TABLES: dict[str, dict[str, Impl]] = {
     "sparse_mla": {"reference": Impl("sparse_mla.reference:sparse_mla_attention_reference"),
                    "cpu": Impl("sparse_mla.cpu:sparse_mla_attention_cpu", "sparse_mla/cpu.c"),
                    "triton": Impl("sparse_mla.triton:sparse_mla_attention_triton")},
-    "dense_mla": {"reference": Impl("dense_mla.reference:dense_mla_attention_reference")},
+    # the CPU backend is the sparse MLA C kernel with every visible key selected
+    "dense_mla": {"reference": Impl("dense_mla.reference:dense_mla_attention_reference"),
+                  "cpu": Impl("dense_mla.cpu:dense_mla_attention_cpu", "sparse_mla/cpu.c")},
     "dense_mha": {"reference": Impl("dense_mla.mha:dense_mha_attention")},
     "indexer_kl": {"reference": Impl("indexer_kl.reference:indexer_kl_loss_reference"),
                    "triton": Impl("indexer_kl.triton:indexer_kl_loss_triton")},

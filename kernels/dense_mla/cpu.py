@@ -1,0 +1,27 @@
+"""Dense MLA attention (absorbed form) on the CPU: the sparse MLA C kernel over every visible key.
+
+Dense attention is sparse attention whose selection is all of 0 <= k_pos[s] <= q_pos[t]: the index
+rows are the key slots themselves (-1 where hidden), so probs come out in slot order, as the reference
+gives them. The C kernel reads each key row once for all heads and runs the softmax over contiguous
+arrays; the reference's einsums materialise [B, T, H, S] scores and make a batched GEMM of M = H rows
+per query. Same contract and maths as reference.py; fp32 maths, differentiable (the sparse kernel's
+backward).
+"""
+import torch
+
+from ..indexer_scores.reference import resolve_positions, visibility
+from ..sparse_mla.cpu import sparse_mla_attention_cpu
+
+
+def visible_slots(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """[B, T] x [B, S] -> int32 [B, T, S]: slot s where key s is visible to query t, else -1."""
+    S = k_pos.shape[1]
+    slots = torch.arange(S, dtype=torch.int32, device=k_pos.device)
+    return torch.where(visibility(q_pos, k_pos), slots, -1).to(torch.int32)
+
+
+def dense_mla_attention_cpu(q, kv, sm_scale: float, d_v: int, q_pos=None, k_pos=None, return_probs: bool = False):
+    """Same contract as `dsarl.kernels.dense_mla_attention`."""
+    B, T = q.shape[:2]
+    q_pos, k_pos = resolve_positions(B, T, kv.shape[1], q.device, q_pos, k_pos)
+    return sparse_mla_attention_cpu(q, kv, visible_slots(q_pos, k_pos), sm_scale, d_v, return_probs)
