@@ -29,4 +29,9 @@ class SparseMLARecompute(torch.autograd.Function):
 
 def sparse_mla_autograd(fwd, bwd, q, kv, indices, sm_scale: float, d_v: int, return_probs: bool):
     """(out, lse[, probs]) from `fwd`, differentiable in q and kv through `bwd`."""
+    if not (torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)):
+        # nothing to differentiate (a rollout's decode step): skip the Function's bookkeeping (~7 us a
+        # call against ~90 for a whole decode call at 64 queries x 32 keys)
+        out, lse, probs = fwd(q, kv, indices, sm_scale, d_v, return_probs)
+        return (out, lse, probs) if return_probs else (out, lse)
     return SparseMLARecompute.apply(fwd, bwd, q, kv, indices, sm_scale, d_v, return_probs)
