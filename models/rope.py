@@ -16,6 +16,7 @@ Frequencies come from `rope_parameters` (Hugging Face's key; the legacy `rope_sc
   with m(s, a) = 0.1 a ln(s) + 1 (DeepSeek's `softmax_scale * mscale * mscale`). The indexer's score scale
   gets no mscale (it only ranks keys).
 """
+import functools
 import math
 
 import torch
@@ -93,10 +94,23 @@ def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.
     return rope_cos_sin(positions, {"rope_type": "default", "rope_theta": theta}, dim)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_inv_freq(rope_items: tuple, dim: int) -> tuple[torch.Tensor, float]:
+    return rope_inv_freq(dict(rope_items), dim)
+
+
 def rope_cos_sin(positions: torch.Tensor, rope: dict, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [B, T] int, normalized rope_parameters -> (cos, sin) [B, T, dim/2] fp32, attention_factor folded in."""
-    inv_freq, attention_factor = rope_inv_freq(rope, dim)
+    # the frequencies depend on the config alone: computed once, not in every forward (a decode step's
+    # rope was ~10 small ops, most of them this)
+    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rope.items()))
+    try:
+        inv_freq, attention_factor = _cached_inv_freq(key, dim)
+    except TypeError:  # an unhashable value in rope_parameters: compute it here
+        inv_freq, attention_factor = rope_inv_freq(rope, dim)
     angles = positions.float()[..., None] * inv_freq.to(positions.device)  # [B, T, dim/2]
+    if attention_factor == 1.0:
+        return angles.cos(), angles.sin()
     return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
