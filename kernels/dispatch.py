@@ -91,10 +91,11 @@ def unusable(op: str, backend: str, x: torch.Tensor, forced: bool = False) -> st
     if impl is None:
         return f"{op} has no {backend} implementation"
     if backend == "triton":
-        if not triton_available():
-            return "triton is not installed"
+        # the tensor first: a CPU-only process never imports triton (~0.1 s and ~70 MB in every actor)
         if not x.is_cuda and not (forced and os.environ.get("TRITON_INTERPRET") == "1"):
             return "Triton kernels take CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+        if not triton_available():
+            return "triton is not installed"
     if backend == "cpu":
         if x.device.type != "cpu":
             return f"the CPU implementation takes CPU tensors, got {x.device}"

@@ -1,4 +1,8 @@
 """kernels/dispatch.py: one table per op, one rule, DSARL_KERNELS forcing every op."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -99,3 +103,23 @@ def test_model_under_forced_reference_runs_only_references_and_matches_the_defau
         assert {("sparse_mla", "cpu"), ("indexer_topk", "cpu"), ("dense_mla", "cpu")} <= set(chosen)
     for a, b in zip(got, ref, strict=True):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max().clamp(min=1)
+
+
+def test_a_cpu_only_process_never_imports_triton():
+    # every op's dispatch sees a CPU tensor first: Triton (~70 MB, ~0.1 s a process) stays unimported
+    code = ("import sys, torch\n"
+            "from dsarl.models import DSAConfig, build_model, StaticKVCache\n"
+            "cfg = DSAConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,"
+            " q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,"
+            " index_n_heads=2, index_head_dim=16, index_topk=4)\n"
+            "m = build_model(cfg)\n"
+            "ids = torch.randint(0, 256, (2, 20))\n"
+            "m(ids, attention='sparse', collect_aux=True).logits.sum().backward()\n"
+            "cache = StaticKVCache(cfg, 2, 24)\n"
+            "with torch.no_grad():\n"
+            "    m(ids, cache=cache, attention='sparse'); m(ids[:, -1:], cache=cache, attention='sparse')\n"
+            "print('triton' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("DSARL_KERNELS", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
