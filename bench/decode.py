@@ -28,6 +28,7 @@ def time_decode(model, cfg, context: int, attention: str, steps: int, batch: int
     g = torch.Generator().manual_seed(0)
     cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))
     cache.k_idx.copy_(torch.randn(cache.k_idx.shape, generator=g))
+    cache.refresh_blocked()  # k_idx written directly: its kernel-layout mirror too
     cache.lengths.fill_(context)
     tok = torch.randint(0, 256, (batch, 1), generator=g)
     times = []

@@ -108,7 +108,8 @@ class MLA(nn.Module):
                                  f"its indices")
             q_i, w_i = self.indexer.queries(c_q, xq, cos, sin)
             indices = kernels.indexer_topk(q_i, w_i, k_idx, self.cfg.index_topk, positions, k_pos,
-                                           chunk=self.cfg.index_chunk)  # [B, T, K] int32
+                                           chunk=self.cfg.index_chunk,
+                                           k_blocked=None if cache is None else cache.blocked_keys(layer_idx))
         probs = None
         scale = self.cfg.softmax_scale
         if sparse or ((cache is not None or query_slice is not None) and Tq <= ABSORBED_DECODE_MAX_T):

@@ -10,8 +10,15 @@ tokens and returns every key the new queries may see, with the keys' positions:
   `k_idx` stay unused).
 - `PrefixKV`: differentiable concatenation, for the learner: a group's prompt is run once, its KV
   is repeated for the G completions, and their gradients flow back into the one prefix.
+
+A CPU fp32 `StaticKVCache` also keeps its indexer keys in the C top-k kernel's layout (`k_blocked`,
+blocks of KEY_BLOCK slots, each block transposed), written with every key: a decode step's indexer then
+scores the cache in place, where re-laying it out copied every key each step. Writes to `kv` / `k_idx`
+from outside go through `write_prefix`, or call `refresh_blocked` after.
 """
 import torch
+
+from dsarl.kernels.topk.cpu import KEY_BLOCK
 
 from .config import DSAConfig
 
@@ -24,6 +31,10 @@ class StaticKVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # valid tokens per row
         self.max_len = max_len
         self.rows = slice(0, batch_size)  # rows the next forward addresses
+        self.k_blocked = None  # [L, B, blocks, d_I, KEY_BLOCK]: k_idx in the C indexer kernel's layout
+        if self.k_idx.device.type == "cpu" and dtype == torch.float32:
+            blocks = -(-max_len // KEY_BLOCK)
+            self.k_blocked = torch.zeros(L, batch_size, blocks, cfg.index_head_dim, KEY_BLOCK, device=device)
 
     @property
     def batch_size(self) -> int:
@@ -33,6 +44,7 @@ class StaticKVCache:
         """A view of a contiguous range of rows (sharing storage), e.g. to prefill one slot."""
         view = StaticKVCache.__new__(StaticKVCache)
         view.kv, view.k_idx = self.kv[:, rows], self.k_idx[:, rows]
+        view.k_blocked = None if self.k_blocked is None else self.k_blocked[:, rows]
         view.lengths, view.max_len, view.rows = self.lengths[rows], self.max_len, slice(0, rows.stop - rows.start)
         return view
 
@@ -49,6 +61,8 @@ class StaticKVCache:
         self.kv[layer][rows, positions] = kv_new.to(self.kv.dtype)
         if k_idx_new is not None:
             self.k_idx[layer][rows, positions] = k_idx_new.to(self.k_idx.dtype)
+            if self.k_blocked is not None:  # slot p: block p // KEY_BLOCK, column p % KEY_BLOCK
+                self.k_blocked[layer][rows, positions // KEY_BLOCK, :, positions % KEY_BLOCK] = k_idx_new.float()
         S = int(positions.max()) + 1
         k_pos = torch.arange(S, device=positions.device).expand(B, S)
         return self.kv[layer, :, :S], None if k_idx_new is None else self.k_idx[layer, :, :S], k_pos
@@ -56,6 +70,31 @@ class StaticKVCache:
     def advance(self, positions: torch.Tensor) -> None:
         """After a forward: each row now holds tokens up to its last written position."""
         self.lengths.copy_(positions[:, -1] + 1)
+
+    def blocked_keys(self, layer: int) -> torch.Tensor | None:
+        """Layer's indexer keys [B, blocks, d_I, KEY_BLOCK] in the C kernel's layout (None: not kept)."""
+        return None if self.k_blocked is None else self.k_blocked[layer]
+
+    def write_prefix(self, row: int, kv: torch.Tensor, k_idx: torch.Tensor) -> None:
+        """Row `row`'s first P slots of every layer: kv [L, P, D], k_idx [L, P, d_I] (a prompt's prefill)."""
+        P = kv.shape[1]
+        self.kv[:, row, :P] = kv
+        self.k_idx[:, row, :P] = k_idx
+        if self.k_blocked is not None:
+            self._block(row, k_idx.float())
+
+    def refresh_blocked(self) -> None:
+        """k_blocked again from k_idx, after writing k_idx directly."""
+        if self.k_blocked is not None:
+            for row in range(self.batch_size):
+                self._block(row, self.k_idx[:, row])
+
+    def _block(self, row: int, k_idx: torch.Tensor) -> None:
+        L, P, d = k_idx.shape
+        full = P // KEY_BLOCK * KEY_BLOCK
+        self.k_blocked[:, row, : P // KEY_BLOCK] = k_idx[:, :full].reshape(L, -1, KEY_BLOCK, d).transpose(2, 3)
+        if full < P:
+            self.k_blocked[:, row, P // KEY_BLOCK, :, : P - full] = k_idx[:, full:].transpose(1, 2)
 
 
 class PrefixKV:
@@ -84,6 +123,9 @@ class PrefixKV:
 
     def advance(self, positions: torch.Tensor) -> None:
         self.lengths = positions[:, -1] + 1
+
+    def blocked_keys(self, layer: int) -> None:
+        return None  # the learner's keys change every forward: nothing kept in the kernel's layout
 
     def set_lengths(self, lengths: torch.Tensor) -> None:
         """After a right-padded prefix forward: only the first lengths[b] tokens of row b are real;

@@ -390,8 +390,7 @@ class _Run:
         for b, (i, j) in pairs:
             pre = self.prefixes[i]
             P = pre.kv.shape[1]
-            self.cache.kv[:, b, :P] = pre.kv
-            self.cache.k_idx[:, b, :P] = pre.k_idx
+            self.cache.write_prefix(b, pre.kv, pre.k_idx)
             self.cache.lengths[b] = P
             key = sample_keys(self.params.seed, np.array([self.prompt_indices[i]]), np.array([j]))[0]
             seqs.append(_Seq(i, j, key, experts=[] if pre.experts is None else [pre.experts]))
@@ -418,8 +417,7 @@ class _Run:
             e.model(ids.to(e.device), cache=scratch, attention=self.attention, logits_slice=slice(0, 0))
             for r, b in enumerate(rows):
                 assert int(self.cache.lengths[b]) == lens[r], f"slot {b}: {int(self.cache.lengths[b])} != {lens[r]}"
-                self.cache.kv[:, b, : lens[r]] = scratch.kv[:, r, : lens[r]]
-                self.cache.k_idx[:, b, : lens[r]] = scratch.k_idx[:, r, : lens[r]]
+                self.cache.write_prefix(b, scratch.kv[:, r, : lens[r]], scratch.k_idx[:, r, : lens[r]])
         unplaced = {i: pre.unplaced for i, pre in self.prefixes.items()}
         self._prefill(sorted(unplaced))
         for i, n in unplaced.items():

@@ -11,8 +11,9 @@ from ..indexer_scores.reference import resolve_positions
 
 
 @torch.no_grad()
-def indexer_topk_chunked(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, chunk: int = 1024):
-    """Same contract as `dsarl.kernels.indexer_topk`."""
+def indexer_topk_chunked(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, chunk: int = 1024,
+                         k_blocked=None):
+    """Same contract as `dsarl.kernels.indexer_topk` (k_blocked, a layout hint for the C kernel, unused)."""
     B, T = q.shape[:2]
     S = k.shape[1]
     q_pos, k_pos = resolve_positions(B, T, S, q.device, q_pos, k_pos)

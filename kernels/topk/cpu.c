@@ -239,7 +239,8 @@ int topk_rows(const float *scores, int32_t *out, int64_t n0, int64_t n1, int64_t
  * q [N, H, D] (N = B * T rows), w [N, H], kT [B, S_pad / KB, D, KB] (keys in blocks of KB = 2 LANES
  * slots, each block transposed: a vector of LANES keys is one load, the dot products run across keys
  * with no horizontal sums, and a block's D x KB floats are contiguous; S_pad = S rounded up to KB, the
- * padding keys zero), k_scale [B, S] or NULL,
+ * padding keys' scores never selected; batch b's blocks start kT_bstride floats after batch b - 1's: a
+ * KV cache's mirror of its indexer keys has room for max_len), k_scale [B, S] or NULL,
  * q_pos [N], k_pos [B, S] int64, out [N, k]. When a batch's k_pos is non-decreasing, a query scores only
  * the slots up to its last visible one (binary search): the causal half of prefill is skipped. */
 #define LANES 16
@@ -309,6 +310,34 @@ static inline __attribute__((always_inline)) void score_block_pair(float *restri
     vstore(dstb + s0 + LANES, outb1);
 }
 
+/* score_block_pair for one query: a decode step has one query per sequence, and scoring it as a pair
+ * with itself doubled the work. */
+static inline __attribute__((always_inline)) void score_block_one(float *restrict dst, const float *restrict qa,
+                                                             const float *restrict wa, const float *restrict kblk,
+                                                             int64_t H, int64_t D, int64_t s0) {
+    vf out0 = {0}, out1 = {0};
+    for (int64_t h = 0; h < H; h += 4) {
+        const int64_t g = H - h < 4 ? H - h : 4;
+        const float *a0p = qa + h * D, *a1p = qa + h * D + (g > 1) * D, *a2p = qa + h * D + (g > 2) * 2 * D,
+                    *a3p = qa + h * D + (g > 3) * 3 * D;
+        vf a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
+        for (int64_t d = 0; d < D; d++) {
+            const vf k0 = vload(kblk + d * KB), k1 = vload(kblk + d * KB + LANES);
+            vf x = vsplat(a0p[d]);
+            a00 += x * k0, a01 += x * k1;
+            x = vsplat(a1p[d]), a10 += x * k0, a11 += x * k1;
+            x = vsplat(a2p[d]), a20 += x * k0, a21 += x * k1;
+            x = vsplat(a3p[d]), a30 += x * k0, a31 += x * k1;
+        }
+        out0 += vsplat(wa[h]) * vrelu(a00), out1 += vsplat(wa[h]) * vrelu(a01);
+        if (g > 1) out0 += vsplat(wa[h + 1]) * vrelu(a10), out1 += vsplat(wa[h + 1]) * vrelu(a11);
+        if (g > 2) out0 += vsplat(wa[h + 2]) * vrelu(a20), out1 += vsplat(wa[h + 2]) * vrelu(a21);
+        if (g > 3) out0 += vsplat(wa[h + 3]) * vrelu(a30), out1 += vsplat(wa[h + 3]) * vrelu(a31);
+    }
+    vstore(dst + s0, out0);
+    vstore(dst + s0 + LANES, out1);
+}
+
 static int64_t visible_end(const int64_t *kp, int64_t S, int sorted, int64_t qp) {
     if (!sorted) return S;
     int64_t lo = 0, hi = S;  /* first slot with k_pos > qp */
@@ -319,9 +348,9 @@ static int64_t visible_end(const int64_t *kp, int64_t S, int sorted, int64_t qp)
     return lo;
 }
 
-int indexer_topk_rows(const float *q, const float *w, const float *kT, const float *k_scale, const int64_t *q_pos,
-                      const int64_t *k_pos, int32_t *out, int64_t n0, int64_t n1, int64_t T, int64_t S, int64_t H,
-                      int64_t D, int64_t k) {
+int indexer_topk_rows(const float *q, const float *w, const float *kT, int64_t kT_bstride, const float *k_scale,
+                      const int64_t *q_pos, const int64_t *k_pos, int32_t *out, int64_t n0, int64_t n1, int64_t T,
+                      int64_t S, int64_t H, int64_t D, int64_t k) {
     scratch_t ws;
     const int64_t S_pad = (S + KB - 1) / KB * KB;
     float *rows = malloc(sizeof(float) * 2 * (S_pad > 0 ? S_pad : 1));
@@ -342,11 +371,14 @@ int indexer_topk_rows(const float *q, const float *w, const float *kT, const flo
         int64_t end[2];
         for (int64_t i = 0; i < m; i++) end[i] = visible_end(kp, S, sorted, q_pos[n + i]);
         const int64_t end_max = m == 2 && end[1] > end[0] ? end[1] : end[0];
-        const float *qn = q + n * H * D, *wn = w + n * H, *kTb = kT + b * D * S_pad;
+        const float *qn = q + n * H * D, *wn = w + n * H, *kTb = kT + b * kT_bstride;
         float *row[2] = {rows, rows + S_pad};
-        const int64_t nb = n + m - 1;  /* a lone query (range or batch end) is scored twice: rare */
-        for (int64_t s0 = 0; s0 < end_max; s0 += KB)  /* may run into padding or past a query's end: rows have room */
-            score_block_pair(row[0], row[1], qn, q + nb * H * D, wn, w + nb * H, kTb + s0 * D, H, D, s0);
+        for (int64_t s0 = 0; s0 < end_max; s0 += KB) {  /* may run into padding or past a query's end: rows have room */
+            if (m == 2)
+                score_block_pair(row[0], row[1], qn, qn + H * D, wn, wn + H, kTb + s0 * D, H, D, s0);
+            else  /* a lone query: every one of a decode step's */
+                score_block_one(row[0], qn, wn, kTb + s0 * D, H, D, s0);
+        }
         const float *ks = k_scale ? k_scale + b * S : NULL;
         for (int64_t i = 0; i < m; i++) {
             float *r = row[i];
@@ -378,10 +410,11 @@ int topk_parts(const float *scores, int32_t *out, const int64_t *bounds, int64_t
 #undef PART
 }
 
-int indexer_topk_parts(const float *q, const float *w, const float *kT, const float *k_scale, const int64_t *q_pos,
-                       const int64_t *k_pos, int32_t *out, const int64_t *bounds, int64_t part0, int64_t parts,
-                       int64_t T, int64_t S, int64_t H, int64_t D, int64_t k) {
-#define PART(p) indexer_topk_rows(q, w, kT, k_scale, q_pos, k_pos, out, bounds[p], bounds[(p) + 1], T, S, H, D, k)
+int indexer_topk_parts(const float *q, const float *w, const float *kT, int64_t kT_bstride, const float *k_scale,
+                       const int64_t *q_pos, const int64_t *k_pos, int32_t *out, const int64_t *bounds, int64_t part0,
+                       int64_t parts, int64_t T, int64_t S, int64_t H, int64_t D, int64_t k) {
+#define PART(p) indexer_topk_rows(q, w, kT, kT_bstride, k_scale, q_pos, k_pos, out, bounds[p], bounds[(p) + 1], T, S, \
+                                  H, D, k)
     RETURN_PARTS(PART);
 #undef PART
 }

@@ -24,7 +24,7 @@ UNFUSED_MAX_SCORES = 1 << 25  # the [B, T, S] fp32 scores it materialises: at mo
 
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-SIGNATURES = {"topk_parts": [_P, _P, _P] + [_I64] * 4, "indexer_topk_parts": [_P] * 8 + [_I64] * 7,
+SIGNATURES = {"topk_parts": [_P, _P, _P] + [_I64] * 4, "indexer_topk_parts": [_P] * 3 + [_I64] + [_P] * 5 + [_I64] * 7,
               "native_openmp": []}
 
 
@@ -47,14 +47,24 @@ def topk_indices_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def indexer_topk_cpu(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, chunk=None) -> torch.Tensor:
+def _usable_blocked(k_blocked, B: int, S: int, D: int) -> bool:
+    """k_blocked [B, >= S / KEY_BLOCK, D, KEY_BLOCK] fp32 CPU, each batch's blocks contiguous."""
+    return (k_blocked is not None and k_blocked.dtype == torch.float32 and k_blocked.device.type == "cpu"
+            and k_blocked.dim() == 4 and k_blocked.shape[0] == B and k_blocked.shape[1] * KEY_BLOCK >= S
+            and tuple(k_blocked.shape[2:]) == (D, KEY_BLOCK) and k_blocked.stride()[1:] == (D * KEY_BLOCK, KEY_BLOCK, 1))
+
+
+def indexer_topk_cpu(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, chunk=None,
+                     k_blocked=None) -> torch.Tensor:
     """Lightning-indexer scores and their top-k fused per query row (`indexer_topk`'s contract):
     q [B, T, H, D], w [B, T, H], k [B, S, D] (any float dtype, fp32 maths), q_pos [B, T], k_pos [B, S],
     k_scale [B, S] or None -> int32 [B, T, topk]. Memory O(threads * S): no [T, S] score matrix, so
-    `chunk` (the reference's queries per chunk) has nothing to bound."""
+    `chunk` (the reference's queries per chunk) has nothing to bound. `k_blocked`: k already in the
+    kernel's layout (a KV cache keeps it), scored where it lies."""
     B, T, H, D = q.shape
     S = k.shape[1]
-    if T <= FEW_QUERIES and B * T * S <= UNFUSED_MAX_SCORES:
+    blocked = _usable_blocked(k_blocked, B, S, D)
+    if not blocked and T <= FEW_QUERIES and B * T * S <= UNFUSED_MAX_SCORES:
         # Decode and short chunks: the fused kernel's cost is its re-layout of every key (a copy of the
         # whole indexer cache, 33 MB per layer and step at 64 x 4k keys), not the scoring. Scores by
         # matmul, then the C top-k: 32 ms -> 4.4 ms per call at B=64, T=1, S=4100, K=256 on 2 cores
@@ -63,18 +73,21 @@ def indexer_topk_cpu(q, w, k, topk: int, q_pos=None, k_pos=None, k_scale=None, c
     lib = _lib()
     q_pos, k_pos = resolve_positions(B, T, S, q.device, q_pos, k_pos)
     qc, wc = q.float().contiguous(), w.float().contiguous()
-    kb = KEY_BLOCK
-    S_pad = -(-S // kb) * kb
-    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, S_pad - S))  # zero keys past S: scored, never visible
-    kT = kf.view(B, S_pad // kb, kb, D).transpose(2, 3).contiguous()  # [B, S_pad / kb, D, kb]
+    if blocked:
+        kT = k_blocked  # its blocks past S hold zeros or stale keys: scored, never visible
+    else:
+        kb = KEY_BLOCK
+        S_pad = -(-S // kb) * kb
+        kf = torch.nn.functional.pad(k.float(), (0, 0, 0, S_pad - S))  # zero keys past S: scored, never visible
+        kT = kf.view(B, S_pad // kb, kb, D).transpose(2, 3).contiguous()  # [B, S_pad / kb, D, kb]
     ks = None if k_scale is None else k_scale.float().contiguous()
     qp, kp = q_pos.long().contiguous(), k_pos.long().contiguous()
     out = torch.empty((B, T, topk), dtype=torch.int32)
 
     def call(bounds, part0, parts):
-        return lib.indexer_topk_parts(native.ptr(qc), native.ptr(wc), native.ptr(kT), native.ptr(ks), native.ptr(qp),
-                                      native.ptr(kp), native.ptr(out), native.ptr(bounds), part0, parts, T, S, H, D,
-                                      topk)
+        return lib.indexer_topk_parts(native.ptr(qc), native.ptr(wc), ctypes.c_void_p(kT.data_ptr()), kT.stride(0),
+                                      native.ptr(ks), native.ptr(qp), native.ptr(kp), native.ptr(out), native.ptr(bounds),
+                                      part0, parts, T, S, H, D, topk)
 
     threads = native.thread_count(B * T, S * H * D // 2)
     visible = None  # a row's cost is its visible keys (all S unless k_pos is sorted, as in prefill; cpu.c

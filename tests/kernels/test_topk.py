@@ -129,11 +129,12 @@ def test_cpu_topk_when_the_sampled_threshold_is_too_high(gen):
     (3, 41, 2000, 4, 16, 32, False, None),  # odd T: query pairs meet batch ends; rows split by work
     (4, 1, 500, 4, 32, 64, False, None),  # a decode step: one query per sequence, the last position
 ])
-@pytest.mark.parametrize("path", ["fused", "matmul_then_topk"])
+@pytest.mark.parametrize("path", ["fused", "matmul_then_topk", "blocked"])
 def test_cpu_fused_indexer_topk_matches_scores_then_reference(gen, B, T, S, H, D, k, scaled, invalid, path,
                                                               monkeypatch):
-    """Both ways the CPU backend computes it: the fused C kernel (long query blocks) and matmul scores
-    then the C top-k (few queries per sequence: decode)."""
+    """Every way the CPU backend computes it: the fused C kernel (long query blocks), matmul scores then
+    the C top-k (few queries per sequence: decode), and the fused kernel on keys given in its layout (a
+    KV cache's mirror: batch rows further apart than the keys need, stale huge keys past S)."""
     from dsarl.kernels.indexer_scores.reference import resolve_positions
 
     monkeypatch.setattr(topk_cpu, "FEW_QUERIES", 0 if path == "fused" else 10**9)
@@ -150,7 +151,14 @@ def test_cpu_fused_indexer_topk_matches_scores_then_reference(gen, B, T, S, H, D
         k_pos = k_pos.clone()
         k_pos[0, :7] = -1
         k_pos[1, :S - 5] = -1  # most queries of this sequence see nothing, the last few see a few keys
-    got = topk_cpu.indexer_topk_cpu(q, w, keys, k, q_pos, k_pos, k_scale)
+    blocked = None
+    if path == "blocked":
+        kb, blocks = topk_cpu.KEY_BLOCK, -(-S // topk_cpu.KEY_BLOCK) + 2
+        buf = torch.full((2 * B, blocks, D, kb), 1e3)[::2]  # every other row: a batch stride of 2 rows
+        slot = torch.arange(S)
+        buf[:, slot // kb, :, slot % kb] = keys.transpose(0, 1)  # [S, B, D] -> slot s of every batch row
+        blocked = buf
+    got = topk_cpu.indexer_topk_cpu(q, w, keys, k, q_pos, k_pos, k_scale, k_blocked=blocked)
     scores = indexer_scores_reference(q, w, keys, q_pos, k_pos, k_scale)
     assert _as_sets(got) == _as_sets(topk_indices_reference(scores, k))
     vals = scores.gather(-1, got.clamp(min=0).long()).masked_fill(got < 0, float("-inf"))
