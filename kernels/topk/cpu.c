@@ -260,14 +260,16 @@ static inline vf vrelu(vf x) {
 
 #define KB (2 * LANES)
 
-/* Scores of slots [s0, s0 + KB) for two queries a and b, up to 4 heads at a time; kblk is that block of
- * keys, [D, KB]. Each key vector loaded feeds both queries (16 FMA chains): with one query per load the
- * loop waited on the key stream from L2 (perf), at 128 B per 8 FMAs. */
-static inline __attribute__((always_inline)) void score_block_pair(float *restrict dsta, float *restrict dstb,
-                                                              const float *restrict qa, const float *restrict qb,
-                                                              const float *restrict wa, const float *restrict wb,
-                                                              const float *restrict kblk, int64_t H, int64_t D,
-                                                              int64_t s0) {
+/* Scores of slots [s0, s0 + KB) for two queries a and b (pair = 1) or query a alone (pair = 0: a decode
+ * step has one query per sequence, and scoring it as a pair with itself doubled the work), up to 4 heads
+ * at a time; kblk is that block of keys, [D, KB]. Each key vector loaded feeds both queries (16 FMA
+ * chains): with one query per load the loop waited on the key stream from L2 (perf), at 128 B per 8 FMAs.
+ * Always inlined with a constant `pair`, so each form compiles without the other's branches. */
+static inline __attribute__((always_inline)) void score_block(float *restrict dsta, float *restrict dstb,
+                                                         const float *restrict qa, const float *restrict qb,
+                                                         const float *restrict wa, const float *restrict wb,
+                                                         const float *restrict kblk, int64_t H, int64_t D,
+                                                         int64_t s0, const int pair) {
     vf outa0 = {0}, outa1 = {0}, outb0 = {0}, outb1 = {0};
     for (int64_t h = 0; h < H; h += 4) {
         const int64_t g = H - h < 4 ? H - h : 4;
@@ -283,59 +285,35 @@ static inline __attribute__((always_inline)) void score_block_pair(float *restri
             x = vsplat(a1p[d]), a10 += x * k0, a11 += x * k1;
             x = vsplat(a2p[d]), a20 += x * k0, a21 += x * k1;
             x = vsplat(a3p[d]), a30 += x * k0, a31 += x * k1;
-            x = vsplat(b0p[d]), b00 += x * k0, b01 += x * k1;
-            x = vsplat(b1p[d]), b10 += x * k0, b11 += x * k1;
-            x = vsplat(b2p[d]), b20 += x * k0, b21 += x * k1;
-            x = vsplat(b3p[d]), b30 += x * k0, b31 += x * k1;
+            if (pair) {
+                x = vsplat(b0p[d]), b00 += x * k0, b01 += x * k1;
+                x = vsplat(b1p[d]), b10 += x * k0, b11 += x * k1;
+                x = vsplat(b2p[d]), b20 += x * k0, b21 += x * k1;
+                x = vsplat(b3p[d]), b30 += x * k0, b31 += x * k1;
+            }
         }
         /* heads past g were computed on a repeated head: weight them 0 */
         outa0 += vsplat(wa[h]) * vrelu(a00), outa1 += vsplat(wa[h]) * vrelu(a01);
-        outb0 += vsplat(wb[h]) * vrelu(b00), outb1 += vsplat(wb[h]) * vrelu(b01);
+        if (pair) outb0 += vsplat(wb[h]) * vrelu(b00), outb1 += vsplat(wb[h]) * vrelu(b01);
         if (g > 1) {
             outa0 += vsplat(wa[h + 1]) * vrelu(a10), outa1 += vsplat(wa[h + 1]) * vrelu(a11);
-            outb0 += vsplat(wb[h + 1]) * vrelu(b10), outb1 += vsplat(wb[h + 1]) * vrelu(b11);
+            if (pair) outb0 += vsplat(wb[h + 1]) * vrelu(b10), outb1 += vsplat(wb[h + 1]) * vrelu(b11);
         }
         if (g > 2) {
             outa0 += vsplat(wa[h + 2]) * vrelu(a20), outa1 += vsplat(wa[h + 2]) * vrelu(a21);
-            outb0 += vsplat(wb[h + 2]) * vrelu(b20), outb1 += vsplat(wb[h + 2]) * vrelu(b21);
+            if (pair) outb0 += vsplat(wb[h + 2]) * vrelu(b20), outb1 += vsplat(wb[h + 2]) * vrelu(b21);
         }
         if (g > 3) {
             outa0 += vsplat(wa[h + 3]) * vrelu(a30), outa1 += vsplat(wa[h + 3]) * vrelu(a31);
-            outb0 += vsplat(wb[h + 3]) * vrelu(b30), outb1 += vsplat(wb[h + 3]) * vrelu(b31);
+            if (pair) outb0 += vsplat(wb[h + 3]) * vrelu(b30), outb1 += vsplat(wb[h + 3]) * vrelu(b31);
         }
     }
     vstore(dsta + s0, outa0);
     vstore(dsta + s0 + LANES, outa1);
-    vstore(dstb + s0, outb0);
-    vstore(dstb + s0 + LANES, outb1);
-}
-
-/* score_block_pair for one query: a decode step has one query per sequence, and scoring it as a pair
- * with itself doubled the work. */
-static inline __attribute__((always_inline)) void score_block_one(float *restrict dst, const float *restrict qa,
-                                                             const float *restrict wa, const float *restrict kblk,
-                                                             int64_t H, int64_t D, int64_t s0) {
-    vf out0 = {0}, out1 = {0};
-    for (int64_t h = 0; h < H; h += 4) {
-        const int64_t g = H - h < 4 ? H - h : 4;
-        const float *a0p = qa + h * D, *a1p = qa + h * D + (g > 1) * D, *a2p = qa + h * D + (g > 2) * 2 * D,
-                    *a3p = qa + h * D + (g > 3) * 3 * D;
-        vf a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
-        for (int64_t d = 0; d < D; d++) {
-            const vf k0 = vload(kblk + d * KB), k1 = vload(kblk + d * KB + LANES);
-            vf x = vsplat(a0p[d]);
-            a00 += x * k0, a01 += x * k1;
-            x = vsplat(a1p[d]), a10 += x * k0, a11 += x * k1;
-            x = vsplat(a2p[d]), a20 += x * k0, a21 += x * k1;
-            x = vsplat(a3p[d]), a30 += x * k0, a31 += x * k1;
-        }
-        out0 += vsplat(wa[h]) * vrelu(a00), out1 += vsplat(wa[h]) * vrelu(a01);
-        if (g > 1) out0 += vsplat(wa[h + 1]) * vrelu(a10), out1 += vsplat(wa[h + 1]) * vrelu(a11);
-        if (g > 2) out0 += vsplat(wa[h + 2]) * vrelu(a20), out1 += vsplat(wa[h + 2]) * vrelu(a21);
-        if (g > 3) out0 += vsplat(wa[h + 3]) * vrelu(a30), out1 += vsplat(wa[h + 3]) * vrelu(a31);
+    if (pair) {
+        vstore(dstb + s0, outb0);
+        vstore(dstb + s0 + LANES, outb1);
     }
-    vstore(dst + s0, out0);
-    vstore(dst + s0 + LANES, out1);
 }
 
 static int64_t visible_end(const int64_t *kp, int64_t S, int sorted, int64_t qp) {
@@ -375,9 +353,9 @@ int indexer_topk_rows(const float *q, const float *w, const float *kT, int64_t k
         float *row[2] = {rows, rows + S_pad};
         for (int64_t s0 = 0; s0 < end_max; s0 += KB) {  /* may run into padding or past a query's end: rows have room */
             if (m == 2)
-                score_block_pair(row[0], row[1], qn, qn + H * D, wn, wn + H, kTb + s0 * D, H, D, s0);
+                score_block(row[0], row[1], qn, qn + H * D, wn, wn + H, kTb + s0 * D, H, D, s0, 1);
             else  /* a lone query: every one of a decode step's */
-                score_block_one(row[0], qn, wn, kTb + s0 * D, H, D, s0);
+                score_block(row[0], row[1], qn, qn, wn, wn, kTb + s0 * D, H, D, s0, 0);
         }
         const float *ks = k_scale ? k_scale + b * S : NULL;
         for (int64_t i = 0; i < m; i++) {
