@@ -149,6 +149,18 @@ def bench_indexer_topk(impls, B, T, H, D, K, reps):
         emit(op="indexer_topk", impl=name, B=B, T=T, H=H, D=D, K=K, ms=1e3 * t)
 
 
+def bench_rowwise(rows, width, reps):
+    """RMSNorm and SwiGLU's product, forward and forward + backward, at a decode step's and a learner
+    micro-batch's rows (the bench model: hidden 256, intermediate 896)."""
+    x, w, u = torch.randn(rows, width), torch.randn(width), torch.randn(rows, width)
+    for op, call in (("rms_norm", lambda fn, a: fn(a, w, 1e-6)), ("swiglu", lambda fn, a: fn(a, u))):
+        for name, fn in backends(op, "cpu").items():
+            t = timeit(lambda: call(fn, x), reps)
+            xg = x.clone().requires_grad_()
+            tb = timeit(lambda: call(fn, xg).backward(x), reps)
+            emit(op=op, impl=name, rows=rows, width=width, fwd_us=1e6 * t, fwd_bwd_us=1e6 * tb)
+
+
 @contextlib.contextmanager
 def forcing(backend: str):
     """DSARL_KERNELS=backend inside (restored after)."""
@@ -188,6 +200,8 @@ def run_cpu(quick: bool):
         run = {n: f for n, f in backends("indexer_topk", "cpu").items() if n != "reference" or T <= 2048}
         bench_indexer_topk(run, 1, T, 4, 32, 128 if T == 2048 else 256, reps)
     bench_kl(backends("indexer_kl", "cpu"), 1, L, 256, "cpu", reps)
+    for rows, width in ((64, 256), (960, 256), (960, 896)):
+        bench_rowwise(rows, width, 20 * reps)
 
 
 FAILED: list[str] = []

@@ -61,6 +61,10 @@ TABLES: dict[str, dict[str, Impl]] = {
     "dense_mla": {"reference": Impl("dense_mla.reference:dense_mla_attention_reference"),
                   "cpu": Impl("dense_mla.cpu:dense_mla_attention_cpu", "sparse_mla/cpu.c")},
     "dense_mha": {"reference": Impl("dense_mla.mha:dense_mha_attention")},
+    "rms_norm": {"reference": Impl("rowwise.reference:rms_norm_reference"),
+                 "cpu": Impl("rowwise.cpu:rms_norm_cpu", "rowwise/cpu.c")},
+    "swiglu": {"reference": Impl("rowwise.reference:swiglu_reference"),
+               "cpu": Impl("rowwise.cpu:swiglu_cpu", "rowwise/cpu.c")},
     "indexer_kl": {"reference": Impl("indexer_kl.reference:indexer_kl_loss_reference"),
                    "triton": Impl("indexer_kl.triton:indexer_kl_loss_triton")},
 }

@@ -40,6 +40,7 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-shar
 # -fopenmp: a kernel's parts run on the process's OpenMP threads (torch's libgomp; run_parts). A compiler
 # without OpenMP (Apple clang) builds with -fopenmp-simd instead, and run_parts uses a thread pool.
 OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
+HEADERS = ("parts.h", "vmath.h")  # kernels/*.h, shared by the sources
 
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL | None] = {}
@@ -86,9 +87,9 @@ def _cpuinfo_flags() -> str:
 
 def library_path(src: Path, cc: str, cpu: str, flags: list[str] = OPENMP_FLAGS[0]) -> Path:
     """Where the build of `src` by `cc` with `flags` (one of OPENMP_FLAGS) for CPU identity `cpu` is cached."""
-    # the header every kernel includes is part of what was built: an edit to it must rebuild
-    tag = hashlib.sha256(src.read_bytes() + source("parts.h").read_bytes()
-                         + " ".join([cc, *FLAGS, *flags]).encode()).hexdigest()[:16]
+    # the headers the kernels include are part of what was built: an edit to one must rebuild
+    headers = b"".join(source(h).read_bytes() for h in HEADERS)
+    tag = hashlib.sha256(src.read_bytes() + headers + " ".join([cc, *FLAGS, *flags]).encode()).hexdigest()[:16]
     return _cache_dir() / cpu / f"{src.parent.name}_{src.stem}_{tag}.so"
 
 
@@ -158,10 +159,12 @@ def unavailable_reason(src: Path) -> str | None:
     return _errors.get(str(src))
 
 
-def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    """The data pointer of a contiguous CPU tensor (NULL for None)."""
+def ptr(t: torch.Tensor | ctypes.Array | None) -> ctypes.c_void_p | ctypes.Array:
+    """The data pointer of a contiguous CPU tensor (NULL for None; a ctypes array is its own pointer)."""
     if t is None:
         return ctypes.c_void_p(None)
+    if isinstance(t, ctypes.Array):
+        return t
     assert t.is_contiguous() and t.device.type == "cpu", "native kernels take contiguous CPU tensors"
     return ctypes.c_void_p(t.data_ptr())
 
@@ -213,14 +216,15 @@ def thread_count(n: int, work_per_row: int, threads: int | None = None) -> int:
 
 def run_parts(lib, call, n: int, threads: int = 1, work: torch.Tensor | None = None) -> int:
     """Rows [0, n) in `threads` parts (split_rows by `work`) through a C kernel's `*_parts` entry:
-    call(bounds, part0, parts) -> return code, bounds int64 [parts + 1] (part p: rows bounds[p] ..
+    call(bounds, part0, parts) -> return code, bounds a ctypes int64 array [parts + 1] (part p: rows bounds[p] ..
     bounds[p + 1]). A library built with OpenMP runs every part in one call, on the process's OpenMP
     threads (torch's); one without gets a call per part on `parallel`'s threads. -> the parts' return codes
     OR-ed (0: all succeeded)."""
     ranges = split_rows(n, threads, work)
     if not ranges:
         return 0
-    bounds = torch.tensor([ranges[0][0]] + [b for _, b in ranges], dtype=torch.int64)
+    # a ctypes array: a third of torch.tensor's cost, which a decode step's small calls notice
+    bounds = (ctypes.c_int64 * (len(ranges) + 1))(ranges[0][0], *(b for _, b in ranges))
     if len(ranges) == 1 or lib.native_openmp():
         return call(bounds, 0, len(ranges))
     rc = 0

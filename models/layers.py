@@ -1,7 +1,8 @@
 """Small building blocks of the decoder: RMSNorm and the SwiGLU MLP."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from dsarl import kernels
 
 
 class RMSNorm(nn.Module):
@@ -11,10 +12,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) * weight in fp32, rounded once to x's dtype: torch's one op gives the
-        # same bits as those five (checked over widths 8..7168, fp32 and bf16) in about half the time with
-        # its backward (the learner runs ~17 of these a forward)
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * weight in fp32, rounded once to x's dtype (kernels/rowwise: one C pass
+        # per row on the CPU, where torch runs six ops; torch's fused op elsewhere)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -26,8 +26,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if gate.requires_grad:  # never under no_grad / inference_mode
-            return self.down_proj(F.silu(gate) * up)
-        # no autograd (a rollout, a reference forward): the same two ops in place. A 512-token prefill's two
-        # fresh [tokens, intermediate] buffers per layer (10 MB each) cost more than the ops themselves
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        # without autograd (a rollout, a reference forward) the product is written over gate: a 512-token
+        # prefill's fresh [tokens, intermediate] buffers per layer (10 MB each) cost more than the maths
+        return self.down_proj(kernels.swiglu(gate, up, inplace=not gate.requires_grad))

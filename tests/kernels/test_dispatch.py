@@ -12,13 +12,15 @@ from dsarl.kernels.dense_mla.reference import dense_mla_attention_reference
 from dsarl.kernels.indexer_kl.reference import indexer_kl_loss_reference
 from dsarl.kernels.indexer_scores.reference import indexer_scores_reference
 from dsarl.kernels.sparse_mla.reference import sparse_mla_attention_reference
+from dsarl.kernels.rowwise.reference import rms_norm_reference, swiglu_reference
 from dsarl.kernels.topk.reference import topk_indices_reference
 from dsarl.models import DSAConfig, StaticKVCache, build_model
 
 REFERENCES = {"indexer_scores": indexer_scores_reference, "topk": topk_indices_reference,
               "sparse_mla": sparse_mla_attention_reference, "dense_mla": dense_mla_attention_reference,
-              "indexer_kl": indexer_kl_loss_reference}
-C_OPS = ("topk", "indexer_topk", "sparse_mla", "dense_mla")  # the ops whose CPU backend is a C kernel
+              "indexer_kl": indexer_kl_loss_reference, "rms_norm": rms_norm_reference,
+              "swiglu": swiglu_reference}
+C_OPS = ("topk", "indexer_topk", "sparse_mla", "dense_mla", "rms_norm", "swiglu")  # CPU backend: a C kernel
 
 
 def test_every_op_has_a_reference_and_only_known_backends():
@@ -95,12 +97,13 @@ def test_model_under_forced_reference_runs_only_references_and_matches_the_defau
     monkeypatch.setenv("DSARL_KERNELS", "reference")
     ref, ref_chosen = _model_run(model, ids, cfg)
     assert {op for op, _ in ref_chosen} >= {"indexer_topk", "indexer_scores", "topk", "sparse_mla", "dense_mla",
-                                            "dense_mha"}
+                                            "dense_mha", "rms_norm", "swiglu"}
     assert {backend for _, backend in ref_chosen} == {"reference"}
     monkeypatch.delenv("DSARL_KERNELS")
     got, chosen = _model_run(model, ids, cfg)
     if native._compiler() is not None:  # the default really ran something else
-        assert {("sparse_mla", "cpu"), ("indexer_topk", "cpu"), ("dense_mla", "cpu")} <= set(chosen)
+        assert {("sparse_mla", "cpu"), ("indexer_topk", "cpu"), ("dense_mla", "cpu"), ("rms_norm", "cpu"),
+                ("swiglu", "cpu")} <= set(chosen)
     for a, b in zip(got, ref, strict=True):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max().clamp(min=1)
 
