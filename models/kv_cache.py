@@ -31,6 +31,7 @@ class StaticKVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # valid tokens per row
         self.max_len = max_len
         self.rows = slice(0, batch_size)  # rows the next forward addresses
+        self._addressing = None  # the last forward's positions and what update derives from them
         self.k_blocked = None  # [L, B, blocks, d_I, KEY_BLOCK]: k_idx in the C indexer kernel's layout
         if self.k_idx.device.type == "cpu" and dtype == torch.float32:
             blocks = -(-max_len // KEY_BLOCK)
@@ -46,6 +47,7 @@ class StaticKVCache:
         view.kv, view.k_idx = self.kv[:, rows], self.k_idx[:, rows]
         view.k_blocked = None if self.k_blocked is None else self.k_blocked[:, rows]
         view.lengths, view.max_len, view.rows = self.lengths[rows], self.max_len, slice(0, rows.stop - rows.start)
+        view._addressing = None
         return view
 
     def next_positions(self, T: int) -> torch.Tensor:
@@ -54,18 +56,29 @@ class StaticKVCache:
     def update(self, layer: int, kv_new: torch.Tensor, k_idx_new: torch.Tensor, positions: torch.Tensor):
         """kv_new [B, T, D], k_idx_new [B, T, d_I], positions [B, T] -> (kv [B, S, D], k_idx [B, S, d_I],
         k_pos [B, S]) with S = the largest position written + 1."""
-        B = kv_new.shape[0]
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(f"KV cache overflow: position {int(positions.max())} >= max_len {self.max_len}")
-        rows = torch.arange(B, device=positions.device)[:, None]  # [B, 1]
+        rows, S, k_pos = self._address(positions)
         self.kv[layer][rows, positions] = kv_new.to(self.kv.dtype)
         if k_idx_new is not None:
             self.k_idx[layer][rows, positions] = k_idx_new.to(self.k_idx.dtype)
             if self.k_blocked is not None:  # slot p: block p // KEY_BLOCK, column p % KEY_BLOCK
                 self.k_blocked[layer][rows, positions // KEY_BLOCK, :, positions % KEY_BLOCK] = k_idx_new.float()
-        S = int(positions.max()) + 1
-        k_pos = torch.arange(S, device=positions.device).expand(B, S)
         return self.kv[layer, :, :S], None if k_idx_new is None else self.k_idx[layer, :, :S], k_pos
+
+    def _address(self, positions: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(rows [B, 1], S, k_pos [B, S]) for positions [B, T]. The model hands every layer the same positions
+        tensor: its first layer derives these, the others reuse them (the same k_pos object lets the
+        attention kernels reuse their masks too; a decode step paid ~20 small ops a layer for them)."""
+        last = self._addressing
+        if last is not None and last[0] is positions and last[1] == positions._version:  # not changed in place
+            return last[2:]
+        top = int(positions.max())
+        if top >= self.max_len:
+            raise ValueError(f"KV cache overflow: position {top} >= max_len {self.max_len}")
+        B, S = positions.shape[0], top + 1
+        rows = torch.arange(B, device=positions.device)[:, None]
+        self._addressing = (positions, positions._version, rows, S,
+                            torch.arange(S, device=positions.device).expand(B, S))
+        return self._addressing[2:]
 
     def advance(self, positions: torch.Tensor) -> None:
         """After a forward: each row now holds tokens up to its last written position."""

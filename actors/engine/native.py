@@ -456,6 +456,7 @@ class _Run:
         if p.return_keep_mask:
             keep = (out.keep if out.keep is not None else torch.ones_like(logits, dtype=torch.bool)).cpu()
         decode = self.e.tokenizer.decode
+        going_on: list[int] = []  # the rows of `slots` that continue: their token is fed next step
         for a, (b, s) in enumerate(zip(slots, seqs)):
             s.tokens.append(tokens[a])
             s.logprobs.append(logprobs[a])
@@ -470,7 +471,10 @@ class _Run:
             if s.finish_reason:
                 self.done.append(s)
             else:
-                self.last_token[b] = tokens[a]
+                going_on.append(a)
+        if going_on:  # one indexed write, not one per row (64 of them were ~0.3 ms a decode step)
+            self.last_token[[slots[a] for a in going_on]] = torch.tensor([tokens[a] for a in going_on],
+                                                                         device=self.last_token.device)
 
     def _completion(self, s: _Seq) -> Completion:
         text = cut_at_stop_string(self.e.tokenizer.decode(s.tokens), self.stop.stop_strings)

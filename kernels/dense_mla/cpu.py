@@ -20,8 +20,29 @@ def visible_slots(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     return torch.where(visibility(q_pos, k_pos), slots, -1).to(torch.int32)
 
 
+# The last call's positions and slots: every layer of a forward passes the same position tensors (a KV
+# cache hands each layer the same k_pos), so the layers after the first reuse the slots.
+_last: tuple | None = None
+KEEP_SLOTS_MAX = 1 << 22  # int32 entries (16 MB)
+
+
+def _slots_of(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    global _last
+    key = (q_pos, q_pos._version, k_pos, k_pos._version)  # the same tensors, not changed in place since
+    last = _last
+    if last is not None and all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(key, last[0])):
+        return last[1]
+    slots = visible_slots(q_pos, k_pos)
+    _last = (key, slots) if slots.numel() <= KEEP_SLOTS_MAX else None  # never hold a long prefill's mask
+    return slots
+
+
 def dense_mla_attention_cpu(q, kv, sm_scale: float, d_v: int, q_pos=None, k_pos=None, return_probs: bool = False):
     """Same contract as `dsarl.kernels.dense_mla_attention`."""
     B, T = q.shape[:2]
-    q_pos, k_pos = resolve_positions(B, T, kv.shape[1], q.device, q_pos, k_pos)
-    return sparse_mla_attention_cpu(q, kv, visible_slots(q_pos, k_pos), sm_scale, d_v, return_probs)
+    if q_pos is None or k_pos is None:
+        q_pos, k_pos = resolve_positions(B, T, kv.shape[1], q.device, q_pos, k_pos)
+        slots = visible_slots(q_pos, k_pos)
+    else:
+        slots = _slots_of(q_pos, k_pos)
+    return sparse_mla_attention_cpu(q, kv, slots, sm_scale, d_v, return_probs)

@@ -47,3 +47,19 @@ def test_default_positions_are_causal_over_the_last_queries(gen):
     q, kv = torch.randn(2, 3, 2, 16, generator=gen), torch.randn(2, 7, 16, generator=gen)
     for a, b in zip(dense_mla_attention_cpu(q, kv, 0.2, 8), dense_mla_attention_reference(q, kv, 0.2, 8)):
         assert rel_err(a, b) <= 1e-5
+
+
+def test_reused_positions_give_fresh_masks_after_an_in_place_change(gen):
+    """The CPU backend reuses the last call's visible slots for the same position tensors (a forward's
+    layers); positions changed in place, or other tensors, get their own."""
+    B, T, S, H, D, d_v = 2, 2, 12, 2, 24, 16
+    q, kv = torch.randn(B, T, H, D, generator=gen), torch.randn(B, S, D, generator=gen)
+    q_pos, k_pos = torch.tensor([[4, 5], [8, 9]]), torch.arange(S).expand(B, S).clone()
+    for change in (None, lambda: q_pos.sub_(3), lambda: k_pos[:, 2:].fill_(-1)):
+        if change is not None:
+            change()
+        for _ in range(2):  # the second call reuses the first's slots
+            got = dense_mla_attention_cpu(q, kv, 0.2, d_v, q_pos, k_pos, True)
+            want = dense_mla_attention_reference(q, kv, 0.2, d_v, q_pos, k_pos, True)
+            for a, b in zip(got, want):
+                assert rel_err(a, b) < 1e-5

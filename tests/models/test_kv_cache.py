@@ -50,3 +50,30 @@ def test_every_write_reaches_the_blocked_mirror():
 def test_a_cache_of_another_dtype_keeps_no_mirror():
     cache = StaticKVCache(small_cfg(), 2, 16, dtype=torch.bfloat16)
     assert cache.k_blocked is None and cache.blocked_keys(0) is None
+
+
+def test_layers_share_one_addressing_until_the_positions_change():
+    """update derives rows, S and k_pos once per positions tensor (every layer of a forward passes the same
+    one) and again for another tensor or after the same one was changed in place."""
+    cfg = small_cfg(num_hidden_layers=2)
+    gen = torch.Generator().manual_seed(0)
+    B, d, D = 2, cfg.index_head_dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    cache = StaticKVCache(cfg, B, max_len=16)
+    pos = torch.tensor([[3], [5]])
+    rows = [torch.randn(B, 1, D, generator=gen) for _ in range(3)]
+    _, _, k_pos0 = cache.update(0, rows[0], torch.randn(B, 1, d, generator=gen), pos)
+    kv1, _, k_pos1 = cache.update(1, rows[1], torch.randn(B, 1, d, generator=gen), pos)
+    assert k_pos1 is k_pos0 and torch.equal(k_pos0, torch.arange(6).expand(B, 6)) and kv1.shape[1] == 6
+    pos.add_(4)  # in place: positions 7 and 9 now
+    kv1, _, k_pos = cache.update(1, rows[2], torch.randn(B, 1, d, generator=gen), pos)
+    assert kv1.shape[1] == 10 and torch.equal(k_pos, torch.arange(10).expand(B, 10))
+    assert torch.equal(cache.kv[1, 0, 7], rows[2][0, 0]) and torch.equal(cache.kv[1, 1, 9], rows[2][1, 0])
+    assert torch.equal(cache.kv[1, 0, 3], rows[1][0, 0]) and torch.equal(cache.kv[0, 1, 5], rows[0][1, 0])
+    fresh = torch.tensor([[1], [15]])
+    assert cache.update(0, rows[0], None, fresh)[0].shape[1] == 16
+    try:
+        cache.update(0, rows[0], None, fresh + 1)
+    except ValueError as e:
+        assert "overflow" in str(e)
+    else:
+        raise AssertionError("position 16 of a 16-slot cache was accepted")
