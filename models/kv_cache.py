@@ -24,7 +24,10 @@ from .config import DSAConfig
 
 
 class StaticKVCache:
-    def __init__(self, cfg: DSAConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, cfg: DSAConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32,
+                 blocked_keys: bool = True):
+        """blocked_keys: keep the `k_blocked` mirror (CPU fp32 only); a run with dense attention, which
+        never reads indexer keys, passes False and saves index_head_dim floats a token and layer."""
         L, D = cfg.num_hidden_layers, cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.kv = torch.zeros(L, batch_size, max_len, D, device=device, dtype=dtype)  # [L, B, S, D]
         self.k_idx = torch.zeros(L, batch_size, max_len, cfg.index_head_dim, device=device, dtype=dtype)
@@ -33,7 +36,7 @@ class StaticKVCache:
         self.rows = slice(0, batch_size)  # rows the next forward addresses
         self._addressing = None  # the last forward's positions and what update derives from them
         self.k_blocked = None  # [L, B, blocks, d_I, KEY_BLOCK]: k_idx in the C indexer kernel's layout
-        if self.k_idx.device.type == "cpu" and dtype == torch.float32:
+        if blocked_keys and self.k_idx.device.type == "cpu" and dtype == torch.float32:
             blocks = -(-max_len // KEY_BLOCK)
             self.k_blocked = torch.zeros(L, batch_size, blocks, cfg.index_head_dim, KEY_BLOCK, device=device)
 

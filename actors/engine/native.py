@@ -320,16 +320,21 @@ class _Run:
         self.expert_dtype = expert_id_dtype(engine.cfg.n_routed_experts or 1)
         B = min(engine.max_batch_size, len(prompts) * params.n)
         self.cache_len = min(engine.max_len, max(len(p) for p in prompts) + params.max_new_tokens)
-        self.cache = StaticKVCache(engine.cfg, B, self.cache_len, device=engine.device, dtype=cache_dtype(engine.model))
         # No query of this run sees more than cache_len keys: where the top-k would select every one, a sparse
         # engine runs the dense kernels (no indexer keys or scores) and writes its selections from the counts
         self.attention = engine.cfg.attention_within(engine.attention, self.cache_len)
+        self.cache = self._new_cache(B, self.cache_len, cache_dtype(engine.model))
         self.all_visible_selected = self.want_indices and self.attention != engine.attention
         self.slots: list[_Seq | None] = [None] * B
         self.last_token = torch.zeros(B, dtype=torch.long, device=engine.device)
         self.waiting = deque((i, j) for i in range(len(prompts)) for j in range(params.n))
         self.prefixes: dict[int, _Prefix] = {}
         self.done: list[_Seq] = []
+
+    def _new_cache(self, rows: int, length: int, dtype: torch.dtype) -> StaticKVCache:
+        """A cache for this run; the indexer keys' blocked mirror only where attention is sparse (read there)."""
+        return StaticKVCache(self.e.cfg, rows, length, device=self.e.device, dtype=dtype,
+                             blocked_keys=self.attention == "sparse")
 
     def run(self, step_hook: Callable[[int], None] | None = None) -> list[Completion]:
         step = 0
@@ -372,7 +377,7 @@ class _Run:
         ids = torch.full((len(prompt_pos), P), e.cfg.pad_token_id, dtype=torch.long)
         for r, i in enumerate(prompt_pos):
             ids[r, : lens[r]] = torch.tensor(self.prompts[i])
-        scratch = StaticKVCache(e.cfg, len(prompt_pos), P, device=e.device, dtype=self.cache.kv.dtype)
+        scratch = self._new_cache(len(prompt_pos), P, self.cache.kv.dtype)
         out = e.model(ids.to(e.device), cache=scratch, attention=self.attention, return_indices=self.want_indices,
                       return_experts=self.want_experts,
                       logits_slice=slice(P0 - 1, P))  # logits only where some prompt ends
@@ -413,7 +418,7 @@ class _Run:
             ids = torch.full((len(rows), max(lens)), e.cfg.pad_token_id, dtype=torch.long)
             for r, s in enumerate(seqs):
                 ids[r, : lens[r]] = torch.tensor(s)
-            scratch = StaticKVCache(e.cfg, len(rows), max(lens), device=e.device, dtype=self.cache.kv.dtype)
+            scratch = self._new_cache(len(rows), max(lens), self.cache.kv.dtype)
             e.model(ids.to(e.device), cache=scratch, attention=self.attention, logits_slice=slice(0, 0))
             for r, b in enumerate(rows):
                 assert int(self.cache.lengths[b]) == lens[r], f"slot {b}: {int(self.cache.lengths[b])} != {lens[r]}"

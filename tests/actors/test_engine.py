@@ -287,3 +287,26 @@ def test_a_run_whose_queries_see_at_most_k_keys_runs_dense_and_records_every_vis
         assert torch.equal(s.indices.decode(), want)  # the indexer's own top-32 of at most 26 keys
         assert s.token_ids == a.token_ids
         torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(a.logprobs), rtol=0, atol=1e-5)
+
+
+def test_only_a_sparse_run_keeps_the_blocked_indexer_keys(model, monkeypatch):
+    """The KV cache's blocked mirror of the indexer keys is read by sparse attention only: a dense run (or a
+    sparse one whose queries all see at most k keys) allocates none, a sparse run does (what either run
+    generates is checked against uncached argmax by the greedy test above)."""
+    import dsarl.actors.engine.native as native_engine
+
+    made = []
+    real = native_engine.StaticKVCache
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(native_engine, "StaticKVCache", recording)
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    for attention, cfg in (("dense", CFG), ("sparse", CFG), ("sparse", CFG.replace(index_topk=64))):
+        made.clear()
+        m = build_model(cfg, seed=0).requires_grad_(False)
+        NativeEngine(m, TOK, max_batch_size=4, attention=attention).generate(PROMPTS, params)
+        sparse = attention == "sparse" and max(map(len, PROMPTS)) + 6 > cfg.index_topk
+        assert made and all((c.k_blocked is not None) == sparse for c in made), (attention, cfg.index_topk)
