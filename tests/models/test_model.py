@@ -277,3 +277,37 @@ def test_norm_and_mlp_equal_their_plain_maths(dtype, monkeypatch):
             for got, ref in ((norm(x), want), (trained, plain)):
                 err = (got.float() - ref.float()).abs().max() / ref.float().abs().max()
                 assert err < tol, (width, float(err))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interleaved_rope_is_the_pair_rotation_written_out(dtype):
+    """apply_rope_interleaved (a complex multiply) against (a cos - b sin, a sin + b cos) per pair in fp64,
+    forward and backward, within one rounding of the output's dtype: on a contiguous tensor, on strided
+    views of a wider one at even and odd offsets (q's and k's rope parts are such views), and with cos/sin
+    broadcast over heads. A swapped sign or a pair read as (x[i], x[i + d/2]) is off by O(1)."""
+    from dsarl.models.rope import apply_rope_interleaved
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    B, T, H, d = 3, 5, 4, 8
+    ang = torch.randn(B, T, d // 2, generator=g) * 3
+    cos, sin = ang.cos(), ang.sin()
+
+    def written_out(x):  # in fp64
+        xf = x.double()
+        a, b = xf[..., 0::2], xf[..., 1::2]
+        c, s = (cos.double(), sin.double()) if x.dim() == 3 else (cos[:, :, None].double(), sin[:, :, None].double())
+        return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
+
+    ulp = 2.0**-23 if dtype == torch.float32 else 2.0**-7  # relative rounding of the output's dtype, times 2
+
+    wide = torch.randn(B, T, H, 3 + d + 4, generator=g).to(dtype)
+    for x in (torch.randn(B, T, H, d, generator=g).to(dtype), wide[..., 3:3 + d], wide[..., 4:4 + d],
+              torch.randn(B, T, d, generator=g).to(dtype), wide[:, :, 1, 3:3 + d]):
+        x = x.detach().requires_grad_()
+        got = apply_rope_interleaved(x, cos, sin)
+        want = written_out(x)
+        assert got.dtype == dtype and ((got.double() - want).abs() <= 2 * ulp * x.detach().double().abs().max()).all()
+        dy = torch.randn(got.shape, generator=g).to(dtype)
+        dx = torch.autograd.grad(got, x, dy)[0]
+        dx_want = torch.autograd.grad(want, x, dy.double())[0]
+        assert ((dx.double() - dx_want).abs() <= 2 * ulp * dy.double().abs().max()).all()
