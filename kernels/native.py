@@ -208,10 +208,11 @@ def split_rows(n: int, parts: int, work: torch.Tensor | None = None) -> list[tup
 MIN_WORK_PER_THREAD = 1 << 19
 
 
-def thread_count(n: int, work_per_row: int, threads: int | None = None) -> int:
-    """How many threads `parallel` uses for n rows of `work_per_row` multiply-adds each (>= 1)."""
+def thread_count(n: int, work_per_row: int, threads: int | None = None, min_work: int = MIN_WORK_PER_THREAD) -> int:
+    """How many threads `parallel` uses for n rows of `work_per_row` multiply-adds each (>= 1), each
+    thread getting at least `min_work` of them."""
     threads = threads or torch.get_num_threads()
-    return max(1, min(threads, n * max(1, work_per_row) // MIN_WORK_PER_THREAD))
+    return max(1, min(threads, n * max(1, work_per_row) // min_work))
 
 
 def run_parts(lib, call, n: int, threads: int = 1, work: torch.Tensor | None = None) -> int:

@@ -59,18 +59,20 @@ class StaticKVCache:
     def update(self, layer: int, kv_new: torch.Tensor, k_idx_new: torch.Tensor, positions: torch.Tensor):
         """kv_new [B, T, D], k_idx_new [B, T, d_I], positions [B, T] -> (kv [B, S, D], k_idx [B, S, d_I],
         k_pos [B, S]) with S = the largest position written + 1."""
-        rows, S, k_pos = self._address(positions)
+        rows, S, k_pos, block, column = self._address(positions)
         self.kv[layer][rows, positions] = kv_new.to(self.kv.dtype)
         if k_idx_new is not None:
             self.k_idx[layer][rows, positions] = k_idx_new.to(self.k_idx.dtype)
-            if self.k_blocked is not None:  # slot p: block p // KEY_BLOCK, column p % KEY_BLOCK
-                self.k_blocked[layer][rows, positions // KEY_BLOCK, :, positions % KEY_BLOCK] = k_idx_new.float()
+            if self.k_blocked is not None:
+                self.k_blocked[layer][rows, block, :, column] = k_idx_new.float()
         return self.kv[layer, :, :S], None if k_idx_new is None else self.k_idx[layer, :, :S], k_pos
 
-    def _address(self, positions: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """(rows [B, 1], S, k_pos [B, S]) for positions [B, T]. The model hands every layer the same positions
-        tensor: its first layer derives these, the others reuse them (the same k_pos object lets the
-        attention kernels reuse their masks too; a decode step paid ~20 small ops a layer for them)."""
+    def _address(self, positions: torch.Tensor):
+        """(rows [B, 1], S, k_pos [B, S], block, column) for positions [B, T]: block and column [B, T] are
+        each position's slot in k_blocked (p // KEY_BLOCK, p % KEY_BLOCK; None without the mirror). The
+        model hands every layer the same positions tensor: its first layer derives these, the others reuse
+        them (the same k_pos object lets the attention kernels reuse their masks too; a decode step paid
+        ~20 small ops a layer for them)."""
         last = self._addressing
         if last is not None and last[0] is positions and last[1] == positions._version:  # not changed in place
             return last[2:]
@@ -79,8 +81,10 @@ class StaticKVCache:
             raise ValueError(f"KV cache overflow: position {top} >= max_len {self.max_len}")
         B, S = positions.shape[0], top + 1
         rows = torch.arange(B, device=positions.device)[:, None]
+        blocked = self.k_blocked is not None
         self._addressing = (positions, positions._version, rows, S,
-                            torch.arange(S, device=positions.device).expand(B, S))
+                            torch.arange(S, device=positions.device).expand(B, S),
+                            positions // KEY_BLOCK if blocked else None, positions % KEY_BLOCK if blocked else None)
         return self._addressing[2:]
 
     def advance(self, positions: torch.Tensor) -> None:

@@ -28,12 +28,13 @@ KEEP_SLOTS_MAX = 1 << 22  # int32 entries (16 MB)
 
 def _slots_of(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     global _last
-    key = (q_pos, q_pos._version, k_pos, k_pos._version)  # the same tensors, not changed in place since
-    last = _last
-    if last is not None and all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(key, last[0])):
-        return last[1]
+    last = _last  # the same tensors, not changed in place since
+    if (last is not None and last[0] is q_pos and last[1] == q_pos._version and last[2] is k_pos
+            and last[3] == k_pos._version):
+        return last[4]
     slots = visible_slots(q_pos, k_pos)
-    _last = (key, slots) if slots.numel() <= KEEP_SLOTS_MAX else None  # never hold a long prefill's mask
+    # never hold a long prefill's mask
+    _last = (q_pos, q_pos._version, k_pos, k_pos._version, slots) if slots.numel() <= KEEP_SLOTS_MAX else None
     return slots
 
 

@@ -25,7 +25,7 @@ def _lib():
 
 
 def _threads(rows: int, width: int) -> int:
-    return max(1, min(torch.get_num_threads(), rows * width // ELEMENTS_PER_THREAD))
+    return native.thread_count(rows, width, min_work=ELEMENTS_PER_THREAD)
 
 
 def _rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float, keep_rstd: bool):
