@@ -9,8 +9,11 @@ threads: the same 4-layer, width-256 DSA model (seed 0, saved by dsarl, loaded b
 a reference model (beta = 0.01), one optimizer step per generation. A step is the time from the Trainer's
 on_step_begin to its on_step_end: generation, reward, reference forward, policy forward and backward, and
 AdamW. One JSON line per precision: the median over the steps after the first (which includes warm-up),
-every step's time, and TRL's own mean completion length (so a reader can check both sides generated ~16
-tokens). bf16 is GRPOConfig's default: fp32 weights with every forward under bf16 autocast; fp32 is plain.
+every step's time, its split (`generate_s`: transformers' `generate` inside TRL; `reward_and_reference_s`: the
+rest of TRL's `_generate_and_score_completions`, the rewards and the reference forward; `train_s`: the rest of the
+step, the policy's forward and backward and AdamW; grpo_step.py's `learn_s` holds the reference forward too), and
+TRL's own mean completion length (so a reader can check both sides generated ~16 tokens). bf16 is GRPOConfig's
+default: fp32 weights with every forward under bf16 autocast; fp32 is plain.
 
 Where the work differs (both sides' defaults): TRL repeats each prompt 8 times and generates with
 transformers' `generate` (eager attention, a dynamic KV cache, the indexer run at every step), and its
@@ -53,16 +56,32 @@ PROMPTS, GROUP, NEW_TOKENS, BETA = 8, 8, 16, 0.01
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step; with gradient_accumulation_steps=1 a step holds its own generation."""
+    """Wall time of each optimizer step; with gradient_accumulation_steps=1 a step holds its own generation.
+    `watch` also times two of the trainer's methods inside each step, for the split: `_generate` (transformers'
+    `generate`) and `_generate_and_score_completions` (that, the rewards and the reference forward)."""
 
     def __init__(self):
-        self.start, self.times = 0.0, []
+        self.start, self.times, self.parts, self._open = 0.0, [], [], {}
+
+    def watch(self, trainer, *names: str) -> None:
+        for name in names:
+            method = getattr(trainer, name)
+
+            def timed(*a, _method=method, _name=name, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return _method(*a, **kw)
+                finally:
+                    self._open[_name] = self._open.get(_name, 0.0) + time.perf_counter() - t0
+            setattr(trainer, name, timed)
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self._open = {}
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter() - self.start)
+        self.parts.append(self._open)
 
 
 def exact_match(prompts, completions, answer, **kwargs) -> list[float]:
@@ -95,6 +114,7 @@ def run_case(init: Path, precision: str, steps: int, checkpointing: bool = False
     timer = StepTimer()
     trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=args, train_dataset=prompt_dataset(tokenizer),
                           processing_class=tokenizer, callbacks=[timer])
+    timer.watch(trainer, "_generate", "_generate_and_score_completions")
     trainer.remove_callback(PrinterCallback)  # its per-step log dicts would crowd the JSON lines on stdout
     # bf16=True must mean bf16 autocast on this CPU, not a silent fp32 run
     assert trainer.accelerator.native_amp == (precision == "bf16"), f"autocast {trainer.accelerator.native_amp}"
@@ -102,9 +122,19 @@ def run_case(init: Path, precision: str, steps: int, checkpointing: bool = False
     assert len(timer.times) == steps, f"{len(timer.times)} steps timed, {steps} run"
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     timed = timer.times[1:] if steps > 1 else timer.times
+    parts = timer.parts[1:] if steps > 1 else timer.parts
+    generate = [p.get("_generate", 0.0) for p in parts]
+    scored = [p.get("_generate_and_score_completions", 0.0) for p in parts]
+    # a TRL whose step no longer runs these two methods would give a split of zeros, not an error
+    assert all(0 < g <= s for g, s in zip(generate, scored)), f"split not timed: {parts}"
     return {"bench": "trl_grpo_step", "precision": precision, "gradient_checkpointing": checkpointing,
             "prompts": PROMPTS, "group_size": GROUP,
             "new_tokens": NEW_TOKENS, "beta": BETA, "step_s": statistics.median(timed), "steps_s": timer.times,
+            # the split, medians over the same steps: generate; the rewards and the reference forward; the rest
+            # of the step (the policy's forward and backward, AdamW)
+            "generate_s": statistics.median(generate),
+            "reward_and_reference_s": statistics.median(s - g for s, g in zip(scored, generate)),
+            "train_s": statistics.median(t - s for t, s in zip(timed, scored)),
             "completion_mean_length": statistics.mean(lengths) if lengths else None,
             "trl_version": trl.__version__, "transformers_version": transformers.__version__,
             "torch_version": torch.__version__, "model_params": sum(p.numel() for p in model.parameters())}
