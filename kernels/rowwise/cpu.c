@@ -11,8 +11,6 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 #include "../vmath.h"
 
 /* y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps) per row of D; rstd [rows] kept for the backward

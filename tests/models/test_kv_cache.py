@@ -1,4 +1,5 @@
 """StaticKVCache's indexer keys in the C kernel's layout (k_blocked) stay the keys it holds."""
+import pytest
 import torch
 
 from dsarl.kernels.topk.cpu import KEY_BLOCK
@@ -71,9 +72,5 @@ def test_layers_share_one_addressing_until_the_positions_change():
     assert torch.equal(cache.kv[1, 0, 3], rows[1][0, 0]) and torch.equal(cache.kv[0, 1, 5], rows[0][1, 0])
     fresh = torch.tensor([[1], [15]])
     assert cache.update(0, rows[0], None, fresh)[0].shape[1] == 16
-    try:
+    with pytest.raises(ValueError, match="overflow"):  # position 16 of a 16-slot cache
         cache.update(0, rows[0], None, fresh + 1)
-    except ValueError as e:
-        assert "overflow" in str(e)
-    else:
-        raise AssertionError("position 16 of a 16-slot cache was accepted")
