@@ -1,4 +1,5 @@
 import inspect
+import time
 
 import pytest
 import ray
@@ -16,6 +17,19 @@ def pool(request):
     p = RewardPool(request.param)
     yield p
     p.shutdown()
+
+
+def kill_and_wait(actor, timeout_s=30.0):
+    """ray.kill only sends the kill: a task sent right after can still run. Return once the actor is gone."""
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.pid.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"actor still alive {timeout_s} s after ray.kill")
 
 
 def batch(n_groups=3, g=2, **row):
@@ -60,7 +74,7 @@ def test_pool_returns_every_sample_with_raising_and_stuck_rewards(pool):
 @pytest.mark.parametrize("pool", [RewardConfig([C("math_answer"), C("overlong", kwargs={"max_len": 11, "buffer": 1})],
                                                num_workers=1)], indirect=True)
 def test_pool_replaces_a_lost_worker_and_scores_its_chunk_again(pool):
-    ray.kill(pool.workers[0], no_restart=True)  # lost at the Ray level (node gone, OOM kill)
+    kill_and_wait(pool.workers[0])  # lost at the Ray level (node gone, OOM kill)
     results, metrics = pool.score(batch(n_groups=2))
     # real scores from the replacement, not the failure values (math_answer 0.0, overlong -1.0)
     assert [r["math_answer"] for r in results] == [0.0, 1.0] * 2
@@ -73,7 +87,7 @@ def test_pool_replaces_a_lost_worker_and_scores_its_chunk_again(pool):
 @pytest.mark.parametrize("pool", [RewardConfig([C("math_answer")], num_workers=2, num_cpus_per_worker=0.5,
                                                chunk_retries=0)], indirect=True)
 def test_without_retries_a_lost_workers_chunk_is_unscored_not_made_up(pool):
-    ray.kill(pool.workers[1], no_restart=True)
+    kill_and_wait(pool.workers[1])
     results, metrics = pool.score(batch(n_groups=2))
     assert results[:2] == [{"math_answer": 0.0, "total": 0.0}, {"math_answer": 1.0, "total": 1.0}]
     assert results[2:] == [None, None]  # group 1 was worker 1's chunk
