@@ -280,6 +280,38 @@ def test_norm_and_mlp_equal_their_plain_maths(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_feature_major_inference_form_equals_the_autograd_form(dtype, monkeypatch):
+    """Without autograd, SwiGLU runs batches of FEATURE_MAJOR_ROWS rows (a decode step) as W @ x^T: the same
+    maths within the GEMMs' summation order, on 2-D and 3-D inputs at both ends of the window, and outside
+    the window (or with autograd) the row-major form itself, bit for bit."""
+    from dsarl.models.layers import FEATURE_MAJOR_ROWS, SwiGLU
+
+    lo, hi = FEATURE_MAJOR_ROWS
+    g = torch.Generator().manual_seed(fresh_seed())
+    mlp = SwiGLU(96, 224).to(dtype)
+    calls = []
+    feature_major = SwiGLU._forward_feature_major
+    monkeypatch.setattr(SwiGLU, "_forward_feature_major", lambda self, x, rows: calls.append(rows) or
+                        feature_major(self, x, rows))
+    tol = 2e-6 if dtype == torch.float32 else 2**-6
+    for shape in ((lo, 96), (hi // 2, 2, 96), (hi, 1, 96), (lo - 1, 96), (hi + 1, 1, 96)):
+        x = (torch.randn(*shape, generator=g) * 2).to(dtype)
+        trained = mlp(x)
+        with torch.no_grad():
+            fast = mlp(x)
+        assert fast.shape == x.shape and trained.requires_grad
+        rows = x.numel() // 96
+        if lo <= rows <= hi:
+            assert calls[-1] == rows
+            err = (fast.float() - trained.float()).abs().max() / trained.float().abs().max()
+            assert err < tol, (shape, float(err))
+        else:
+            assert calls == [] or calls[-1] != rows
+            assert torch.equal(fast, trained.detach())
+    assert calls == [lo, hi, hi]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_interleaved_rope_is_the_pair_rotation_written_out(dtype):
     """apply_rope_interleaved (a complex multiply) against (a cos - b sin, a sin + b cos) per pair in fp64,
     forward and backward, within one rounding of the output's dtype: on a contiguous tensor, on strided
