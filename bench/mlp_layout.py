@@ -1,6 +1,6 @@
 """The SwiGLU MLP's inference layout on the CPU: row-major (x @ W^T) against feature-major (W @ x^T).
 
-    python bench/mlp_layout.py [--rows 8 32 64 128 160 256 512] [--threads 2] [--generates 24] [--quick]
+    python bench/mlp_layout.py [--rows 8 32 48 64 128 160 256 512] [--threads 2] [--generates 24] [--quick]
 
 models/layers.py runs inference batches of FEATURE_MAJOR_ROWS rows feature-major. This measures why and
 where: one JSON line per (dtype, rows) with the bench model's MLP (256 -> 896 -> 256) timed both ways
@@ -77,7 +77,7 @@ def rollout(generates: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, nargs="+", default=[8, 32, 64, 128, 160, 256, 512])
+    ap.add_argument("--rows", type=int, nargs="+", default=[8, 32, 48, 64, 128, 160, 256, 512])
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--generates", type=int, default=24)
     ap.add_argument("--quick", action="store_true", help="rows 64 only, 6 generates each")

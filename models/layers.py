@@ -17,10 +17,11 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
-# Inference batches of this many rows (decode steps, short prompts) run the MLP feature-major on the CPU: a
-# win with two or more threads from 32 to about 160 rows (fp32 0.83-0.91x, bf16 0.91-0.98x), a loss below 32
-# and above 256 (bench/mlp_layout.py prints the ratios)
-FEATURE_MAJOR_ROWS = (32, 160)
+# Inference batches of this many rows (decode steps, short prompts) run the MLP feature-major on the CPU. In
+# loops of the MLP alone it wins from 32 to about 160 rows with two threads (fp32 0.71-0.92x, bf16 0.93-0.96x;
+# one thread: no change) and loses below 32; inside a rollout the 64-row decode of the 16-token GRPO step
+# gained (generate 0.88x and 0.94x, interleaved), a 32-row decode over 512-token prompts did not (0.98-1.06x).
+FEATURE_MAJOR_ROWS = (48, 160)
 
 
 class SwiGLU(nn.Module):
@@ -41,10 +42,9 @@ class SwiGLU(nn.Module):
         return self.down_proj(kernels.swiglu(gate, up, inplace=not gate.requires_grad))
 
     def _forward_feature_major(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """The same maths on transposed activations, W @ x^T: a batch of decode rows (64 here) makes a GEMM
-        of few rows, which the CPU BLAS splits badly over its threads (64 x 256 x 896 ran at 88 GFLOP/s inside
-        a decode step against 160 as 896 x 256 x 64). The MLP's three GEMMs and the product stay transposed,
-        so no copy is added: a 16-token rollout's generate took 0.143 s against 0.162 (bench/mlp_layout.py)."""
+        """The same maths on transposed activations, W @ x^T. A decode step's few rows make GEMMs that the CPU
+        BLAS splits badly over its threads: 64 x 256 x 896 ran at 88 GFLOP/s inside a decode step, 108 as
+        896 x 256 x 64. The MLP's three GEMMs and the product stay transposed, so no copy is added."""
         xt = x.reshape(rows, x.shape[-1]).t()
         h = kernels.swiglu(self.gate_proj.weight @ xt, self.up_proj.weight @ xt, inplace=True)  # [inter, rows]
         return (self.down_proj.weight @ h).t().reshape(x.shape)
