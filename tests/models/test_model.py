@@ -306,9 +306,8 @@ def test_mlp_feature_major_inference_form_equals_the_autograd_form(dtype, monkey
             err = (fast.float() - trained.float()).abs().max() / trained.float().abs().max()
             assert err < tol, (shape, float(err))
         else:
-            assert calls == [] or calls[-1] != rows
             assert torch.equal(fast, trained.detach())
-    assert calls == [lo, hi, hi]
+    assert calls == [lo, hi, hi]  # the rows outside the window went the row-major way
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
