@@ -11,7 +11,6 @@ between the two layouts in one process (median over the calls after the first tw
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 from dsarl.actors.engine.native import NativeEngine
 from dsarl.actors.engine.types import SamplingParams
+from dsarl.data.tasks import make_rows
 from dsarl.models import DSAConfig, build_model, load_tokenizer
 from dsarl.models import layers
 
@@ -58,13 +58,14 @@ def rollout(generates: int) -> dict:
     model = build_model(DSAConfig(**MODEL, attention="dense"), seed=0).requires_grad_(False)
     tok = load_tokenizer(None)
     engine = NativeEngine(model, tok, max_batch_size=64)
-    rng = random.Random(0)
+    rows = make_rows("arithmetic", 16 * generates, seed=0)  # grpo_step.py's task at 16 tokens
     times = {"row_major": [], "feature_major": []}
     for i in range(generates):
         order = (("row_major", NEVER), ("feature_major", ALWAYS))
-        for name, window in order if i % 2 else order[::-1]:
+        for j, (name, window) in enumerate(order if i % 2 else order[::-1]):
             layers.FEATURE_MAJOR_ROWS = window
-            prompts = [tok.encode(f"{rng.randrange(100, 999)}+{rng.randrange(100, 999)}=") for _ in range(8)]
+            batch = rows[(2 * i + j) * 8:(2 * i + j + 1) * 8]
+            prompts = [tok.encode(r["prompt"], add_bos=True) for r in batch]
             params = SamplingParams(temperature=1.0, max_new_tokens=16, n=8, seed=i)
             t0 = time.perf_counter()
             engine.generate(prompts, params)
@@ -80,10 +81,10 @@ def main():
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 32, 48, 64, 128, 160, 256, 512])
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--generates", type=int, default=24)
-    ap.add_argument("--quick", action="store_true", help="rows 64 only, 6 generates each")
+    ap.add_argument("--quick", action="store_true", help="rows 64 only, 12 generates each")
     args = ap.parse_args()
     if args.quick:
-        args.rows, args.generates = [64], 6
+        args.rows, args.generates = [64], 12
     torch.set_num_threads(args.threads)
     shipped = layers.FEATURE_MAJOR_ROWS
     try:
