@@ -29,7 +29,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from dsarl.models.kv_cache import PrefixKV
+from dsarl.models.kv_cache import PrefixKV, SharedPrefixKV
 
 
 @dataclass
@@ -75,7 +75,7 @@ def apply_activation_checkpointing(model) -> None:
 
 def _checkpointed(forward, layer_idx: int):
     def run(x, cos, sin, positions, cache, *args):
-        if not torch.is_grad_enabled() or not (cache is None or isinstance(cache, PrefixKV)):
+        if not torch.is_grad_enabled() or not (cache is None or isinstance(cache, (PrefixKV, SharedPrefixKV))):
             return forward(x, cos, sin, positions, cache, *args)  # nothing to save memory on (no backward)
         past = None if cache is None else cache.layers[layer_idx]
 

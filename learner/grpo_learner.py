@@ -1,9 +1,10 @@
 """The GRPO learner: policy, optional frozen reference, AdamW; shared-prefix group forward.
 
 Departures and choices (the loss maths and its departures are in grpo_loss.py):
-- A group's G completions share their prompt: the prompt runs once per group (PrefixKV), its latent
-  KV is repeated for the G completions, and their gradients all flow back into that one prefix. A long
-  prompt costs one forward and one backward per group, not G.
+- A group's G completions share their prompt: the prompt runs once per group (PrefixKV), the G
+  completions attend to its latent KV held once (SharedPrefixKV: no per-completion copy), and their
+  gradients all flow back into that one prefix. A long prompt costs one forward and one backward per
+  group, not G.
 - pi_old: with one optimizer step per rollout batch (ppo_epochs * mini_batches == 1) the policy *is*
   pi_old, so old_logp = logp.detach() (ratio 1, no extra forward); with more steps it is recomputed
   once before the first step. The sampler's logprobs enter through the off-policy sequence mask
@@ -121,7 +122,7 @@ def routed_group_forward(model, batch: PaddedGroups, attention: str, temperature
     prompt_logits = prompt_out.logits  # [P, Lp - first, V]
     last = prompt_logits[torch.arange(P, device=prompt_logits.device), batch.prompt_lens - 1 - first]  # [P, V]
     prefix.set_lengths(batch.prompt_lens)
-    shared = prefix.repeat_rows(G)
+    shared = prefix.shared_by(G)
     Lc = batch.completions.shape[1]
     # A completion's last token predicts nothing and is no earlier token's key, so the completion forward
     # feeds tokens 0..Lc-2 only (as the sampler, which never fed its last sampled token): 1/Lc less work

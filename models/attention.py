@@ -19,6 +19,7 @@ from dsarl import kernels
 
 from .config import DSAConfig
 from .indexer import LightningIndexer
+from .kv_cache import SharedPrefixKV
 from .layers import RMSNorm
 from .rope import apply_rope_interleaved
 
@@ -84,8 +85,11 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
         kv_new = torch.cat([self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_pe, kv_cos, kv_sin)], dim=-1)
         # dense attention reads no indexer keys (only the warm-up's aux, or a sparse forward, does): a dense
-        # rollout or learner skips them, and a dense cache's k_idx rows stay unwritten
-        need_keys = self.indexer is not None and (attention == "sparse" or collect_aux)
+        # rollout or learner skips them, and a dense cache's k_idx rows stay unwritten. Nor does a sparse
+        # forward with a given selection, unless a cache keeps the keys for later queries (the learner's
+        # completion pass replaying the sampler's selection is the last to read its keys)
+        keeps_keys = cache is not None and not isinstance(cache, SharedPrefixKV)
+        need_keys = self.indexer is not None and (collect_aux or (attention == "sparse" and (indices is None or keeps_keys)))
         k_idx_new = self.indexer.keys(x, kv_cos, kv_sin) if need_keys else None  # [B, T, d_I]
         if cache is None:
             kv, k_idx, k_pos = kv_new, k_idx_new, kv_positions
@@ -116,7 +120,14 @@ class MLA(nn.Module):
             w_uk, w_uv = self._w_uk_uv()
             q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # absorb W_uk: [B, T, H, C]
             q_abs = torch.cat([q_lat, q_pe], dim=-1)  # [B, T, H, C+R]
-            if sparse:
+            if isinstance(cache, SharedPrefixKV):
+                # kv is the pool of the group's prompt rows held once: every query reads it by row number
+                rows = cache.pool_rows(indices) if sparse else cache.visible_rows(positions, k_pos)
+                o_lat, _, *rest = kernels.sparse_mla_attention(q_abs.flatten(0, 1)[None], kv, rows.flatten(0, 1)[None],
+                                                               scale, self.kv_rank, return_probs=collect_aux)
+                o_lat = o_lat.view(B, Tq, *o_lat.shape[2:])
+                probs = rest[0].view(B, Tq, -1) if rest else None
+            elif sparse:
                 o_lat, _, *rest = kernels.sparse_mla_attention(q_abs, kv, indices, scale, self.kv_rank,
                                                                return_probs=collect_aux)
                 probs = rest[0] if rest else None
@@ -124,6 +135,8 @@ class MLA(nn.Module):
                 o_lat, _ = kernels.dense_mla_attention(q_abs, kv, scale, self.kv_rank, positions, k_pos)
             out = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B, T, H, v]
         else:
+            if isinstance(cache, SharedPrefixKV):
+                kv = cache.per_sequence(kv, T)  # this form up-projects every key of every sequence
             if kv.dtype != q_nope.dtype and not torch.is_autocast_enabled(kv.device.type):
                 kv = kv.to(q_nope.dtype)  # an engine's CPU cache holds a bf16 model's keys in fp32 (engine/native.py)
             c_all, pe_all = kv.split([self.kv_rank, self.rope], dim=-1)

@@ -8,8 +8,13 @@ tokens and returns every key the new queries may see, with the keys' positions:
   finished slot can be refilled (prefilled) without touching the others.
   A GLM-5 "shared" layer has no indexer: it passes k_idx_new None and gets None back (its rows of
   `k_idx` stay unused).
-- `PrefixKV`: differentiable concatenation, for the learner: a group's prompt is run once, its KV
-  is repeated for the G completions, and their gradients flow back into the one prefix.
+- `PrefixKV`: differentiable concatenation, for the learner's prompt pass: a group's prompt is run
+  once, and its KV recorded.
+- `SharedPrefixKV` (`PrefixKV.shared_by(G)`): the learner's completion pass, G completions per prompt.
+  Its `update` returns a pool of latent rows instead of per-sequence keys: every prompt's rows once,
+  then every completion's own rows, and `pool_rows` turns a query's per-sequence key slots (slot s < Lp:
+  the prompt's row s; Lp + j: the completion's token j) into rows of that pool. The gradients of all G
+  completions add into the one prompt row.
 
 A CPU fp32 `StaticKVCache` also keeps its indexer keys in the C top-k kernel's layout (`k_blocked`,
 blocks of KEY_BLOCK slots, each block transposed), written with every key: a decode step's indexer then
@@ -18,6 +23,7 @@ from outside go through `write_prefix`, or call `refresh_blocked` after.
 """
 import torch
 
+from dsarl.kernels import visibility
 from dsarl.kernels.topk.cpu import KEY_BLOCK
 
 from .config import DSAConfig
@@ -154,11 +160,86 @@ class PrefixKV:
         for i, (kv, k_idx, k_pos) in enumerate(self.layers):
             self.layers[i] = (kv, k_idx, k_pos.masked_fill(k_pos >= lengths[:, None], -1))
 
-    def repeat_rows(self, repeats: int) -> "PrefixKV":
-        """Each row repeated `repeats` times (row-major: b0, b0, ..., b1, ...): one prompt, G completions.
-        A differentiable copy: gradients of all G rows sum into the shared prefix."""
-        out = PrefixKV(len(self.layers))
-        out.layers = [tuple(None if t is None else t.repeat_interleave(repeats, dim=0) for t in layer)
-                      for layer in self.layers]
-        out.lengths = self.lengths.repeat_interleave(repeats, dim=0)
-        return out
+    def shared_by(self, group_size: int) -> "SharedPrefixKV":
+        """The cache of a completion pass whose rows are `group_size` completions of each prefix row, in
+        row-major order (b0, b0, ..., b1, ...): one prompt, G completions."""
+        return SharedPrefixKV(self, group_size)
+
+
+class SharedPrefixKV:
+    """G completions of each prompt attending to the prompt's keys, which are held once.
+
+    Repeating the prompt's rows for every completion made G copies of each prompt key per layer, and the
+    backward a gradient buffer per thread of that repeated size: at 8 prompts of 4k tokens and G = 8,
+    82 MB copied and 165 MB zero-filled per layer and pass, a quarter of a sparse GRPO update. Here
+    attention reads one pool per layer, [prompt rows of every group ; every completion's rows], through
+    row numbers (`pool_rows`); the completion pass is the last, so `update` writes nothing back.
+    """
+
+    def __init__(self, prefix: PrefixKV, group_size: int):
+        if prefix.lengths is None:
+            raise ValueError("shared_by needs the prefix's lengths (set_lengths after the prompt pass)")
+        self.prefix, self.group_size = prefix, group_size
+        self.layers = prefix.layers  # read only (activation checkpointing restores a layer's entry as it was)
+        self.lengths = prefix.lengths.repeat_interleave(group_size)
+        self._positions = None  # (positions, its version, per-sequence k_pos [B, Lp + T])
+        self._visible = None  # (positions, its version, k_pos, visible_rows)
+
+    def next_positions(self, T: int) -> torch.Tensor:
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def update(self, layer, kv_new, k_idx_new, positions):
+        """kv_new [B, T, D] of the B = P * G completions -> (pool [1, P * Lp + B * T, D], indexer keys per
+        sequence [B, Lp + T, d_I] or None, key positions per sequence [B, Lp + T]). The indexer keys are
+        per sequence: the indexer's own selection scores them row by row (only with sparse attention)."""
+        pkv, pidx, ppos = self.prefix.layers[layer]
+        P, Lp, D = pkv.shape
+        B, T = positions.shape
+        if B != P * self.group_size:
+            raise ValueError(f"{B} completion rows for {P} prompts of group size {self.group_size}")
+        pool = torch.cat([pkv.reshape(P * Lp, D), kv_new.reshape(B * T, D)])[None]
+        k_idx = None if k_idx_new is None else torch.cat([pidx.repeat_interleave(self.group_size, 0), k_idx_new], 1)
+        return pool, k_idx, self._key_positions(ppos, positions)
+
+    def _key_positions(self, ppos: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The same object for every layer of a forward (the prompt's key positions are the same in every
+        layer), so the masks derived from it are built once."""
+        last = self._positions
+        if last is not None and last[0] is positions and last[1] == positions._version:
+            return last[2]
+        k_pos = torch.cat([ppos.repeat_interleave(self.group_size, 0), positions], 1)
+        self._positions = (positions, positions._version, k_pos)
+        return k_pos
+
+    def pool_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Per-sequence key slots [B, T, K] (-1: none) -> int32 rows of `update`'s pool (-1 kept)."""
+        B, T = slots.shape[:2]
+        P, Lp = self.prefix.layers[0][2].shape
+        b = torch.arange(B, device=slots.device)[:, None, None]
+        rows = torch.where(slots < Lp, (b // self.group_size) * Lp + slots, P * Lp + b * T + (slots - Lp))
+        return torch.where(slots >= 0, rows, -1).to(torch.int32)
+
+    def visible_rows(self, positions: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Pool rows of every key each query sees [B, T, Lp + T] (-1: hidden), for dense attention; built
+        by the first layer of a forward, reused by the others (same positions, same k_pos object)."""
+        last = self._visible
+        if last is not None and last[0] is positions and last[1] == positions._version and last[2] is k_pos:
+            return last[3]
+        slots = torch.arange(k_pos.shape[1], device=k_pos.device)
+        rows = self.pool_rows(torch.where(visibility(positions, k_pos), slots, -1))
+        self._visible = (positions, positions._version, k_pos, rows)
+        return rows
+
+    def per_sequence(self, pool: torch.Tensor, T: int) -> torch.Tensor:
+        """`update`'s pool as per-sequence rows [B, Lp + T, D], the prompt's repeated G times (a copy: for
+        the attention form that up-projects every key per head)."""
+        P, Lp = self.prefix.layers[0][2].shape
+        flat = pool[0]
+        prompt = flat[: P * Lp].view(P, Lp, -1).repeat_interleave(self.group_size, 0)
+        return torch.cat([prompt, flat[P * Lp:].view(P * self.group_size, T, -1)], 1)
+
+    def advance(self, positions: torch.Tensor) -> None:
+        self.lengths = positions[:, -1] + 1
+
+    def blocked_keys(self, layer: int) -> None:
+        return None

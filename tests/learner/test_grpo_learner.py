@@ -24,14 +24,17 @@ def per_sample_logp(model, groups, attention, temperature):
     return rows
 
 
-@pytest.mark.parametrize("attention", ["dense", "sparse"])
-def test_shared_prefix_loss_and_gradients_equal_per_sample(attention):
+@pytest.mark.parametrize("attention,completion_lens", [("dense", (1, 7)), ("sparse", (1, 7)),
+                                                        # past ABSORBED_DECODE_MAX_T fed tokens dense attention
+                                                        # takes the per-head form, over per-sequence keys
+                                                        ("dense", (18, 22)), ("sparse", (18, 22))])
+def test_shared_prefix_loss_and_gradients_equal_per_sample(attention, completion_lens):
     seed = random.SystemRandom().randrange(2**31)
     rng = random.Random(seed)
     # 2 index heads: ReLU scores often tie at exactly 0; the top-k's recency tie-break must make the
     # selection independent of the padded shared-prefix layout.
     model = build_model(small_cfg(), seed=seed)
-    groups = random_groups(rng, P=3, G=4)
+    groups = random_groups(rng, P=3, G=4, completion_lens=completion_lens)
     batch = pad_groups(groups, model.config.vocab_size)
     cfg = GRPOLossConfig(beta=0.0)
 

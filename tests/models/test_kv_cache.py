@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dsarl.kernels.topk.cpu import KEY_BLOCK
-from dsarl.models import StaticKVCache
+from dsarl.models import PrefixKV, StaticKVCache
 from small_model import small_cfg
 
 
@@ -74,3 +74,34 @@ def test_layers_share_one_addressing_until_the_positions_change():
     assert cache.update(0, rows[0], None, fresh)[0].shape[1] == 16
     with pytest.raises(ValueError, match="overflow"):  # position 16 of a 16-slot cache
         cache.update(0, rows[0], None, fresh + 1)
+
+
+def test_shared_prefix_pool_rows_address_the_per_sequence_keys():
+    """A completion's key slot s (s < Lp: its prompt's row s; Lp + j: its own token j) read through
+    pool_rows is the row the per-sequence layout (the prompt repeated G times) has at s, for every slot."""
+    P, G, Lp, T, D = 3, 4, 5, 6, 7
+    prefix = PrefixKV(1)
+    prompt_kv = torch.randn(P, Lp, D)
+    prefix.update(0, prompt_kv, None, torch.arange(Lp).expand(P, Lp))
+    prefix.set_lengths(torch.tensor([5, 2, 4]))
+    shared = prefix.shared_by(G)
+    own = torch.randn(P * G, T, D)
+    positions = shared.next_positions(T)
+    pool, k_idx, k_pos = shared.update(0, own, None, positions)
+    assert pool.shape == (1, P * Lp + P * G * T, D) and k_idx is None
+    per_seq = torch.cat([prompt_kv.repeat_interleave(G, 0), own], 1)  # [P*G, Lp + T, D]
+    torch.testing.assert_close(shared.per_sequence(pool, T), per_seq, atol=0, rtol=0)
+    assert torch.equal(k_pos[:, Lp:], positions) and torch.equal(k_pos[:, :Lp], prefix.layers[0][2].repeat_interleave(G, 0))
+    slots = torch.randint(-1, Lp + T, (P * G, T, 9))
+    rows = shared.pool_rows(slots)
+    assert rows.dtype == torch.int32 and torch.equal(rows < 0, slots < 0)
+    want = per_seq[torch.arange(P * G)[:, None, None], slots.clamp(min=0)]
+    torch.testing.assert_close(pool[0][rows.clamp(min=0).long()][slots >= 0], want[slots >= 0], atol=0, rtol=0)
+    # dense attention's rows: every visible key (the prompt's real tokens, the completion's up to the query)
+    visible = shared.visible_rows(positions, k_pos)
+    assert visible is shared.visible_rows(positions, k_pos)  # built once per forward
+    for b in range(P * G):
+        plen = int(prefix.lengths[b // G])
+        for t in range(T):
+            seen = visible[b, t][visible[b, t] >= 0].tolist()
+            assert seen == [b // G * Lp + s for s in range(plen)] + [P * Lp + b * T + j for j in range(t + 1)]
