@@ -171,7 +171,7 @@ class SharedPrefixKV:
 
     Repeating the prompt's rows for every completion made G copies of each prompt key per layer, and the
     backward a gradient buffer per thread of that repeated size: at 8 prompts of 4k tokens and G = 8,
-    82 MB copied and 165 MB zero-filled per layer and pass, a quarter of a sparse GRPO update. Here
+    82 MB copied and 165 MB zero-filled per layer and pass, a fifth of a sparse GRPO update. Here
     attention reads one pool per layer, [prompt rows of every group ; every completion's rows], through
     row numbers (`pool_rows`); the completion pass is the last, so `update` writes nothing back.
     """
