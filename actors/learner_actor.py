@@ -21,6 +21,7 @@ from dsarl.learner.fsdp import apply_activation_checkpointing, local_state_bytes
 from dsarl.learner.grpo_learner import GRPOLearner, LearnerConfig
 from dsarl.models import from_pretrained
 
+from .allocator import keep_freed_memory
 from .packed_state import layout, pack_into
 from .weight_sync import weight_spec
 from .threads import follow_cpu_share
@@ -34,6 +35,7 @@ class Learner:
                  resume_from: str | None = None, model_overrides: dict | None = None,
                  total_updates: int | None = None, world_size: int = 1):
         follow_cpu_share(num_threads)  # torch/OpenMP threads = this rank's CPU share (or num_threads)
+        keep_freed_memory()  # a long-context step's big activations reuse the heap, not fresh pages
         torch.manual_seed(seed)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cfg, self.total_updates, self.resume_from = cfg, total_updates, resume_from

@@ -21,6 +21,7 @@ import torch
 
 from dsarl.data.step_types import Completion
 
+from .allocator import keep_freed_memory
 from .engine import NativeEngine, SamplingParams
 from .packed_state import PackedState, pack_state
 from .threads import follow_cpu_share
@@ -72,6 +73,7 @@ class RolloutWorker:
                  engine_kwargs: dict | None = None, device=None, num_threads: int | None = None,
                  model_overrides: dict | None = None, partial_rollouts: bool = False):
         follow_cpu_share(num_threads)
+        keep_freed_memory()  # a long prompt's prefill activations reuse the heap, not fresh pages
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
         if checkpoint_dir is None and config is None:
