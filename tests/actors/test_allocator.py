@@ -1,5 +1,5 @@
 """Actors keep freed memory in glibc's heap (dsarl.actors.allocator), on a real local Ray: measured by the
-minor page faults of allocating and touching a 256 MB tensor a second time, after freeing the first."""
+minor page faults of allocating and writing 256 MB a second time, after freeing the first."""
 import platform
 
 import pytest
@@ -18,16 +18,28 @@ PAGES = (256 << 20) // 4096
 
 
 def faults_of_a_second_allocation(actor) -> int:
-    """Minor faults, in the actor's process, while a 256 MB tensor is allocated and written after one like
-    it was freed."""
+    """Minor faults, in the actor's process, while 256 MB is malloc'ed and written after a block like it
+    was freed. Straight through libc: a torch tensor's block may be split or moved by the small
+    allocations around it, which makes its count vary from run to run (bench/grpo_step.py measures the
+    effect on torch's activations: the 4000-token step)."""
     def probe(_self, pages=PAGES):  # defined here: cloudpickle sends it by value (workers cannot import tests)
+        import ctypes
         import resource
 
-        import torch
-        torch.ones(pages * 1024)  # 256 MB of fp32, freed at once
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+        size = pages * 4096
+        block = libc.malloc(size)
+        libc.memset(block, 1, size)
+        libc.free(block)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(pages * 1024)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        block = libc.malloc(size)
+        libc.memset(block, 1, size)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        libc.free(block)
+        return faults
     return actor.__ray_call__.remote(probe)
 
 
