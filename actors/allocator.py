@@ -4,8 +4,9 @@ glibc serves an allocation above its mmap threshold with a fresh mmap and unmaps
 adapts upwards to at most 32 MB, so a long-context step's bigger activations ([32k tokens, 896] fp32 is
 115 MB) are new pages every time: the kernel faults in and zeroes each 4 KB page on first touch. A sparse
 GRPO update at 8 x 4000 tokens took about 600k minor page faults (2.4 GB zeroed) and 10.0-10.9 s; with
-the heap kept, 0-24k faults and 8.5-9.9 s (interleaved processes, 2 cores). The actor's peak RSS stays
-the same: the memory freed after a step is the memory the next step needs.
+the heap kept, 0-24k faults and 8.5-9.9 s (interleaved processes, 2 cores). The peak RSS barely moves
+(the same in-process, 2-7% higher for bench/grpo_step.py's learner): the memory freed after a step is the
+memory the next step needs.
 
 `keep_freed_memory()` sets the mmap threshold and the trim threshold to 1 GB (allocations below it come
 from the heap; up to that much free heap is kept, not returned to the system) and grows the heap 64 MB at
