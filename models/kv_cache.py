@@ -23,7 +23,7 @@ from outside go through `write_prefix`, or call `refresh_blocked` after.
 """
 import torch
 
-from dsarl.kernels import visibility
+from dsarl.kernels.dense_mla.cpu import visible_slots
 from dsarl.kernels.topk.cpu import KEY_BLOCK
 
 from .config import DSAConfig
@@ -225,8 +225,7 @@ class SharedPrefixKV:
         last = self._visible
         if last is not None and last[0] is positions and last[1] == positions._version and last[2] is k_pos:
             return last[3]
-        slots = torch.arange(k_pos.shape[1], device=k_pos.device)
-        rows = self.pool_rows(torch.where(visibility(positions, k_pos), slots, -1))
+        rows = self.pool_rows(visible_slots(positions, k_pos))
         self._visible = (positions, positions._version, k_pos, rows)
         return rows
 
