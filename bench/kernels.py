@@ -186,10 +186,11 @@ def run_cpu(quick: bool):
     reps = 2 if quick else 3
     shapes = [(1, 256, 256, 8, 96, 64, 64)] if quick else [(1, 512, 512, 16, 576, 512, 256),
                                                           (1, 2048, 2048, 16, 576, 512, 256),
-                                                          (1, 16384, 16384, 6, 160, 128, 256)]  # bench model
+                                                          (1, 16384, 16384, 6, 160, 128, 256),  # prefill model
+                                                          (8, 1000, 1000, 4, 80, 64, 256)]  # grpo_step's, 1k
     for B, T, S, H, Dqk, d_v, K in shapes:
-        # the reference gathers [T, K, Dqk] at once: 16k x 256 x 160 floats x autograd copies is too big
-        run = {n: f for n, f in backends("sparse_mla", "cpu").items() if n != "reference" or T <= 2048}
+        # the reference gathers [B, T, K, Dqk] at once: 16k x 256 x 160 floats x autograd copies is too big
+        run = {n: f for n, f in backends("sparse_mla", "cpu").items() if n != "reference" or B * T <= 2048}
         bench_sparse(run, B, T, S, H, Dqk, d_v, K, torch.float32, "cpu", reps)
     L = 256 if quick else 1024
     bench_indexer(backends("indexer_scores", "cpu"), 1, L, L, 8 if quick else 16, 64, "cpu", torch.float32, reps)

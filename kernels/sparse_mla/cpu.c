@@ -124,6 +124,36 @@ INLINE void weighted_rows_group(float *restrict out, int64_t out_stride, const f
     if (G > 3) vstore(out + 3 * out_stride + c0, a3), vstore(out + 3 * out_stride + c0 + LANES, b3);
 }
 
+/* The same for one chunk of LANES columns, c in [c0, c0 + LANES): the tail of a width that is not a multiple
+ * of 2 LANES. The backward's dq has the query's width D = kv_lora_rank + rope, 80 in the bench models
+ * (64 + 16; DeepSeek-V3.2's 576 has no tail): a scalar loop over strided rows for those 16 columns was
+ * half of the whole backward (8 x 1000 queries, K = 256: 122 -> 59 ms). Two accumulators per head, over
+ * even and odd j, keep the FMA chains apart. */
+INLINE void weighted_rows_tail_group(float *restrict out, int64_t out_stride, const float *restrict w,
+                                     const float *const *rows, int64_t K, int64_t c0, const int G) {
+    vf a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
+    const float *w0 = w, *w1 = w + (G > 1) * K, *w2 = w + (G > 2) * 2 * K, *w3 = w + (G > 3) * 3 * K;
+    int64_t j = 0;
+    for (; j + 2 <= K; j += 2) {
+        const vf r0 = vload(rows[j] + c0), r1 = vload(rows[j + 1] + c0);
+        a0 += vsplat(w0[j]) * r0, b0 += vsplat(w0[j + 1]) * r1;
+        if (G > 1) a1 += vsplat(w1[j]) * r0, b1 += vsplat(w1[j + 1]) * r1;
+        if (G > 2) a2 += vsplat(w2[j]) * r0, b2 += vsplat(w2[j + 1]) * r1;
+        if (G > 3) a3 += vsplat(w3[j]) * r0, b3 += vsplat(w3[j + 1]) * r1;
+    }
+    if (j < K) {
+        const vf r0 = vload(rows[j] + c0);
+        a0 += vsplat(w0[j]) * r0;
+        if (G > 1) a1 += vsplat(w1[j]) * r0;
+        if (G > 2) a2 += vsplat(w2[j]) * r0;
+        if (G > 3) a3 += vsplat(w3[j]) * r0;
+    }
+    vstore(out + c0, a0 + b0);
+    if (G > 1) vstore(out + out_stride + c0, a1 + b1);
+    if (G > 2) vstore(out + 2 * out_stride + c0, a2 + b2);
+    if (G > 3) vstore(out + 3 * out_stride + c0, a3 + b3);
+}
+
 /* out[h * out_stride + c] = sum_j w[h * K + j] * rows[j][c] for h < H, c < n: a [H, K] x [K, n] product
  * over gathered rows, 2 LANES columns and up to 4 heads at a time summed over j in registers
  * (accumulating row by row into `out`, an axpy per (j, h), was bound by the stores). */
@@ -136,7 +166,13 @@ static void weighted_rows(float *restrict out, int64_t out_stride, const float *
         if (H - h >= 2) weighted_rows_group(out + h * out_stride, out_stride, w + h * K, rows, K, c, 2), h += 2;
         if (H - h == 1) weighted_rows_group(out + h * out_stride, out_stride, w + h * K, rows, K, c, 1);
     }
-    for (; c < n; c++)  /* columns past the last multiple of 2 LANES */
+    for (; c + LANES <= n; c += LANES) {
+        int64_t h = 0;
+        for (; h + 4 <= H; h += 4) weighted_rows_tail_group(out + h * out_stride, out_stride, w + h * K, rows, K, c, 4);
+        if (H - h >= 2) weighted_rows_tail_group(out + h * out_stride, out_stride, w + h * K, rows, K, c, 2), h += 2;
+        if (H - h == 1) weighted_rows_tail_group(out + h * out_stride, out_stride, w + h * K, rows, K, c, 1);
+    }
+    for (; c < n; c++)  /* columns past the last multiple of LANES */
         for (int64_t h = 0; h < H; h++) {
             float acc = 0.f;
             for (int64_t j = 0; j < K; j++) acc += w[h * K + j] * rows[j][c];
@@ -144,30 +180,62 @@ static void weighted_rows(float *restrict out, int64_t out_stride, const float *
         }
 }
 
-/* dst[c] += sum_h a[h * K] * x[h * n + c] for c < n (x rows H x n): a [1, H] x [H, n] product added
- * to one row, four column chunks at a time (four independent chains over h). */
+/* dst[c] += sum_h a[h * K] * x[h * ld + c] for c < n (x rows H x n, ld floats apart): a [1, H] x [H, n]
+ * product added to one row, four column chunks at a time (four independent chains over h). */
 static inline void add_mixed_rows(float *restrict dst, const float *restrict a, int64_t K, const float *restrict x,
-                                  int64_t H, int64_t n) {
+                                  int64_t H, int64_t n, int64_t ld) {
     int64_t c = 0;
     for (; c + 4 * LANES <= n; c += 4 * LANES) {
         vf acc[4];
         for (int u = 0; u < 4; u++) acc[u] = vload(dst + c + u * LANES);
         for (int64_t h = 0; h < H; h++) {
             const vf ah = vsplat(a[h * K]);
-            for (int u = 0; u < 4; u++) acc[u] += ah * vload(x + h * n + c + u * LANES);
+            for (int u = 0; u < 4; u++) acc[u] += ah * vload(x + h * ld + c + u * LANES);
         }
         for (int u = 0; u < 4; u++) vstore(dst + c + u * LANES, acc[u]);
     }
     for (; c + LANES <= n; c += LANES) {
         vf acc = vload(dst + c);
-        for (int64_t h = 0; h < H; h++) acc += vsplat(a[h * K]) * vload(x + h * n + c);
+        for (int64_t h = 0; h < H; h++) acc += vsplat(a[h * K]) * vload(x + h * ld + c);
         vstore(dst + c, acc);
     }
     for (; c < n; c++) {
         float acc = 0.f;
-        for (int64_t h = 0; h < H; h++) acc += a[h * K] * x[h * n + c];
+        for (int64_t h = 0; h < H; h++) acc += a[h * K] * x[h * ld + c];
         dst[c] += acc;
     }
+}
+
+/* One kv row's gradient from one query: dst[c] += sum_h p[h * K] * dout[h * DV + c] for c < DV (the value
+ * part), then dst[c] += sum_h ds[h * K] * q[h * D + c] for c < D (the key part), DV <= D. One read and one
+ * write of the row, where two add_mixed_rows calls made two of each (the row is gathered, so it comes
+ * from L2/L3); per column the additions happen in the same order, so the bits are those of the two calls. */
+static inline void add_value_key_rows(float *restrict dst, const float *restrict p, const float *restrict ds,
+                                      int64_t K, const float *restrict dout, const float *restrict q, int64_t H,
+                                      int64_t DV, int64_t D) {
+    int64_t c = 0;
+    for (; c + 4 * LANES <= DV; c += 4 * LANES) {
+        vf acc[4];
+        for (int u = 0; u < 4; u++) acc[u] = vload(dst + c + u * LANES);
+        for (int64_t h = 0; h < H; h++) {
+            const vf ph = vsplat(p[h * K]);
+            for (int u = 0; u < 4; u++) acc[u] += ph * vload(dout + h * DV + c + u * LANES);
+        }
+        for (int64_t h = 0; h < H; h++) {
+            const vf dh = vsplat(ds[h * K]);
+            for (int u = 0; u < 4; u++) acc[u] += dh * vload(q + h * D + c + u * LANES);
+        }
+        for (int u = 0; u < 4; u++) vstore(dst + c + u * LANES, acc[u]);
+    }
+    for (; c + LANES <= DV; c += LANES) {
+        vf acc = vload(dst + c);
+        for (int64_t h = 0; h < H; h++) acc += vsplat(p[h * K]) * vload(dout + h * DV + c);
+        for (int64_t h = 0; h < H; h++) acc += vsplat(ds[h * K]) * vload(q + h * D + c);
+        vstore(dst + c, acc);
+    }
+    /* the columns past the last whole vector of the value part, in the two-pass order */
+    add_mixed_rows(dst + c, p, K, dout + c, H, DV - c, DV);
+    add_mixed_rows(dst + c, ds, K, q + c, H, D - c, D);
 }
 
 /* s[i] = exp(s[i] - m) in place for i < n, with s[i] <= m; s = -inf gives 0 (m finite). */
@@ -287,8 +355,8 @@ int sparse_mla_bwd(const float *q, const float *kv, const int32_t *idx, const fl
             if (j + PREFETCH_AHEAD < K && ix[j + PREFETCH_AHEAD] >= 0)
                 prefetch_row(dkv + base * D, ix, j + PREFETCH_AHEAD, K, D);
             float *drow = dkv + (base + ix[j]) * D;
-            add_mixed_rows(drow, p + j, K, don, H, DV);  /* value part: sum_h p[h, j] dout[h] */
-            add_mixed_rows(drow, ds + j, K, qn, H, D);  /* key part: sum_h ds[h, j] q[h] */
+            /* value part sum_h p[h, j] dout[h], then key part sum_h ds[h, j] q[h] */
+            add_value_key_rows(drow, p + j, ds + j, K, don, qn, H, DV, D);
         }
     }
     free(p);

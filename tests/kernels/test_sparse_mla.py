@@ -36,6 +36,8 @@ SHAPES = [  # B, T, S, H, Dqk, d_v, K
     (1, 19, 19, 3, 33, 16, 37),  # K > S, Dqk - d_v = 17 (tail padded to 32)
     (2, 9, 40, 6, 80, 64, 33),  # the C kernel's vector paths: 4 + 2 heads, 2 x 32 + 16 columns
     (1, 6, 70, 4, 160, 128, 64),  # the bench model's latent width
+    (1, 5, 30, 3, 48, 48, 7),  # 32 + 16 columns: the 16-column tail with 2 + 1 heads, odd K, d_v = Dqk
+    (2, 4, 25, 2, 56, 40, 11),  # d_v = 40: the value part's 8 scalar columns, then the key part's 16 more
 ]
 needs_native = pytest.mark.skipif(not native.available(sparse_cpu.SOURCE),
                                   reason="the C kernels need a C compiler (cc/gcc/clang)")
@@ -80,6 +82,24 @@ def test_cpu_kernel_reads_a_cache_view_in_place(gen, monkeypatch, B, S):
     for name, a, b in zip(("out", "lse", "probs"), got, ref):
         assert rel_err(a, b) <= 1e-5, name
 
+
+
+@needs_native
+@pytest.mark.parametrize("H,Dqk,d_v,K", [(3, 48, 48, 7), (4, 80, 64, 33), (1, 16, 16, 5)])
+def test_cpu_kernel_every_slot_selected(gen, H, Dqk, d_v, K):
+    """Every slot holds a key, the last one included (_inputs always empties it): the backward's sums over an
+    odd K reach their last row, in the column tails past the last multiple of 32."""
+    if DEVICE != "cpu":
+        pytest.skip("the C kernel takes CPU tensors")
+    B, T, S = 2, 6, 3 * K
+    q = torch.randn(B, T, H, Dqk, generator=gen).requires_grad_()
+    kv = torch.randn(B, S, Dqk, generator=gen).requires_grad_()
+    idx = torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(B * T)]).view(B, T, K).to(torch.int32)
+    do, dlse = torch.randn(B, T, H, d_v, generator=gen), torch.randn(B, T, H, generator=gen)
+    got = _run(sparse_cpu.sparse_mla_attention_cpu, q, kv, idx, 0.17, d_v, do, dlse)
+    ref = _run(sparse_mla_attention_reference, q, kv, idx, 0.17, d_v, do, dlse)
+    for name, a, b, tol in zip(("out", "lse", "probs", "dq", "dkv"), got, ref, (1e-5, 1e-5, 1e-5, 1e-4, 1e-4)):
+        assert rel_err(a, b) <= tol, name
 
 @needs_native
 def test_cpu_kernel_threads(gen, monkeypatch):
