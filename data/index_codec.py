@@ -191,7 +191,7 @@ def _row_membership(a: np.ndarray, b: np.ndarray, table_size: int = 1 << 23) -> 
     a = np.where(a == _BIG, width - 1, a)  # the last column is a sink for padding
     b = np.where(b == _BIG, width - 1, b)
     a_in_b, b_in_a = np.empty(a.shape, dtype=bool), np.empty(b.shape, dtype=bool)
-    rows = max(1, table_size // width)
+    rows = max(1, min(a.shape[0], table_size // width))  # a short record's table is only as big as its rows
     table = np.zeros(rows * width, dtype=bool)
     for r0 in range(0, a.shape[0], rows):  # blocks of rows whose (row, key) table fits in cache-sized memory
         base = (np.arange(min(rows, a.shape[0] - r0)) * width)[:, None]
