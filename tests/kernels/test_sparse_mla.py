@@ -84,19 +84,23 @@ def test_cpu_kernel_reads_a_cache_view_in_place(gen, monkeypatch, B, S):
 
 
 
-@needs_native
 @pytest.mark.parametrize("H,Dqk,d_v,K", [(3, 48, 48, 7), (4, 80, 64, 33), (1, 16, 16, 5)])
-def test_cpu_kernel_every_slot_selected(gen, H, Dqk, d_v, K):
-    """Every slot holds a key, the last one included (_inputs always empties it): the backward's sums over an
-    odd K reach their last row, in the column tails past the last multiple of 32."""
-    if DEVICE != "cpu":
+@pytest.mark.parametrize("impl", ["triton", pytest.param("cpu", marks=needs_native)])
+def test_every_slot_selected(gen, impl, H, Dqk, d_v, K):
+    """Every slot holds a key, the last one included (_inputs always empties it): sums over an odd K reach
+    their last row (the C kernel's column tails past the last multiple of 32, the Triton kernel's last key
+    block)."""
+    if impl == "cpu" and DEVICE != "cpu":
         pytest.skip("the C kernel takes CPU tensors")
     B, T, S = 2, 6, 3 * K
-    q = torch.randn(B, T, H, Dqk, generator=gen).requires_grad_()
-    kv = torch.randn(B, S, Dqk, generator=gen).requires_grad_()
-    idx = torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(B * T)]).view(B, T, K).to(torch.int32)
-    do, dlse = torch.randn(B, T, H, d_v, generator=gen), torch.randn(B, T, H, generator=gen)
-    got = _run(sparse_cpu.sparse_mla_attention_cpu, q, kv, idx, 0.17, d_v, do, dlse)
+    q = torch.randn(B, T, H, Dqk, generator=gen).to(DEVICE).requires_grad_()
+    kv = torch.randn(B, S, Dqk, generator=gen).to(DEVICE).requires_grad_()
+    idx = torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(B * T)]).view(B, T, K)
+    idx = idx.to(DEVICE, torch.int32)
+    do = torch.randn(B, T, H, d_v, generator=gen).to(DEVICE)
+    dlse = torch.randn(B, T, H, generator=gen).to(DEVICE)
+    fn = {"triton": sparse_mla_attention_triton, "cpu": sparse_cpu.sparse_mla_attention_cpu}[impl]
+    got = _run(fn, q, kv, idx, 0.17, d_v, do, dlse)
     ref = _run(sparse_mla_attention_reference, q, kv, idx, 0.17, d_v, do, dlse)
     for name, a, b, tol in zip(("out", "lse", "probs", "dq", "dkv"), got, ref, (1e-5, 1e-5, 1e-5, 1e-4, 1e-4)):
         assert rel_err(a, b) <= tol, name
