@@ -30,6 +30,18 @@ def _run(fn, q, kv, idx, scale, d_v, do, dlse):
     return out, lse, probs, dq, dkv
 
 
+def assert_matches_reference(gen, impl, q, kv, idx, d_v):
+    """Output, lse, probs and both gradients (random dout and dlse) of `impl` against the reference."""
+    B, T, H, _ = q.shape
+    do = torch.randn(B, T, H, d_v, generator=gen).to(DEVICE)
+    dlse = torch.randn(B, T, H, generator=gen).to(DEVICE)
+    fn = {"triton": sparse_mla_attention_triton, "cpu": sparse_cpu.sparse_mla_attention_cpu}[impl]
+    got = _run(fn, q, kv, idx, 0.17, d_v, do, dlse)
+    ref = _run(sparse_mla_attention_reference, q, kv, idx, 0.17, d_v, do, dlse)
+    for name, a, b, tol in zip(("out", "lse", "probs", "dq", "dkv"), got, ref, (1e-5, 1e-5, 1e-5, 1e-4, 1e-4)):
+        assert rel_err(a, b) <= tol, name
+
+
 SHAPES = [  # B, T, S, H, Dqk, d_v, K
     (1, 1, 1, 1, 16, 16, 1),
     (2, 7, 23, 5, 40, 24, 9),
@@ -49,13 +61,7 @@ def test_matches_reference(gen, impl, B, T, S, H, Dqk, d_v, K):
     if impl == "cpu" and DEVICE != "cpu":
         pytest.skip("the C kernel takes CPU tensors")
     q, kv, idx = _inputs(gen, B, T, S, H, Dqk, K)
-    do = torch.randn(B, T, H, d_v, generator=gen).to(DEVICE)
-    dlse = torch.randn(B, T, H, generator=gen).to(DEVICE)
-    fn = {"triton": sparse_mla_attention_triton, "cpu": sparse_cpu.sparse_mla_attention_cpu}[impl]
-    got = _run(fn, q, kv, idx, 0.17, d_v, do, dlse)
-    ref = _run(sparse_mla_attention_reference, q, kv, idx, 0.17, d_v, do, dlse)
-    for name, a, b, tol in zip(("out", "lse", "probs", "dq", "dkv"), got, ref, (1e-5, 1e-5, 1e-5, 1e-4, 1e-4)):
-        assert rel_err(a, b) <= tol, name
+    assert_matches_reference(gen, impl, q, kv, idx, d_v)
 
 
 @needs_native
@@ -83,7 +89,6 @@ def test_cpu_kernel_reads_a_cache_view_in_place(gen, monkeypatch, B, S):
         assert rel_err(a, b) <= 1e-5, name
 
 
-
 @pytest.mark.parametrize("H,Dqk,d_v,K", [(3, 48, 48, 7), (4, 80, 64, 33), (1, 16, 16, 5)])
 @pytest.mark.parametrize("impl", ["triton", pytest.param("cpu", marks=needs_native)])
 def test_every_slot_selected(gen, impl, H, Dqk, d_v, K):
@@ -97,13 +102,7 @@ def test_every_slot_selected(gen, impl, H, Dqk, d_v, K):
     kv = torch.randn(B, S, Dqk, generator=gen).to(DEVICE).requires_grad_()
     idx = torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(B * T)]).view(B, T, K)
     idx = idx.to(DEVICE, torch.int32)
-    do = torch.randn(B, T, H, d_v, generator=gen).to(DEVICE)
-    dlse = torch.randn(B, T, H, generator=gen).to(DEVICE)
-    fn = {"triton": sparse_mla_attention_triton, "cpu": sparse_cpu.sparse_mla_attention_cpu}[impl]
-    got = _run(fn, q, kv, idx, 0.17, d_v, do, dlse)
-    ref = _run(sparse_mla_attention_reference, q, kv, idx, 0.17, d_v, do, dlse)
-    for name, a, b, tol in zip(("out", "lse", "probs", "dq", "dkv"), got, ref, (1e-5, 1e-5, 1e-5, 1e-4, 1e-4)):
-        assert rel_err(a, b) <= tol, name
+    assert_matches_reference(gen, impl, q, kv, idx, d_v)
 
 @needs_native
 def test_cpu_kernel_threads(gen, monkeypatch):
