@@ -95,10 +95,18 @@ def use_ray_auth_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
+    """n distinct free ports. Every socket stays bound until all n are chosen: binding and closing one at a
+    time let the system hand out the same port twice (a private head's client server and dashboard agent
+    both got 54463, and `ray start` refused to come up)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -157,13 +165,13 @@ def start_local_head(num_cpus: int | None = 2, num_gpus: int | None = 0, resourc
 
     use_ray_auth_token()
     temp_dir = tempfile.mkdtemp(prefix=PRIVATE_HEAD_PREFIX, dir=PRIVATE_HEAD_DIR)
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port, client_port, agent_port = free_ports(4)
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
            f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}", f"--temp-dir={temp_dir}",
            "--include-dashboard=true",
            f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dash_port}",
            # ports Ray would otherwise take at fixed defaults, colliding with other heads on this machine
-           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
            "--disable-usage-stats"]
     cmd += [f"--num-cpus={num_cpus}"] if num_cpus is not None else []  # None: Ray counts this machine's
     cmd += [f"--num-gpus={num_gpus}"] if num_gpus is not None else []
