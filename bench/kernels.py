@@ -12,7 +12,6 @@ torch reference where its memory allows. On CPU: each op's reference against its
 kernels, built on first use; the matmul-tiled indexer scores), up to the bench model's 16k-token layer.
 """
 import argparse
-import contextlib
 import json
 import os
 import time
@@ -144,7 +143,7 @@ def bench_indexer_topk(impls, B, T, H, D, K, reps):
     what that setting runs."""
     q, w, k = torch.randn(B, T, H, D), torch.randn(B, T, H), torch.randn(B, T, D)
     for name, fn in impls.items():
-        with forcing(name):
+        with dispatch.forcing(name):
             t = timeit(lambda: fn(q, w, k, K), reps)
         emit(op="indexer_topk", impl=name, B=B, T=T, H=H, D=D, K=K, ms=1e3 * t)
 
@@ -159,20 +158,6 @@ def bench_rowwise(rows, width, reps):
             xg = x.clone().requires_grad_()
             tb = timeit(lambda: call(fn, xg).backward(x), reps)
             emit(op=op, impl=name, rows=rows, width=width, fwd_us=1e6 * t, fwd_bwd_us=1e6 * tb)
-
-
-@contextlib.contextmanager
-def forcing(backend: str):
-    """DSARL_KERNELS=backend inside (restored after)."""
-    old = os.environ.get(dispatch.ENV)
-    os.environ[dispatch.ENV] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[dispatch.ENV]
-        else:
-            os.environ[dispatch.ENV] = old
 
 
 def backends(op: str, device: str) -> dict:

@@ -67,6 +67,9 @@ TABLES: dict[str, dict[str, Impl]] = {
                "cpu": Impl("rowwise.cpu:swiglu_cpu", "rowwise/cpu.c")},
     "indexer_kl": {"reference": Impl("indexer_kl.reference:indexer_kl_loss_reference"),
                    "triton": Impl("indexer_kl.triton:indexer_kl_loss_triton")},
+    # the replay codec's per-row coding (data/index_codec.py writes the record around it)
+    "index_rows": {"reference": Impl("index_codec.reference:encode_rows_reference"),
+                   "cpu": Impl("index_codec.cpu:encode_rows_cpu", "index_codec/cpu.c")},
 }
 
 _recorded: contextvars.ContextVar[list | None] = contextvars.ContextVar("dsarl_kernel_choices", default=None)
@@ -141,6 +144,20 @@ def choose(op: str, x: torch.Tensor) -> Callable:
     if log is not None:
         log.append((op, backend))
     return implementation(op, backend)
+
+
+@contextlib.contextmanager
+def forcing(backend: str):
+    """DSARL_KERNELS=backend inside, the previous value (or none) restored after (benches timing backends)."""
+    old = os.environ.get(ENV)
+    os.environ[ENV] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = old
 
 
 @contextlib.contextmanager

@@ -12,7 +12,13 @@ from dsarl.actors.engine import NativeEngine, SamplingParams
 from dsarl.data.index_codec import (CHAIN, PackedIndices, canonical_rows, decode_indices, encode_indices,
                                     prefix_indices, replay_rows, varint_decode, varint_encode)
 from dsarl.data.rollout_schema import completions_to_table, table_to_completions, with_current_columns
+from dsarl.kernels import native
+from dsarl.kernels.index_codec import RepeatedKey
+from dsarl.kernels.index_codec import cpu as codec_cpu
+from dsarl.kernels.index_codec.reference import cost_bits, encode_rows_reference, varint_lengths
 from dsarl.models import ByteTokenizer, DSAConfig, build_model
+
+needs_c = pytest.mark.skipif(not native.available(codec_cpu.SOURCE), reason="the C row coder needs a C compiler")
 
 
 def plain_canonical(x: np.ndarray) -> np.ndarray:
@@ -143,6 +149,64 @@ def sparse_model():
                     qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=2, index_head_dim=8,
                     index_topk=8, intermediate_size=64, attention="sparse")
     return build_model(cfg, seed=5)
+
+
+def assert_same_rows(x, **chunking) -> None:
+    """The C row coder writes the numpy reference's modes, counts and payload, byte for byte, with and
+    without DELTA rows and deflate's cost."""
+    idx = torch.as_tensor(x).to(torch.int32)
+    for delta in (True, False):
+        for compress in (True, False):
+            want = encode_rows_reference(idx, delta, compress, CHAIN)
+            got = codec_cpu.encode_rows_cpu(idx, delta, compress, CHAIN)
+            assert np.array_equal(got[0], want[0]) and got[1:] == want[1:], (delta, compress)
+
+
+@needs_c
+def test_the_c_row_coder_costs_numbers_as_the_reference():
+    """The mode choice compares sums of these integers, so any difference could change the bytes."""
+    p = 2 ** np.arange(1, 41, dtype=np.int64)
+    v = np.concatenate([np.arange(70000), p[1:] - 3, p - 2, p - 1, p, p + 1,
+                        np.random.default_rng(0).integers(0, 2**40, 5000)])
+    assert np.array_equal(codec_cpu.costs_cpu(v), cost_bits(v))
+    assert np.array_equal(codec_cpu.costs_cpu(v, compress=False), varint_lengths(v))
+    assert cost_bits(np.array([0, 2, 6, 4094])).tolist() == [256, 512, 768, 3072]  # 256 log2(v + 2)
+
+
+@needs_c
+@settings(max_examples=60, deadline=None)
+@given(selections())
+def test_the_c_row_coder_writes_the_reference_bytes(x):
+    assert_same_rows(x)
+
+
+@needs_c
+def test_the_c_row_coder_across_chunks_and_on_real_rows(sparse_model, monkeypatch):
+    """Records split into chunks of a few rows (a DELTA row's previous row in the chunk before), and the
+    indexer's own selections."""
+    T, K = 2 * CHAIN + 9, 16
+    x = np.stack([np.arange(t + 50 - K, t + 50) for t in range(T)])[:, None, :].repeat(2, axis=1)  # [T, 2, K]
+    x = np.ascontiguousarray(np.random.default_rng(3).permuted(x, axis=-1))
+    for rows in (1, 3, 64):
+        monkeypatch.setattr(codec_cpu, "CHUNK_BYTES", rows * 10 * K)
+        assert_same_rows(x)
+    ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(1))
+    out = sparse_model(ids, attention="sparse", return_indices=True)
+    for b in range(ids.shape[0]):
+        assert_same_rows(torch.stack([layer[b] for layer in out.indices], dim=1))
+
+
+@needs_c
+@pytest.mark.parametrize("span", [40, 2**31 - 2])  # the bitmap sort, and qsort for rows spread too wide
+def test_both_row_coders_name_the_row_holding_a_key_twice(span, monkeypatch):
+    x = np.full((5, 3, 4), -1, dtype=np.int32)
+    x[:, :, 0], x[:, :, 1] = 1, 7 if span == 40 else span - 1
+    x[3, 2, 2] = x[3, 2, 1]  # token 3, layer 2
+    for rows in (1, 64):  # chunks of one row, and one chunk
+        monkeypatch.setattr(codec_cpu, "CHUNK_BYTES", rows * 10 * 4)
+        for coder in (encode_rows_reference, codec_cpu.encode_rows_cpu):
+            with pytest.raises(RepeatedKey, match=r"token 3, layer 2\)"):
+                coder(torch.from_numpy(x), True, True, CHAIN)
 
 
 def test_real_selections_of_the_indexer_round_trip(sparse_model):
