@@ -20,7 +20,7 @@ Sizes: `bytes_per_token_layer` (encoded) against `raw_bytes_per_token_layer` (4 
 encoded; `candidates`: ratio of each variant (gaps only / with deltas, varints with or without deflate);
 the default encoding is `delta_deflate`. Times are the best of --repeat runs, in seconds: `encode_s` with
 the row coder dispatch chooses (C on a CPU with a compiler), `encode_reference_s` with the numpy reference
-(DSARL_KERNELS=reference), the same bytes.
+(DSARL_KERNELS=reference, the same bytes); `decode_s` and `decode_reference_s` likewise.
 """
 import argparse
 import copy
@@ -61,16 +61,18 @@ def sizes(records: list, repeat: int) -> dict:
     for r, p in zip(records, packed):  # a bench on a wrong codec is worth nothing
         assert np.array_equal(decode_indices(p).numpy(), canonical_rows(torch.as_tensor(r)).numpy())
     encode_s = best_time(lambda: [encode_indices(r) for r in records], repeat)
+    decode_s = best_time(lambda: [decode_indices(p) for p in packed], repeat)
     with dispatch.forcing("reference"):
         reference = [encode_indices(r) for r in records]
         encode_ref_s = best_time(lambda: [encode_indices(r) for r in records], repeat)
+        decode_ref_s = best_time(lambda: [decode_indices(p) for p in packed], repeat)
     assert [p.data for p in reference] == [p.data for p in packed]
-    decode_s = best_time(lambda: [decode_indices(p) for p in packed], repeat)
     nbytes = cand["delta_deflate"]
     return dict(K=K, rows=rows, raw_bytes=raw, bytes=nbytes, bytes_per_token_layer=round(nbytes / rows, 2),
                 raw_bytes_per_token_layer=4 * K, ratio=round(raw / nbytes, 1),
                 candidates={k: round(raw / v, 1) for k, v in cand.items()},
                 encode_s=round(encode_s, 4), encode_reference_s=round(encode_ref_s, 4), decode_s=round(decode_s, 4),
+                decode_reference_s=round(decode_ref_s, 4),
                 encode_mb_s=round(raw / 2**20 / encode_s, 1), decode_mb_s=round(raw / 2**20 / decode_s, 1))
 
 

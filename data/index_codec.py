@@ -34,11 +34,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dsarl.kernels.index_codec import BIG as _BIG, DELTA, GAPS, PREFIX, encode_rows, positions_in_segment, varint_encode
+from dsarl.kernels.index_codec import (BIG as _BIG, PREFIX, decode_rows, encode_rows, pack_modes, varint_decode,
+                                       varint_encode)
 
 VERSION = 1
 CHAIN = 64  # longest run of DELTA rows + 1: bounds the decoder's sequential steps
-_ROW = np.int64(1) << 32  # row id * _ROW + value: one sorted int64 key per (row, value)
 
 
 @dataclass(frozen=True)
@@ -56,36 +56,7 @@ class PackedIndices:
         return decode_indices(self)
 
 
-# ---- varints (encoded in kernels/index_codec/reference.py) ------------------------------------------
-
-
-def varint_decode(b: bytes) -> np.ndarray:
-    a = np.frombuffer(b, dtype=np.uint8)
-    if not a.size:
-        return np.zeros(0, dtype=np.int64)
-    if a.max() < 0x80:  # every number one byte
-        return a.astype(np.int64)
-    ends = np.flatnonzero(a < 0x80)
-    if not ends.size or ends[-1] != a.size - 1:
-        raise ValueError("varint stream ends inside a number")
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    shift = 7 * (np.arange(a.size) - np.repeat(starts, ends - starts + 1))
-    return np.add.reduceat((a & 0x7F).astype(np.int64) << shift, starts)  # the 7-bit groups do not overlap
-
-
 # ---- row helpers ------------------------------------------------------------------------------------
-
-def _ungap(g: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Runs of first value, then gap - 1 (the encoder's gap code), of the given lengths -> the values."""
-    d = g + 1
-    starts = np.cumsum(lens) - lens
-    starts = starts[lens > 0]
-    d[starts] -= 1
-    cs = np.cumsum(d)
-    base = np.zeros(len(starts), dtype=np.int64)
-    base[1:] = cs[starts[1:] - 1]
-    return cs - np.repeat(base, lens[lens > 0])
-
 
 def canonical_rows(idx: torch.Tensor) -> torch.Tensor:
     """[..., K] int selections -> int32, each row ascending with its -1 padding last (the decoded form)."""
@@ -135,12 +106,9 @@ def _record(shape: tuple[int, int, int], mode: np.ndarray, counts: bytes, payloa
     """The rows' modes and their counts and payload varints -> the bytes (header, 2-bit modes, the two
     streams; deflated if smaller)."""
     T, L, K = shape
-    R = mode.size
-    modes = np.zeros((R + 3) // 4 * 4, dtype=np.uint8)
-    modes[:R] = mode
-    packed_modes = (modes.reshape(-1, 4) << np.array([0, 2, 4, 6], dtype=np.uint8)).sum(axis=1).astype(np.uint8)
-    body = b"".join([varint_encode(np.array([VERSION, T, L, K, CHAIN, packed_modes.size, len(counts)])),
-                     packed_modes.tobytes(), counts, payload])
+    modes = pack_modes(mode)
+    body = b"".join([varint_encode(np.array([VERSION, T, L, K, CHAIN, len(modes), len(counts)])), modes, counts,
+                     payload])
     data = b"\x00" + body
     if compress:
         deflated = b"\x01" + zlib.compress(body, level)
@@ -167,73 +135,9 @@ def decode_indices(packed: PackedIndices) -> torch.Tensor:
     if version != VERSION or (T, L, K) != tuple(packed.shape):
         raise ValueError(f"encoded selection: version {version}, shape {(T, L, K)}; expected version "
                          f"{VERSION}, shape {tuple(packed.shape)}")
-    R = L * T
-    m = np.frombuffer(body, dtype=np.uint8, count=n_modes, offset=off)
-    mode = ((m[:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3).reshape(-1)[:R].astype(np.int64)
-    counts = varint_decode(body[off + n_modes: off + n_modes + n_counts])
-    payload = varint_decode(body[off + n_modes + n_counts:])
-    is_delta = mode == DELTA
-    cpos = np.cumsum(1 + is_delta) - (1 + is_delta)
-    n = counts[cpos]  # PREFIX / GAPS: n; DELTA: removed (fixed below)
-    n_rem = np.where(is_delta, n, 0)
-    n_add = np.where(is_delta, counts[np.minimum(cpos + 1, counts.size - 1)], 0)
-    plen = np.where(mode == GAPS, n, n_rem + n_add)
-    pstart = np.cumsum(plen) - plen
-    out = np.full((R, K), _BIG, dtype=np.int64)
-    col = np.arange(K)[None]
-    pre = mode == PREFIX
-    out[pre] = np.where(col < n[pre, None], col, _BIG)
-    gaps = mode == GAPS
-    if gaps.any():
-        lens = n[gaps]
-        take = np.repeat(pstart[gaps], lens) + positions_in_segment(lens)
-        out[np.repeat(np.flatnonzero(gaps), lens), positions_in_segment(lens)] = _ungap(payload[take], lens)
-    if is_delta.any():
-        _decode_delta_rows(out, mode, n_rem, n_add, pstart, payload, chain)
-    out[out == _BIG] = -1
-    return torch.from_numpy(out.reshape(L, T, K).transpose(1, 0, 2).astype(np.int32))
-
-
-def _decode_delta_rows(out, mode, n_rem, n_add, pstart, payload, chain) -> None:
-    """Fills the DELTA rows of `out` [R, K] (sorted rows, _BIG padded) in place, depth by depth: a row
-    at depth d follows d - 1 DELTA rows after its chain's PREFIX / GAPS head."""
-    R = out.shape[0]
-    r_ids = np.arange(R)
-    head = np.maximum.accumulate(np.where(mode != DELTA, r_ids, 0))
-    depth = r_ids - head
-    if depth.max() >= chain:
-        raise ValueError(f"encoded selection has a DELTA chain of {depth.max()} rows; at most {chain - 1}")
-    rows_d = np.flatnonzero(mode == DELTA)
-    rem_take = np.repeat(pstart[rows_d], n_rem[rows_d]) + positions_in_segment(n_rem[rows_d])
-    ranks = _ungap(payload[rem_take], n_rem[rows_d])
-    add_take = np.repeat(pstart[rows_d] + n_rem[rows_d], n_add[rows_d]) + positions_in_segment(n_add[rows_d])
-    added = _ungap(payload[add_take], n_add[rows_d])
-    rank_row = np.repeat(rows_d, n_rem[rows_d])
-    add_row = np.repeat(rows_d, n_add[rows_d])
-    rank_order = np.argsort(depth[rank_row], kind="stable")
-    add_order = np.argsort(depth[add_row], kind="stable")
-    rank_bounds = np.searchsorted(depth[rank_row][rank_order], np.arange(chain + 1))
-    add_bounds = np.searchsorted(depth[add_row][add_order], np.arange(chain + 1))
-    for d in range(1, int(depth.max()) + 1):
-        rows = rows_d[depth[rows_d] == d]
-        prev = out[rows - 1]  # the previous rows, decoded: [m, K]
-        sel = rank_order[rank_bounds[d]: rank_bounds[d + 1]]
-        keep = prev != _BIG
-        keep[np.searchsorted(rows, rank_row[sel]), ranks[sel]] = False
-        kept_row, _ = np.nonzero(keep)
-        kept = kept_row * _ROW + prev[keep]  # ascending: rows in order, values ascending inside
-        sel = add_order[add_bounds[d]: add_bounds[d + 1]]
-        add_local = np.searchsorted(rows, add_row[sel])
-        add = add_local * _ROW + added[sel]
-        # merge two sorted runs: each element's place is its own index plus the other run's elements before it
-        n_row = np.bincount(kept_row, minlength=len(rows)) + np.bincount(add_local, minlength=len(rows))
-        row_start = np.cumsum(n_row) - n_row
-        new = np.full_like(prev, _BIG)
-        pos = np.arange(kept.size) + np.searchsorted(add, kept)
-        new[kept_row, pos - row_start[kept_row]] = kept - kept_row * _ROW
-        pos = np.arange(add.size) + np.searchsorted(kept, add)
-        new[add_local, pos - row_start[add_local]] = added[sel]
-        out[rows] = new
+    modes = body[off: off + n_modes]
+    counts = body[off + n_modes: off + n_modes + n_counts]
+    return decode_rows(modes, counts, body[off + n_modes + n_counts:], T, L, K, chain)
 
 
 def replay_rows(indices: "PackedIndices | torch.Tensor") -> torch.Tensor:

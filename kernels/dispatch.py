@@ -67,9 +67,11 @@ TABLES: dict[str, dict[str, Impl]] = {
                "cpu": Impl("rowwise.cpu:swiglu_cpu", "rowwise/cpu.c")},
     "indexer_kl": {"reference": Impl("indexer_kl.reference:indexer_kl_loss_reference"),
                    "triton": Impl("indexer_kl.triton:indexer_kl_loss_triton")},
-    # the replay codec's per-row coding (data/index_codec.py writes the record around it)
-    "index_rows": {"reference": Impl("index_codec.reference:encode_rows_reference"),
-                   "cpu": Impl("index_codec.cpu:encode_rows_cpu", "index_codec/cpu.c")},
+    # the replay codec's rows, coded and decoded (data/index_codec.py: the record around them)
+    "index_encode": {"reference": Impl("index_codec.reference:encode_rows_reference"),
+                     "cpu": Impl("index_codec.cpu:encode_rows_cpu", "index_codec/cpu.c")},
+    "index_decode": {"reference": Impl("index_codec.reference:decode_rows_reference"),
+                     "cpu": Impl("index_codec.cpu:decode_rows_cpu", "index_codec/cpu.c")},
 }
 
 _recorded: contextvars.ContextVar[list | None] = contextvars.ContextVar("dsarl_kernel_choices", default=None)

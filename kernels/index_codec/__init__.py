@@ -2,10 +2,11 @@ import numpy as np
 import torch
 
 from .. import dispatch
-from .reference import BIG, DELTA, GAPS, PREFIX, RepeatedKey, positions_in_segment, varint_encode, varint_lengths
+from .reference import BIG, DELTA, GAPS, PREFIX, RepeatedKey, pack_modes, varint_decode, varint_encode
 
-__all__ = ["encode_rows", "BIG", "DELTA", "GAPS", "PREFIX", "RepeatedKey", "positions_in_segment", "varint_encode",
-           "varint_lengths"]
+__all__ = ["encode_rows", "decode_rows", "BIG", "DELTA", "GAPS", "PREFIX", "RepeatedKey", "pack_modes",
+           "varint_decode", "varint_encode"]
+_ON_CPU = torch.empty(0, dtype=torch.int32)  # what dispatch chooses by for decode: records decode on the CPU
 
 
 def encode_rows(idx: torch.Tensor, delta: bool = True, compress: bool = True,
@@ -15,4 +16,10 @@ def encode_rows(idx: torch.Tensor, delta: bool = True, compress: bool = True,
     them; RepeatedKey (a ValueError) when a row holds a key twice. Backends: reference (numpy), cpu."""
     if idx.dim() != 3:
         raise ValueError(f"indices: expected [T, L, K], got {tuple(idx.shape)}")
-    return dispatch.choose("index_rows", idx)(idx, delta, compress, chain)
+    return dispatch.choose("index_encode", idx)(idx, delta, compress, chain)
+
+
+def decode_rows(modes: bytes, counts: bytes, payload: bytes, T: int, L: int, K: int, chain: int = 64) -> torch.Tensor:
+    """A record's 2-bit row modes, counts and payload varints -> int32 [T, L, K], each row its keys
+    ascending, then -1 padding. Backends: reference (numpy), cpu."""
+    return dispatch.choose("index_decode", _ON_CPU)(modes, counts, payload, T, L, K, chain)

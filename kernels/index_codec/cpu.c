@@ -1,4 +1,4 @@
-// The replay codec's row coder in C: what reference.py's numpy passes compute, one row at a time.
+// The replay codec's row coder and decoder in C: what reference.py's numpy passes compute, a row at a time.
 //
 // For each row r = l * T + t (layer-major) of a completion's selections idx [T, L, K] (int32, -1 padded):
 // sort its keys, pick the cheapest mode (PREFIX / GAPS / DELTA against the previous row of its layer, the
@@ -154,6 +154,89 @@ int64_t encode_rows(const int32_t *idx, int64_t T, int64_t L, int64_t K, const i
     *counts_len = pc - counts;
     *payload_len = pp - payload;
     free(bitmap);
+    free(buf);
+    return status;
+}
+
+// ---- decode -------------------------------------------------------------------------------------------
+
+// The varint at *p (advanced past it) -> 0, or -1 when the stream ends inside it or it overflows 63 bits.
+static inline int get_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+    uint64_t x = 0;
+    for (int shift = 0; *p < end && shift < 63; shift += 7) {
+        uint8_t b = *(*p)++;
+        x |= (uint64_t)(b & 127) << shift;
+        if (!(b & 128)) { *v = x; return 0; }
+    }
+    return -1;
+}
+
+// A gap-coded ascending run of n numbers from the payload into v (each below `limit`) -> 0, or an error code.
+static int64_t get_gaps(const uint8_t **p, const uint8_t *end, int64_t n, int64_t limit, int64_t *v) {
+    uint64_t g;
+    for (int64_t i = 0; i < n; i++) {
+        if (get_varint(p, end, &g)) return 3;
+        if (g >= (uint64_t)limit) return 5;
+        int64_t x = i == 0 ? (int64_t)g : v[i - 1] + 1 + (int64_t)g;
+        if (x >= limit) return 5;
+        v[i] = x;
+    }
+    return 0;
+}
+
+// The record's streams -> out [T, L, K] int32 (rows ascending, then -1). Returns 0, or a code that
+// cpu.py turns into the reason: 1 modes short, 2 counts, 3 payload (end early or inside a number),
+// 4 more than K keys, 5 a number out of range, 6 DELTA without a previous row or past the chain,
+// 7 mode 3, 8 DELTA adds a key the row keeps, 9 bytes left over, -1 out of memory.
+int64_t decode_rows(const uint8_t *modes, int64_t n_modes, const uint8_t *counts, int64_t counts_len,
+                    const uint8_t *payload, int64_t payload_len, int64_t T, int64_t L, int64_t K, int64_t chain,
+                    int32_t *out) {
+    int64_t R = T * L;
+    if (n_modes * 4 < R) return 1;
+    int64_t *buf = malloc(sizeof(int64_t) * (size_t)(2 * K + 1));
+    if (!buf) return -1;
+    int64_t *rem = buf, *add = buf + K;
+    const uint8_t *pc = counts, *ce = counts + counts_len, *pp = payload, *pe = payload + payload_len;
+    int64_t status = 0, n_prev = 0, depth = 0;
+    for (int64_t r = 0; r < R && !status; r++) {
+        int64_t t = r % T, l = r / T;
+        int mode = (modes[r >> 2] >> (2 * (r & 3))) & 3;
+        int32_t *row = out + (t * L + l) * K;
+        uint64_t n = 0, n_rem = 0, n_add = 0;
+        if (get_varint(&pc, ce, mode == DELTA ? &n_rem : &n)) { status = 2; break; }
+        if (mode == PREFIX) {
+            if (n > (uint64_t)K) { status = 4; break; }
+            for (int64_t i = 0; i < (int64_t)n; i++) row[i] = (int32_t)i;
+            depth = 0;
+        } else if (mode == GAPS) {
+            if (n > (uint64_t)K) { status = 4; break; }
+            if ((status = get_gaps(&pp, pe, (int64_t)n, INT32_MAX, rem))) break;
+            for (int64_t i = 0; i < (int64_t)n; i++) row[i] = (int32_t)rem[i];
+            depth = 0;
+        } else if (mode == DELTA) {
+            if (t == 0 || ++depth >= chain) { status = 6; break; }
+            if (get_varint(&pc, ce, &n_add)) { status = 2; break; }
+            if (n_rem > (uint64_t)n_prev || n_add > (uint64_t)K) { status = 4; break; }
+            if ((status = get_gaps(&pp, pe, (int64_t)n_rem, n_prev, rem))) break;
+            if ((status = get_gaps(&pp, pe, (int64_t)n_add, INT32_MAX, add))) break;
+            n = (uint64_t)n_prev - n_rem + n_add;
+            if (n > (uint64_t)K) { status = 4; break; }
+            const int32_t *prev = out + ((t - 1) * L + l) * K;
+            int64_t i = 0, j = 0, k = 0, m = 0;  // prev, its removed ranks, added, written
+            while (i < n_prev || j < (int64_t)n_add) {
+                if (i < n_prev && k < (int64_t)n_rem && rem[k] == i) { i++; k++; continue; }
+                if (j == (int64_t)n_add || (i < n_prev && prev[i] < add[j])) row[m++] = prev[i++];
+                else if (i == n_prev || add[j] < prev[i]) row[m++] = (int32_t)add[j++];
+                else { status = 8; break; }
+            }
+        } else {
+            status = 7;
+            break;
+        }
+        for (int64_t i = (int64_t)n; i < K; i++) row[i] = -1;
+        n_prev = (int64_t)n;
+    }
+    if (!status && (pc != ce || pp != pe)) status = 9;
     free(buf);
     return status;
 }

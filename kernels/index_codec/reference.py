@@ -1,6 +1,7 @@
-"""The replay codec's row coder in numpy: the definition of its bytes (data/index_codec.py has the format).
+"""The replay codec's rows in numpy: the definition of their bytes (data/index_codec.py has the record).
 
     modes, counts, payload = encode_rows_reference(idx, delta=True, compress=True, chain=64)
+    idx2 = decode_rows_reference(pack_modes(modes), counts, payload, T, L, K, chain=64)
 
 idx [T, L, K] int32 key positions, -1 padded, no key twice in a row. Rows go layer-major (r = l * T + t);
 each takes the cheapest of PREFIX (the row is 0..n-1), GAPS (its sorted keys as first value, then gap - 1)
@@ -60,6 +61,13 @@ def varint_encode(v: np.ndarray) -> bytes:
         low7 = (v[m] >> (7 * j)) & 0x7F
         out[starts[m] + j] = low7 | ((n[m] > j + 1).astype(np.int64) << 7)  # high bit: more bytes follow
     return out.tobytes()
+
+
+def pack_modes(mode: np.ndarray) -> bytes:
+    """Row modes (0..2, one a row) -> 2 bits a row, four rows a byte, the first in the low bits."""
+    modes = np.zeros((mode.size + 3) // 4 * 4, dtype=np.uint8)
+    modes[:mode.size] = mode
+    return (modes.reshape(-1, 4) << np.array([0, 2, 4, 6], dtype=np.uint8)).sum(axis=1).astype(np.uint8).tobytes()
 
 
 def positions_in_segment(lens: np.ndarray) -> np.ndarray:
@@ -182,3 +190,107 @@ def encode_rows_reference(idx: torch.Tensor, delta: bool = True, compress: bool 
         payload[pstart[add_rid[a_take]] + n_rem[add_rid[a_take]] + positions_in_segment(n_add[is_delta])] \
             = add_g[a_take]
     return mode.astype(np.uint8), varint_encode(counts), varint_encode(payload)
+
+# ---- decode -----------------------------------------------------------------------------------------
+
+ROW = np.int64(1) << 32  # row id * ROW + value: one sorted int64 key per (row, value)
+
+
+def varint_decode(b: bytes) -> np.ndarray:
+    a = np.frombuffer(b, dtype=np.uint8)
+    if not a.size:
+        return np.zeros(0, dtype=np.int64)
+    if a.max() < 0x80:  # every number one byte
+        return a.astype(np.int64)
+    ends = np.flatnonzero(a < 0x80)
+    if not ends.size or ends[-1] != a.size - 1:
+        raise ValueError("varint stream ends inside a number")
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    shift = 7 * (np.arange(a.size) - np.repeat(starts, ends - starts + 1))
+    return np.add.reduceat((a & 0x7F).astype(np.int64) << shift, starts)  # the 7-bit groups do not overlap
+
+
+def _ungap(g: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Runs of first value, then gap - 1 (the encoder's gap code), of the given lengths -> the values."""
+    d = g + 1
+    starts = np.cumsum(lens) - lens
+    starts = starts[lens > 0]
+    d[starts] -= 1
+    cs = np.cumsum(d)
+    base = np.zeros(len(starts), dtype=np.int64)
+    base[1:] = cs[starts[1:] - 1]
+    return cs - np.repeat(base, lens[lens > 0])
+
+
+def decode_rows_reference(modes: bytes, counts: bytes, payload: bytes, T: int, L: int, K: int,
+                          chain: int = 64) -> torch.Tensor:
+    """The 2-bit row modes and the counts and payload varints of a record -> int32 [T, L, K], each row its
+    keys ascending, then -1 padding. Vectorised over the rows of each mode, and for DELTA rows over every
+    chain at the same depth (at most chain - 1 sequential steps)."""
+    R = L * T
+    m = np.frombuffer(modes, dtype=np.uint8)
+    mode = ((m[:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3).reshape(-1)[:R].astype(np.int64)
+    counts = varint_decode(counts)
+    payload = varint_decode(payload)
+    is_delta = mode == DELTA
+    cpos = np.cumsum(1 + is_delta) - (1 + is_delta)
+    n = counts[cpos]  # PREFIX / GAPS: n; DELTA: removed (fixed below)
+    n_rem = np.where(is_delta, n, 0)
+    n_add = np.where(is_delta, counts[np.minimum(cpos + 1, counts.size - 1)], 0)
+    plen = np.where(mode == GAPS, n, n_rem + n_add)
+    pstart = np.cumsum(plen) - plen
+    out = np.full((R, K), BIG, dtype=np.int64)
+    col = np.arange(K)[None]
+    pre = mode == PREFIX
+    out[pre] = np.where(col < n[pre, None], col, BIG)
+    gaps = mode == GAPS
+    if gaps.any():
+        lens = n[gaps]
+        take = np.repeat(pstart[gaps], lens) + positions_in_segment(lens)
+        out[np.repeat(np.flatnonzero(gaps), lens), positions_in_segment(lens)] = _ungap(payload[take], lens)
+    if is_delta.any():
+        _decode_delta_rows(out, mode, n_rem, n_add, pstart, payload, chain)
+    out[out == BIG] = -1
+    return torch.from_numpy(out.reshape(L, T, K).transpose(1, 0, 2).astype(np.int32))
+
+
+def _decode_delta_rows(out, mode, n_rem, n_add, pstart, payload, chain) -> None:
+    """Fills the DELTA rows of `out` [R, K] (sorted rows, BIG padded) in place, depth by depth: a row
+    at depth d follows d - 1 DELTA rows after its chain's PREFIX / GAPS head."""
+    R = out.shape[0]
+    r_ids = np.arange(R)
+    head = np.maximum.accumulate(np.where(mode != DELTA, r_ids, 0))
+    depth = r_ids - head
+    if depth.max() >= chain:
+        raise ValueError(f"encoded selection has a DELTA chain of {depth.max()} rows; at most {chain - 1}")
+    rows_d = np.flatnonzero(mode == DELTA)
+    rem_take = np.repeat(pstart[rows_d], n_rem[rows_d]) + positions_in_segment(n_rem[rows_d])
+    ranks = _ungap(payload[rem_take], n_rem[rows_d])
+    add_take = np.repeat(pstart[rows_d] + n_rem[rows_d], n_add[rows_d]) + positions_in_segment(n_add[rows_d])
+    added = _ungap(payload[add_take], n_add[rows_d])
+    rank_row = np.repeat(rows_d, n_rem[rows_d])
+    add_row = np.repeat(rows_d, n_add[rows_d])
+    rank_order = np.argsort(depth[rank_row], kind="stable")
+    add_order = np.argsort(depth[add_row], kind="stable")
+    rank_bounds = np.searchsorted(depth[rank_row][rank_order], np.arange(chain + 1))
+    add_bounds = np.searchsorted(depth[add_row][add_order], np.arange(chain + 1))
+    for d in range(1, int(depth.max()) + 1):
+        rows = rows_d[depth[rows_d] == d]
+        prev = out[rows - 1]  # the previous rows, decoded: [m, K]
+        sel = rank_order[rank_bounds[d]: rank_bounds[d + 1]]
+        keep = prev != BIG
+        keep[np.searchsorted(rows, rank_row[sel]), ranks[sel]] = False
+        kept_row, _ = np.nonzero(keep)
+        kept = kept_row * ROW + prev[keep]  # ascending: rows in order, values ascending inside
+        sel = add_order[add_bounds[d]: add_bounds[d + 1]]
+        add_local = np.searchsorted(rows, add_row[sel])
+        add = add_local * ROW + added[sel]
+        # merge two sorted runs: each element's place is its own index plus the other run's elements before it
+        n_row = np.bincount(kept_row, minlength=len(rows)) + np.bincount(add_local, minlength=len(rows))
+        row_start = np.cumsum(n_row) - n_row
+        new = np.full_like(prev, BIG)
+        pos = np.arange(kept.size) + np.searchsorted(add, kept)
+        new[kept_row, pos - row_start[kept_row]] = kept - kept_row * ROW
+        pos = np.arange(add.size) + np.searchsorted(kept, add)
+        new[add_local, pos - row_start[add_local]] = added[sel]
+        out[rows] = new

@@ -12,13 +12,14 @@ from dsarl.actors.engine import NativeEngine, SamplingParams
 from dsarl.data.index_codec import (CHAIN, PackedIndices, canonical_rows, decode_indices, encode_indices,
                                     prefix_indices, replay_rows, varint_decode, varint_encode)
 from dsarl.data.rollout_schema import completions_to_table, table_to_completions, with_current_columns
-from dsarl.kernels import native
+from dsarl.kernels import dispatch, native
 from dsarl.kernels.index_codec import RepeatedKey
 from dsarl.kernels.index_codec import cpu as codec_cpu
-from dsarl.kernels.index_codec.reference import cost_bits, encode_rows_reference, varint_lengths
+from dsarl.kernels.index_codec.reference import cost_bits, encode_rows_reference, pack_modes, varint_lengths
 from dsarl.models import ByteTokenizer, DSAConfig, build_model
 
 needs_c = pytest.mark.skipif(not native.available(codec_cpu.SOURCE), reason="the C row coder needs a C compiler")
+DECODERS = ("reference", "cpu") if native.available(codec_cpu.SOURCE) else ("reference",)
 
 
 def plain_canonical(x: np.ndarray) -> np.ndarray:
@@ -30,14 +31,17 @@ def plain_canonical(x: np.ndarray) -> np.ndarray:
 
 
 def assert_round_trip(x: np.ndarray) -> None:
+    """Encoded as dispatch chooses (C here), decoded by every decoder that runs here."""
     want = plain_canonical(x)
     assert np.array_equal(canonical_rows(torch.from_numpy(x)).numpy(), want)
     for delta in (True, False):
         for compress in (True, False):
             packed = encode_indices(torch.from_numpy(x), delta=delta, compress=compress)
-            got = decode_indices(packed)
-            assert got.dtype == torch.int32 and tuple(got.shape) == x.shape == packed.shape
-            assert np.array_equal(got.numpy(), want), (delta, compress)
+            for backend in DECODERS:
+                with dispatch.forcing(backend):
+                    got = decode_indices(packed)
+                assert got.dtype == torch.int32 and tuple(got.shape) == x.shape == packed.shape
+                assert np.array_equal(got.numpy(), want), (delta, compress, backend)
 
 
 @st.composite
@@ -207,6 +211,28 @@ def test_both_row_coders_name_the_row_holding_a_key_twice(span, monkeypatch):
         for coder in (encode_rows_reference, codec_cpu.encode_rows_cpu):
             with pytest.raises(RepeatedKey, match=r"token 3, layer 2\)"):
                 coder(torch.from_numpy(x), True, True, CHAIN)
+
+
+@needs_c
+def test_the_c_decoder_names_what_is_corrupt():
+    T, K = 12, 8  # a sliding window: DELTA rows after the first
+    x = np.stack([np.arange(t + 20 - K, t + 20) for t in range(T)])[:, None, :].astype(np.int32)
+    mode, counts, payload = encode_rows_reference(torch.from_numpy(x))
+    assert (mode[1:] == 2).all()  # DELTA
+    modes = pack_modes(mode)
+    assert np.array_equal(codec_cpu.decode_rows_cpu(modes, counts, payload, T, 1, K).numpy(), x)
+    first_delta = pack_modes(np.full(T, 2))  # the first row has no previous row
+    unknown = bytes([modes[0] | 3]) + modes[1:]  # mode 3 in row 0
+    for streams, K_, reason in [((modes, counts, payload[:-1]), K, "payload ends early"),
+                                ((modes, counts, payload + b"\x00"), K, "left over"),
+                                ((modes, counts[:-1], payload), K, "counts stream"),
+                                ((modes, counts, payload[:-1] + bytes([payload[-1] | 0x80])), K, "inside a number"),
+                                ((modes[:1], counts, payload), K, "row modes end early"),
+                                ((modes, counts, payload), K - 1, "more than K keys"),
+                                ((first_delta, counts, payload), K, "without a previous row"),
+                                ((unknown, counts, payload), K, "unknown row mode")]:
+        with pytest.raises(ValueError, match=f"corrupt: .*{reason}"):
+            codec_cpu.decode_rows_cpu(*streams, T, 1, K_)
 
 
 def test_real_selections_of_the_indexer_round_trip(sparse_model):

@@ -9,7 +9,7 @@ import torch
 from dsarl import kernels
 from dsarl.kernels import dispatch, native
 from dsarl.kernels.dense_mla.reference import dense_mla_attention_reference
-from dsarl.kernels.index_codec.reference import encode_rows_reference
+from dsarl.kernels.index_codec.reference import decode_rows_reference, encode_rows_reference
 from dsarl.kernels.indexer_kl.reference import indexer_kl_loss_reference
 from dsarl.kernels.indexer_scores.reference import indexer_scores_reference
 from dsarl.kernels.sparse_mla.reference import sparse_mla_attention_reference
@@ -20,8 +20,10 @@ from dsarl.models import DSAConfig, StaticKVCache, build_model
 REFERENCES = {"indexer_scores": indexer_scores_reference, "topk": topk_indices_reference,
               "sparse_mla": sparse_mla_attention_reference, "dense_mla": dense_mla_attention_reference,
               "indexer_kl": indexer_kl_loss_reference, "rms_norm": rms_norm_reference,
-              "swiglu": swiglu_reference, "index_rows": encode_rows_reference}
-C_OPS = ("topk", "indexer_topk", "sparse_mla", "dense_mla", "rms_norm", "swiglu", "index_rows")  # CPU backend: a C kernel
+              "swiglu": swiglu_reference, "index_encode": encode_rows_reference,
+              "index_decode": decode_rows_reference}
+C_OPS = ("topk", "indexer_topk", "sparse_mla", "dense_mla", "rms_norm", "swiglu", "index_encode",
+         "index_decode")  # CPU backend: a C kernel
 
 
 def test_every_op_has_a_reference_and_only_known_backends():
