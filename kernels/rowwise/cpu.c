@@ -58,24 +58,67 @@ static inline float sigmoid(float g) {
     return (g >= 0.f ? 1.f : e) / (1.f + e);
 }
 
+/* One element of each op, shared by the fp32 and the bf16 loops so both compute the same fp32 bits. */
+static inline float swiglu_one(float g, float u) { return g * sigmoid(g) * u; }
+
+/* du = dh * silu(g);  dg = dh * u * silu'(g), silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g). */
+static inline void swiglu_grad_one(float g, float u, float d, float *dg, float *du) {
+    const float s = sigmoid(g);
+    *du = d * (g * s);
+    *dg = d * u * (s * (1.f + g * (1.f - s)));
+}
+
+/* bf16 <-> fp32: a bf16 is the high half of an fp32; fp32 -> bf16 rounds to nearest even (torch's rule,
+ * NaN -> 0x7fc0), so a bf16 result equals the fp32 result rounded once by torch. */
+static inline float bf16_in(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t bf16_out(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 /* h = silu(g) * u over rows of n; h may alias g or u. */
 static int swiglu_fwd_rows(const float *g, const float *u, float *h, int64_t r0, int64_t r1, int64_t n) {
     const int64_t a = r0 * n, b = r1 * n;
 #pragma omp simd
-    for (int64_t i = a; i < b; i++) h[i] = g[i] * sigmoid(g[i]) * u[i];
+    for (int64_t i = a; i < b; i++) h[i] = swiglu_one(g[i], u[i]);
     return 0;
 }
 
-/* du = dh * silu(g);  dg = dh * u * silu'(g), silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g). */
 static int swiglu_bwd_rows(const float *g, const float *u, const float *dh, float *dg, float *du, int64_t r0,
                            int64_t r1, int64_t n) {
     const int64_t a = r0 * n, b = r1 * n;
 #pragma omp simd
+    for (int64_t i = a; i < b; i++) swiglu_grad_one(g[i], u[i], dh[i], dg + i, du + i);
+    return 0;
+}
+
+/* The same on bf16 tensors (a bf16 learner's or sampler's gate and up), fp32 inside: half the bytes read
+ * and written, and no fp32 copies of the inputs or the outputs. */
+static int swiglu_fwd_rows_bf16(const uint16_t *g, const uint16_t *u, uint16_t *h, int64_t r0, int64_t r1,
+                                int64_t n) {
+    const int64_t a = r0 * n, b = r1 * n;
+#pragma omp simd
+    for (int64_t i = a; i < b; i++) h[i] = bf16_out(swiglu_one(bf16_in(g[i]), bf16_in(u[i])));
+    return 0;
+}
+
+static int swiglu_bwd_rows_bf16(const uint16_t *g, const uint16_t *u, const uint16_t *dh, uint16_t *dg,
+                                uint16_t *du, int64_t r0, int64_t r1, int64_t n) {
+    const int64_t a = r0 * n, b = r1 * n;
+#pragma omp simd
     for (int64_t i = a; i < b; i++) {
-        const float s = sigmoid(g[i]);
-        const float d = dh[i];
-        du[i] = d * (g[i] * s);
-        dg[i] = d * u[i] * (s * (1.f + g[i] * (1.f - s)));
+        float dgi, dui;
+        swiglu_grad_one(bf16_in(g[i]), bf16_in(u[i]), bf16_in(dh[i]), &dgi, &dui);
+        dg[i] = bf16_out(dgi);
+        du[i] = bf16_out(dui);
     }
     return 0;
 }
@@ -107,6 +150,20 @@ int swiglu_fwd_parts(const float *g, const float *u, float *h, const int64_t *bo
 int swiglu_bwd_parts(const float *g, const float *u, const float *dh, float *dg, float *du, const int64_t *bounds,
                      int64_t part0, int64_t parts, int64_t n) {
 #define PART(p) swiglu_bwd_rows(g, u, dh, dg, du, bounds[p], bounds[(p) + 1], n)
+    RETURN_PARTS(PART);
+#undef PART
+}
+
+int swiglu_fwd_bf16_parts(const uint16_t *g, const uint16_t *u, uint16_t *h, const int64_t *bounds, int64_t part0,
+                          int64_t parts, int64_t n) {
+#define PART(p) swiglu_fwd_rows_bf16(g, u, h, bounds[p], bounds[(p) + 1], n)
+    RETURN_PARTS(PART);
+#undef PART
+}
+
+int swiglu_bwd_bf16_parts(const uint16_t *g, const uint16_t *u, const uint16_t *dh, uint16_t *dg, uint16_t *du,
+                          const int64_t *bounds, int64_t part0, int64_t parts, int64_t n) {
+#define PART(p) swiglu_bwd_rows_bf16(g, u, dh, dg, du, bounds[p], bounds[(p) + 1], n)
     RETURN_PARTS(PART);
 #undef PART
 }

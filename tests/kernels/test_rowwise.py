@@ -85,6 +85,32 @@ def test_bf16_inputs_round_once(gen):
     assert h.dtype == torch.bfloat16 and ((h.double() - want).abs() <= want.abs() * 2**-8 + 1e-30).all()
 
 
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same bf16 bits, NaN anywhere matching NaN (torch's own NaN bits differ between its code paths)."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan].view(torch.int16), b[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 33), (96, 896)])  # one part, and two parts on two threads
+def test_bf16_swiglu_has_the_bits_of_fp32_rounded_once(gen, shape, monkeypatch):
+    """bf16 gate and up run in bf16 in the kernel: forward and gradients equal the fp32 kernel's on the
+    widened inputs, rounded to bf16 by torch (the path a bf16 pair took before). Tails and non-finite
+    values included."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    g = (torch.randn(*shape, generator=gen) * 6).bfloat16()
+    g.view(-1)[:6] = torch.tensor([float("inf"), float("-inf"), float("nan"), 100.0, -100.0, 1e-30])
+    u, dh = torch.randn(*shape, generator=gen).bfloat16(), (torch.randn(*shape, generator=gen) * 1e3).bfloat16()
+    h, dg, du = _grads(rowwise_cpu.swiglu_cpu, [g, u], dh)
+    hf, dgf, duf = _grads(rowwise_cpu.swiglu_cpu, [g.float(), u.float()], dh.float())
+    assert h.dtype == dg.dtype == du.dtype == torch.bfloat16
+    for name, a, b in (("h", h, hf), ("dg", dg, dgf), ("du", du, duf)):
+        assert _bits_equal(a, b.bfloat16()), name
+    gate = g.clone()
+    with torch.no_grad():
+        out = rowwise_cpu.swiglu_cpu(gate, u, inplace=True)
+    assert out.data_ptr() == gate.data_ptr() and _bits_equal(out, h)
+
+
 def test_weight_gradient_sums_its_parts(gen, monkeypatch):
     """dw is summed per part: one and two parts agree within fp32 rounding, and two parts twice are equal."""
     x, w, dy = (torch.randn(200, 512, generator=gen), torch.randn(512, generator=gen),
