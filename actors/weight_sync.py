@@ -20,7 +20,6 @@ their timeout; the driver then re-forms the group (BroadcastSync.restore).
 import datetime
 import gc
 import hashlib
-import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -78,12 +77,6 @@ def buckets(spec: list[TensorSpec], bucket_bytes: int) -> list[list[TensorSpec]]
         cur.append(s)
         size += nbytes
     return out + ([cur] if cur else [])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def in_spec_order(items: Iterable[tuple[str, torch.Tensor]], spec: list[TensorSpec]) -> Iterator[torch.Tensor]:

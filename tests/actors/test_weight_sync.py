@@ -10,7 +10,8 @@ import torch
 from dsarl.actors.engine import NativeEngine, SamplingParams
 from dsarl.actors.rollout_workers import RolloutPool
 from dsarl.actors.weight_sync import (BroadcastGroup, GroupHolder, SyncRefused, broadcast_weights, buckets,
-                                      connect_pool, free_port, weight_spec)
+                                      connect_pool, weight_spec)
+from dsarl.launch.ray_setup import free_ports
 from dsarl.models import ByteTokenizer, DSAConfig, build_model
 
 TOK = ByteTokenizer()
@@ -32,7 +33,7 @@ def test_buckets_keep_order_dtype_and_size():
 def run_ranks(world: int, fn):
     """fn(rank, holder) on `world` threads, each a member of one fresh gloo group; returns
     {rank: result or the exception it raised}."""
-    port, out = free_port(), {}
+    port, out = free_ports(1)[0], {}
 
     def body(rank):
         holder = GroupHolder()
