@@ -68,7 +68,7 @@ def canonical_rows(idx: torch.Tensor) -> torch.Tensor:
 def _checked(idx) -> torch.Tensor:
     """[T, L, K] integer key positions or -1 (torch or numpy) -> an int32 CPU tensor; a ValueError naming
     the problem otherwise (a key twice in a row is the row coder's to find: it sorts the rows)."""
-    x = torch.from_numpy(np.asarray(idx)) if not isinstance(idx, torch.Tensor) else idx.detach().cpu()
+    x = torch.from_numpy(np.ascontiguousarray(idx)) if not isinstance(idx, torch.Tensor) else idx.detach().cpu()
     if x.dim() != 3:
         raise ValueError(f"indices must be [T, L, K], got shape {tuple(x.shape)}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
