@@ -73,9 +73,11 @@ def _checked(idx) -> torch.Tensor:
         raise ValueError(f"indices must be [T, L, K], got shape {tuple(x.shape)}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise ValueError(f"indices must be integers, got {x.dtype}")
-    if x.numel() and (int(x.min()) < -1 or int(x.max()) >= np.iinfo(np.int32).max):
-        raise ValueError(f"indices must be key positions >= 0 or -1 (padding), got values in "
-                         f"[{int(x.min())}, {int(x.max())}]")
+    if x.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few torch ops take these: widen first
+        x = x.to(torch.int64)
+    lo, hi = (int(v) for v in torch.aminmax(x)) if x.numel() else (0, 0)  # one pass over the record
+    if lo < -1 or hi >= np.iinfo(np.int32).max:
+        raise ValueError(f"indices must be key positions >= 0 or -1 (padding), got values in [{lo}, {hi}]")
     return x.to(torch.int32)
 
 
@@ -85,7 +87,7 @@ def encode_indices(idx, delta: bool = True, compress: bool = True, level: int = 
     """idx [T, L, K] integer (torch or numpy), key positions >= 0 or -1 for padding, no repeated key in a
     row -> PackedIndices. `delta=False` / `compress=False` leave out DELTA rows / deflate (the bench
     measures each candidate; deflate is kept only where it shrinks); decoding reads either. The rows'
-    modes, counts and payload come from the `index_rows` kernel op (kernels/index_codec: numpy, or C)."""
+    modes, counts and payload come from the `index_encode` kernel op (kernels/index_codec: numpy, or C)."""
     x = _checked(idx)
     mode, counts, payload = encode_rows(x, delta=delta, compress=compress, chain=CHAIN)
     return _record(tuple(x.shape), mode, counts, payload, compress, level)

@@ -100,9 +100,9 @@ static uint8_t *put_gaps(uint8_t *p, const int64_t *v, int64_t n) {
 // (room for 2 varints a row and 2 K a row; every number here is below 2^32, so 5 bytes each). bits: the
 // compress cost table (reference.BITS_TABLE), NULL for varint bytes. delta: 0 leaves DELTA out.
 // -> 0; r + 1 when row r selects a key twice; -1 when out of memory. counts_len / payload_len: bytes written.
-int64_t encode_rows(const int32_t *idx, int64_t T, int64_t L, int64_t K, const int32_t *bits, int64_t delta,
-                    int64_t chain, int64_t r0, int64_t r1, uint8_t *modes, uint8_t *counts, int64_t *counts_len,
-                    uint8_t *payload, int64_t *payload_len) {
+int encode_rows(const int32_t *idx, int64_t T, int64_t L, int64_t K, const int32_t *bits, int64_t delta,
+                int64_t chain, int64_t r0, int64_t r1, uint8_t *modes, uint8_t *counts, int64_t *counts_len,
+                uint8_t *payload, int64_t *payload_len) {
     int64_t span_words = 4 * K + 2;
     uint64_t *bitmap = calloc((size_t)span_words, sizeof(uint64_t));
     int64_t *buf = malloc(sizeof(int64_t) * (size_t)(4 * K + 1));
@@ -110,16 +110,16 @@ int64_t encode_rows(const int32_t *idx, int64_t T, int64_t L, int64_t K, const i
     int64_t *cur = buf, *prev = buf + K, *rem = buf + 2 * K, *add = buf + 3 * K;
     int64_t n_prev = -1;  // the sorted previous row is not held yet
     uint8_t *pc = counts, *pp = payload;
-    int64_t status = 0;
+    int status = 0;  // a row number + 1 fits: a record's rows (tokens x layers) stay far below 2^31
     for (int64_t r = r0; r < r1; r++) {
         int64_t t = r % T, l = r / T;
         int allowed = delta && t % chain != 0;
         if (allowed && n_prev < 0) {  // the chunk's first row: sort the row before it
             n_prev = sort_row(idx + ((t - 1) * L + l) * K, K, bitmap, span_words, prev);
-            if (n_prev < 0) { status = r; break; }
+            if (n_prev < 0) { status = (int)r; break; }
         }
         int64_t n = sort_row(idx + (t * L + l) * K, K, bitmap, span_words, cur);
-        if (n < 0) { status = r + 1; break; }
+        if (n < 0) { status = (int)(r + 1); break; }
         if (n == 0 || cur[n - 1] == n - 1) {  // 0..n-1: every visible key
             modes[r - r0] = PREFIX;
             pc = put_varint(pc, (uint64_t)n);
@@ -172,7 +172,7 @@ static inline int get_varint(const uint8_t **p, const uint8_t *end, uint64_t *v)
 }
 
 // A gap-coded ascending run of n numbers from the payload into v (each below `limit`) -> 0, or an error code.
-static int64_t get_gaps(const uint8_t **p, const uint8_t *end, int64_t n, int64_t limit, int64_t *v) {
+static int get_gaps(const uint8_t **p, const uint8_t *end, int64_t n, int64_t limit, int64_t *v) {
     uint64_t g;
     for (int64_t i = 0; i < n; i++) {
         if (get_varint(p, end, &g)) return 3;
@@ -188,16 +188,17 @@ static int64_t get_gaps(const uint8_t **p, const uint8_t *end, int64_t n, int64_
 // cpu.py turns into the reason: 1 modes short, 2 counts, 3 payload (end early or inside a number),
 // 4 more than K keys, 5 a number out of range, 6 DELTA without a previous row or past the chain,
 // 7 mode 3, 8 DELTA adds a key the row keeps, 9 bytes left over, -1 out of memory.
-int64_t decode_rows(const uint8_t *modes, int64_t n_modes, const uint8_t *counts, int64_t counts_len,
-                    const uint8_t *payload, int64_t payload_len, int64_t T, int64_t L, int64_t K, int64_t chain,
-                    int32_t *out) {
+int decode_rows(const uint8_t *modes, int64_t n_modes, const uint8_t *counts, int64_t counts_len,
+                const uint8_t *payload, int64_t payload_len, int64_t T, int64_t L, int64_t K, int64_t chain,
+                int32_t *out) {
     int64_t R = T * L;
     if (n_modes * 4 < R) return 1;
     int64_t *buf = malloc(sizeof(int64_t) * (size_t)(2 * K + 1));
     if (!buf) return -1;
     int64_t *rem = buf, *add = buf + K;
     const uint8_t *pc = counts, *ce = counts + counts_len, *pp = payload, *pe = payload + payload_len;
-    int64_t status = 0, n_prev = 0, depth = 0;
+    int64_t n_prev = 0, depth = 0;
+    int status = 0;
     for (int64_t r = 0; r < R && !status; r++) {
         int64_t t = r % T, l = r / T;
         int mode = (modes[r >> 2] >> (2 * (r & 3))) & 3;

@@ -27,9 +27,7 @@ _BITS = torch.from_numpy(BITS_TABLE)
 
 
 def _lib():
-    lib = native.require(SOURCE, SIGNATURES)
-    lib.encode_rows.restype = lib.decode_rows.restype = ctypes.c_int64
-    return lib
+    return native.require(SOURCE, SIGNATURES)
 
 
 def costs_cpu(values: np.ndarray, compress: bool = True) -> np.ndarray:

@@ -155,7 +155,7 @@ def sparse_model():
     return build_model(cfg, seed=5)
 
 
-def assert_same_rows(x, **chunking) -> None:
+def assert_same_rows(x) -> None:
     """The C row coder writes the numpy reference's modes, counts and payload, byte for byte, with and
     without DELTA rows and deflate's cost."""
     idx = torch.as_tensor(x).to(torch.int32)

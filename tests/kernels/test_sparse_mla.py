@@ -104,6 +104,7 @@ def test_every_slot_selected(gen, impl, H, Dqk, d_v, K):
     idx = idx.to(DEVICE, torch.int32)
     assert_matches_reference(gen, impl, q, kv, idx, d_v)
 
+
 @needs_native
 def test_cpu_kernel_threads(gen, monkeypatch):
     """Rows split over threads: each thread adds its kv gradient into its own buffer, so two runs on

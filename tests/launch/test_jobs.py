@@ -40,13 +40,14 @@ def in_repo(monkeypatch):
 
 def test_free_ports_are_distinct_and_free():
     """A private head's four ports come from one free_ports call. 512 are all different: bound and closed one
-    at a time, a draw of 512 loopback ports repeated one in 20 tries of 20 (and a head once got 54463 for
-    both its client server and its dashboard agent, and did not start). Each is free again after."""
+    at a time, 20 of 20 draws of 512 loopback ports held a repeat (and a head once got 54463 for both its
+    client server and its dashboard agent, and did not start). Each is free again after."""
     ports = free_ports(512)
     assert len(set(ports)) == 512
     for port in ports[:8]:
         with socket.socket() as s:
             s.bind((LOOPBACK, port))
+
 
 def test_root_packages_match_setup_py():
     tree = ast.parse((REPO / "setup.py").read_text())
