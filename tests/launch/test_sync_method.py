@@ -127,6 +127,10 @@ def run_killing_a_worker(init, run_dir, method: str, staleness: int = 0, kill_at
         pending = submit(step, round_idx)
         calls.append(step)
         if step == kill_at and calls.count(kill_at) == 1:
+            # The generates and the weight sync sent before this round finish first, so the kill lands on this
+            # round alone. Killed while an earlier round still generated or a sync still loaded, the earlier
+            # round would be redone on newer weights in one run and kept in another (CI saw both).
+            trainer.rollout.wait_syncs()  # a worker runs its calls in order: the earlier rounds are done too
             os.kill(pid, signal.SIGKILL)
         return pending
 
@@ -142,9 +146,9 @@ def test_a_killed_rollout_worker_rejoins_the_broadcast_group(ray_local, init_che
 
 
 def test_with_async_rollouts_a_killed_worker_recovers_as_with_the_object_store(ray_local, init_checkpoint, tmp_path):
-    # step 3's round is sent in step 2, behind step 2's generation and the receive of version 1: the kill lands
-    # with a broadcast queued or under way. The redone rounds sample with the current weights, not the stale
-    # ones an uninterrupted run used, so the reference is the same fault under the object store.
+    # step 3's round is sent at the end of step 1, after step 1's sync; the worker dies generating it, and step 2's
+    # sync is sent to the dead worker. The redone round samples with the current weights, not the stale ones an
+    # uninterrupted run used, so the reference is the same fault under the object store.
     runs = {m: run_killing_a_worker(init_checkpoint, tmp_path / m, m, staleness=1, kill_at=2)
             for m in ("object_store", "broadcast")}
     assert_same_metrics(runs["broadcast"], runs["object_store"])
