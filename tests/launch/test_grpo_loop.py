@@ -1,10 +1,11 @@
 """A real GRPO run on a local Ray instance: metrics, Parquet rollouts, checkpoints, exact resume."""
 import json
+import threading
 
 import pyarrow.parquet as pq
 import pytest
 
-from dsarl.launch.grpo_loop import GRPOConfig, PromptData, RolloutConfig, run_grpo
+from dsarl.launch.grpo_loop import GRPOConfig, PromptData, RolloutConfig, run_grpo, start_together
 from dsarl.learner.checkpointing import list_checkpoints
 from dsarl.rewards.config import RewardComponentConfig, RewardConfig
 
@@ -27,6 +28,31 @@ def metrics_lines(run_dir):
 
 
 DETERMINISTIC = ("reward/mean", "accuracy", "response_length/mean", "loss", "entropy", "grad_norm", "weight_version")
+
+
+def test_actor_groups_start_at_once_and_every_one_finishes_before_an_error_is_raised():
+    # A barrier for all three makers: it is passed only if they run at the same time (one after another,
+    # the first waits alone and the barrier breaks).
+    barrier, late_error_raised = threading.Barrier(3, timeout=30), threading.Event()
+
+    def ok(name):
+        barrier.wait()
+        return name
+
+    def fails(msg, after=None):
+        barrier.wait()
+        if after is not None:
+            after.wait(timeout=30)  # the second maker's error comes first in time
+        else:
+            late_error_raised.set()
+        raise RuntimeError(msg)
+
+    started, error = start_together(learner=lambda: ok("L"), rollout=lambda: ok("R"), rewards=lambda: ok("W"))
+    assert started == {"learner": "L", "rollout": "R", "rewards": "W"} and error is None
+    started, error = start_together(learner=lambda: fails("first", after=late_error_raised),
+                                    rollout=lambda: fails("second"), rewards=lambda: ok("W"))
+    assert started == {"rewards": "W"}  # what started is handed back, to be stopped
+    assert isinstance(error, RuntimeError) and str(error) == "first"  # the makers' order, not the clock's
 
 
 def test_two_steps_write_metrics_rollouts_checkpoint_and_resume_exactly(ray_local, init_checkpoint, tmp_path):
