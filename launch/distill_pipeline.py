@@ -45,7 +45,7 @@ from dsarl.rewards.types import RewardSample
 from .distill_report import write_report
 from .distill_student import evaluate, train_student
 from .grpo_loop import GRPOConfig, load_prompt_rows
-from .ray_setup import RayConfig, init_ray
+from .ray_setup import RayConfig, init_ray, start_together
 
 
 @dataclass
@@ -279,14 +279,24 @@ def run_distill(cfg: DistillConfig, resume: bool = False, resolve=lambda p: p, s
             grpo_evals[entry.name] = _grpo_eval(Path(g.run_dir))
         times[f"specialist:{entry.name}"] = time.perf_counter() - t
 
-    data = {e.name: domain_data(grpo_cfgs[e.name], e.name, cfg.reward_num_cpus, resolve, cfg.num_validation)
-            for e in cfg.domains}
     student_dir = root / "student" / "final"
     choices_file = root / "student" / "choices.json"
     sft_metrics: dict = {}
-    if not (resume and _done(student_dir)):
-        teachers = TeacherPool(specialists, cfg.teachers.num_workers, cfg.teachers.num_cpus_per_worker,
-                               cfg.teachers.max_batch_size)
+    train_the_student = not (resume and _done(student_dir))
+    # every domain's reward worker and the teachers start at once (each waits for its processes)
+    makers = {f"data:{e.name}": (lambda e=e: domain_data(grpo_cfgs[e.name], e.name, cfg.reward_num_cpus, resolve,
+                                                         cfg.num_validation)) for e in cfg.domains}
+    if train_the_student:
+        makers["teachers"] = lambda: TeacherPool(specialists, cfg.teachers.num_workers,
+                                                 cfg.teachers.num_cpus_per_worker, cfg.teachers.max_batch_size)
+    started, error = start_together(**makers)
+    if error is not None:
+        for part in started.values():
+            (part.rewards if isinstance(part, DomainData) else part).shutdown()
+        raise error
+    data = {e.name: started[f"data:{e.name}"] for e in cfg.domains}
+    if train_the_student:
+        teachers = started["teachers"]
         model, tokenizer = from_pretrained(base)
         logger = MetricsLogger(root / "student", tensorboard=cfg.tensorboard)
         try:

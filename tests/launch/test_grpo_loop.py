@@ -5,7 +5,8 @@ import threading
 import pyarrow.parquet as pq
 import pytest
 
-from dsarl.launch.grpo_loop import GRPOConfig, PromptData, RolloutConfig, run_grpo, start_together
+from dsarl.launch.grpo_loop import GRPOConfig, PromptData, RolloutConfig, run_grpo
+from dsarl.launch.ray_setup import start_together
 from dsarl.learner.checkpointing import list_checkpoints
 from dsarl.rewards.config import RewardComponentConfig, RewardConfig
 
