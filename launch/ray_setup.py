@@ -204,7 +204,7 @@ def start_local_head(num_cpus: int | None = 2, num_gpus: int | None = 0, resourc
 def start_together(**makers) -> tuple[dict[str, Any], BaseException | None]:
     """Calls each maker (an actor group's constructor, which waits for its actors) in its own thread, so
     the groups' processes start, import torch and load their weights at the same time rather than one
-    group after another (a tiny run's three groups on 2 CPUs: 8.1 -> 5.5 s, median of four). Every maker
+    group after another (a tiny run's three groups on 2 CPUs: 8.1 -> 5.5 s, mean of four). Every maker
     finishes before this returns: the groups that started (name -> group) and the first error in the
     makers' order, so the caller can stop what started before raising it."""
     with ThreadPoolExecutor(len(makers)) as pool:
