@@ -11,8 +11,9 @@ memory the next step needs.
 `keep_freed_memory()` sets the mmap threshold and the trim threshold to 1 GB (allocations below it come
 from the heap; up to that much free heap is kept, not returned to the system) and grows the heap 64 MB at
 a time. Called first thing by the learner and rollout actors, next to `follow_cpu_share`; per process,
-in a Ray actor only (the driver's or a test's process is not ours to tune), glibc only (elsewhere, or
-with DSARL_KEEP_FREED_MEMORY=0, it does nothing).
+in a Ray actor only (the driver's or a test's process is not ours to tune; a bench that runs the actors'
+work in one process asks with `anywhere=True`, or it measures page faults the actors never take), glibc
+only (elsewhere, or with DSARL_KEEP_FREED_MEMORY=0, it does nothing).
 """
 import ctypes
 import os
@@ -26,9 +27,11 @@ TOP_PAD_BYTES = 64 << 20
 ENV = "DSARL_KEEP_FREED_MEMORY"
 
 
-def keep_freed_memory() -> bool:
-    """Tune this process's glibc malloc as the module docstring says -> True when it was tuned."""
-    if os.environ.get(ENV, "1").strip() == "0" or platform.libc_ver()[0] != "glibc" or assigned_cpus() is None:
+def keep_freed_memory(anywhere: bool = False) -> bool:
+    """Tune this process's glibc malloc as the module docstring says -> True when it was tuned.
+    anywhere: also outside a Ray actor."""
+    if os.environ.get(ENV, "1").strip() == "0" or platform.libc_ver()[0] != "glibc" or (
+            assigned_cpus() is None and not anywhere):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -1,6 +1,8 @@
 """Actors keep freed memory in glibc's heap (dsarl.actors.allocator), on a real local Ray: measured by the
 minor page faults of allocating and writing 256 MB a second time, after freeing the first."""
 import platform
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -65,3 +67,32 @@ def test_a_rollout_worker_reuses_freed_memory_and_the_switch_turns_it_off(local_
 
 def test_outside_an_actor_nothing_is_tuned():
     assert keep_freed_memory() is False
+
+
+# The probe in a plain process (no Ray): with anywhere=True the tuning applies outside an actor too.
+PLAIN_PROBE = f"""
+import ctypes, resource, sys
+from dsarl.actors.allocator import keep_freed_memory
+tuned = keep_freed_memory(anywhere=sys.argv[1] == "1")
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+size = {PAGES} * 4096
+block = libc.malloc(size); libc.memset(block, 1, size); libc.free(block)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = libc.malloc(size); libc.memset(block, 1, size)
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.parametrize("anywhere", [True, False])
+def test_a_bench_process_asks_for_the_actors_tuning_with_anywhere(anywhere):
+    out = subprocess.run([sys.executable, "-c", PLAIN_PROBE, "1" if anywhere else "0"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    tuned, faults = out[0] == "True", int(out[1])
+    assert tuned is anywhere
+    if anywhere:
+        assert faults < PAGES // 10, faults
+    else:
+        assert faults > PAGES // 2, faults
