@@ -1,5 +1,6 @@
 """Actors keep freed memory in glibc's heap (dsarl.actors.allocator), on a real local Ray: measured by the
 minor page faults of allocating and writing 256 MB a second time, after freeing the first."""
+import inspect
 import platform
 import subprocess
 import sys
@@ -19,29 +20,41 @@ TINY = DSAConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, q_l
 PAGES = (256 << 20) // 4096
 
 
-def faults_of_a_second_allocation(actor) -> int:
-    """Minor faults, in the actor's process, while 256 MB is malloc'ed and written after a block like it
-    was freed. Straight through libc: a torch tensor's block may be split or moved by the small
-    allocations around it, which makes its count vary from run to run (bench/grpo_step.py measures the
-    effect on torch's activations: the 4000-token step)."""
-    def probe(_self, pages=PAGES):  # defined here: cloudpickle sends it by value (workers cannot import tests)
-        import ctypes
-        import resource
+def second_allocation_faults(pages: int = PAGES) -> int:
+    """Minor faults in this process while `pages` pages are malloc'ed and written after a block like it was
+    freed. Straight through libc: a torch tensor's block may be split or moved by the small allocations
+    around it, which makes its count vary from run to run (bench/grpo_step.py measures the effect on
+    torch's activations: the 4000-token step)."""
+    import ctypes
+    import resource
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-        libc.free.argtypes = [ctypes.c_void_p]
-        libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-        size = pages * 4096
-        block = libc.malloc(size)
-        libc.memset(block, 1, size)
-        libc.free(block)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = libc.malloc(size)
-        libc.memset(block, 1, size)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        libc.free(block)
-        return faults
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    size = pages * 4096
+    block = libc.malloc(size)
+    libc.memset(block, 1, size)
+    libc.free(block)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    libc.memset(block, 1, size)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    libc.free(block)
+    return faults
+
+
+# Its source runs in the other processes: an actor's (a Ray worker cannot import this test module, so
+# cloudpickle would fail to send the function by reference) and a plain subprocess's
+PROBE_SOURCE = inspect.getsource(second_allocation_faults)
+
+
+def faults_of_a_second_allocation(actor):
+    """second_allocation_faults of 256 MB in the actor's process (an ObjectRef)."""
+    def probe(_self, source=PROBE_SOURCE, pages=PAGES):  # a closure: cloudpickle sends it by value
+        namespace = {"PAGES": pages}
+        exec(source, namespace)
+        return namespace["second_allocation_faults"](pages)
     return actor.__ray_call__.remote(probe)
 
 
@@ -70,19 +83,12 @@ def test_outside_an_actor_nothing_is_tuned():
 
 
 # The probe in a plain process (no Ray): with anywhere=True the tuning applies outside an actor too.
-PLAIN_PROBE = f"""
-import ctypes, resource, sys
+PLAIN_PROBE = f"""import sys
 from dsarl.actors.allocator import keep_freed_memory
+PAGES = {PAGES}
+{PROBE_SOURCE}
 tuned = keep_freed_memory(anywhere=sys.argv[1] == "1")
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-size = {PAGES} * 4096
-block = libc.malloc(size); libc.memset(block, 1, size); libc.free(block)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-block = libc.malloc(size); libc.memset(block, 1, size)
-print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(tuned, second_allocation_faults())
 """
 
 
