@@ -103,7 +103,8 @@ def run(init: str, attention: str, prompt_len: int, prompts: int, group: int, ne
             t1 = time.perf_counter()
         if prof is not None:
             profiles["generate"] = top_ops(prof)
-            floors["generate"] = matmul_calls(prof) if gemm_floor else None
+            if gemm_floor:
+                floors["generate"] = matmul_calls(prof)
         rng = random.Random(step)
         scores = [{"total": rng.random()} for _ in comps]  # never uniform: every group carries a gradient
         groups, _ = build_groups([ScoredRound(batch, comps, scores)], group, prompts, std_normalize=False,
@@ -115,7 +116,8 @@ def run(init: str, attention: str, prompt_len: int, prompts: int, group: int, ne
             t3 = time.perf_counter()
         if prof is not None:
             profiles["learn"] = top_ops(prof)
-            floors["learn"] = matmul_calls(prof) if gemm_floor else None
+            if gemm_floor:
+                floors["learn"] = matmul_calls(prof)
         if 0 < step <= steps:  # the first is a warm-up
             gen_s.append(t1 - t0)
             learn_s.append(t3 - t2)
