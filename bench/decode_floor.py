@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from grpo_step import MODEL  # noqa: E402  the model bench/grpo_step.py times
 
+from dsarl.actors.allocator import keep_freed_memory  # noqa: E402
 from dsarl.models import DSAConfig, StaticKVCache, build_model  # noqa: E402
 from dsarl.models.rope import rope_for_config  # noqa: E402
 
@@ -162,6 +163,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory(anywhere=True)  # as the rollout actor does: its decode takes no fresh-page faults
     model = build_model(DSAConfig(**MODEL), seed=0).eval()
     for batch in args.batch:
         print(json.dumps(run_case(model, batch, args.prompt, args.rounds, args.reps, not args.no_compile)), flush=True)
