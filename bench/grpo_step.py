@@ -39,18 +39,23 @@ MODEL = dict(hidden_size=256, intermediate_size=896, num_hidden_layers=4, num_at
 
 
 def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: int, group: int, new_tokens: int,
-             staleness: int = 0, learner_ranks: int = 1, precision: str = "fp32") -> dict:
+             staleness: int = 0, learner_ranks: int = 1, precision: str = "fp32", rollout_workers: int = 1) -> dict:
     task_kwargs = {"context_len": prompt_len} if prompt_len > 32 else {}
     # Synchronous steps alternate the roles, so each may use both cores; asynchronous ones run them at the
     # same time, and 2 + 2 threads on 2 cores made a 16-token step 3x slower (1.69 against 0.48 s): there
     # each role gets its share's thread (one).
     threads = 2 if staleness == 0 else 1
+    # Several rollout workers split the rollout's threads (and the prompts: the pool gives each a contiguous
+    # shard, and the samples are the ones a single engine would draw). Each worker's Python runs in its own
+    # process, so the per-op framework cost of a decode step, most of it at 64 rows, runs on both cores.
+    rollout_threads = max(1, threads // rollout_workers)
     cfg = GRPOConfig(
         init_from=init, model_overrides={"attention": attention}, steps=steps, prompts_per_step=prompts,
         group_size=group, save_every=10**9, eval_samples=0, write_rollouts=False, tensorboard=False,
         data=PromptData(task="kv_retrieval" if task_kwargs else "arithmetic", task_kwargs=task_kwargs, num_train=64,
                         num_test=0),
-        rollout=RolloutConfig(num_cpus_per_worker=0.5, num_threads=threads, max_new_tokens=new_tokens,
+        rollout=RolloutConfig(num_workers=rollout_workers, num_cpus_per_worker=0.5 / rollout_workers,
+                              num_threads=rollout_threads, max_new_tokens=new_tokens,
                               max_batch_size=prompts * group, max_staleness=staleness,
                               dtype="bfloat16" if precision == "bf16" else "auto"),
         rewards=RewardConfig(components=[RewardComponentConfig(name="exact_match")], num_cpus_per_worker=0.25),
@@ -79,7 +84,7 @@ def run_case(init: str, prompt_len: int, attention: str, steps: int, prompts: in
             "response_length_mean": statistics.mean(r["response_length/mean"] for r in rows),
             "staleness_max": max(r["staleness/max"] for r in rows), "rollout_idle_s": med("time/rollout_idle"),
             "learner_idle_s": med("time/learner_idle"), "overlap_s": med("time/overlap"), "steps_timed": len(timed),
-            "learner_ranks": learner_ranks,
+            "learner_ranks": learner_ranks, "rollout_workers": rollout_workers,
             "learner_state_bytes": [m["params_bytes"] + m["grads_bytes"] + m["optimizer_bytes"] for m in memory],
             "learner_params_bytes": [m["params_bytes"] for m in memory],
             "learner_grads_bytes": [m["grads_bytes"] for m in memory],
@@ -97,6 +102,8 @@ def main() -> None:
     parser.add_argument("--learner-ranks", type=int, nargs="+", default=[1], help="learner_ranks values (FSDP2)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                         help="fp32, or bf16 sampler weights + bf16 learner matmuls")
+    parser.add_argument("--rollout-workers", type=int, nargs="+", default=[1],
+                        help="rollout.num_workers values (the rollout's threads split between them)")
     args = parser.parse_args()
     prompts, group, new_tokens, steps = (2, 2, 4, 2) if args.quick else (8, 8, 16, args.steps)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -108,10 +115,11 @@ def main() -> None:
             for staleness in args.max_staleness:
                 for ranks in args.learner_ranks:
                     for precision in args.precision:
-                        out = run_case(str(init), prompt_len, attention, steps, prompts, group, new_tokens,
-                                       staleness, ranks, precision)
-                        out["model_params"] = model.num_params()
-                        print(json.dumps(out), flush=True)
+                        for workers in args.rollout_workers:
+                            out = run_case(str(init), prompt_len, attention, steps, prompts, group, new_tokens,
+                                           staleness, ranks, precision, workers)
+                            out["model_params"] = model.num_params()
+                            print(json.dumps(out), flush=True)
     ray.shutdown()
 
 
