@@ -261,7 +261,10 @@ def test_spread_over_seeds_and_the_seed_report(tmp_path):
     ds = ["math", "code"]
     models = ["base", "specialist:math", "specialist:code", "student"]
     accs = {s: {m: {d: rng.random() for d in ds} for m in models} for s in (0, 1, 2)}
-    accs[1]["student"] = {"math": accs[1]["specialist:math"]["math"] - 0.01, "code": 1.0}  # passes unless base >= 1
+    # seed 1 passes: its student is 1 point under the math specialist (drawn from [0.5, 1), so the student
+    # stays above the base's 0; a draw under 0.01 once put it at -0.4%) and at 100% on code
+    accs[1]["specialist:math"]["math"] = 0.5 + rng.random() / 2
+    accs[1]["student"] = {"math": accs[1]["specialist:math"]["math"] - 0.01, "code": 1.0}
     accs[1]["base"] = {"math": 0.0, "code": 0.0}
     sp = spread(accs)
     for m in models:
