@@ -1,5 +1,4 @@
 """The native engine's recorded MoE routing against a plain uncached forward's, token by token."""
-import random
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ from dsarl.actors.engine import NativeEngine, SamplingParams
 from dsarl.actors.engine.native import expert_id_dtype
 from dsarl.actors.engine.vllm_engine import vllm_request_kwargs
 from dsarl.models import ByteTokenizer, DSAConfig, build_model
+from fresh_seeds import fresh_seed
 
 TOK = ByteTokenizer()
 PROMPTS = [TOK.encode(s, add_bos=True) for s in ["hi", "hello world, how", "a", "the quick brown", "xyz!"]]
@@ -42,7 +42,7 @@ def reference_routing(model, ids: list[int], attention: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("attention", ["dense", "sparse"])
 def test_recorded_experts_are_the_full_forwards_routing(attention):
-    seed = random.SystemRandom().randrange(2**31)
+    seed = fresh_seed()
     model = build_model(moe_cfg(), seed=seed).requires_grad_(False)
     with torch.no_grad():  # a nonzero bias: it steers the choice, so the record must include it
         for layer in model.model.layers[1:]:

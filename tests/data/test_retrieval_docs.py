@@ -11,6 +11,7 @@ from dsarl.data.retrieval_docs import (encode_document, kv_multi_query, lm_batch
                                        packed_lm_batch_with_mask)
 from dsarl.learner.pretrain import TaskSpec, lm_loss, weighted_lm_loss
 from dsarl.models import ByteTokenizer
+from fresh_seeds import fresh_seed
 
 
 def test_multi_query_document_answers_every_query_from_its_context():
@@ -107,7 +108,7 @@ def test_unpacked_rows_hold_one_document_from_position_zero_and_padding_weighs_n
 @pytest.mark.parametrize("eos_prob", [0.0, 0.3, 1.0])
 def test_eos_prob_packing_matches_packed_lm_batch_and_keeps_the_answer_mask(eos_prob):
     tok = ByteTokenizer()
-    seed = random.SystemRandom().randrange(2**31)
+    seed = fresh_seed()
     ids, mask, _ = packed_lm_batch_with_mask(tok, "arithmetic", {}, 3, 120, seed, 2, eos_prob=eos_prob)
     assert torch.equal(ids, packed_lm_batch(tok, "arithmetic", {}, 3, 120, seed, 2, eos_prob=eos_prob)), seed
     # the answer mask still marks exactly the digits after "=" (an eos dropped or not)
@@ -130,7 +131,7 @@ def test_eos_prob_of_multi_query_documents():
 
 
 def test_passkey_multi_query_min_queries_asks_a_random_number_of_distinct_needles():
-    rng = random.Random(random.SystemRandom().randrange(2**31))
+    rng = random.Random(fresh_seed())
     counts = set()
     for _ in range(200):
         segs = passkey_multi_query(rng, context_len=60, n_needles=4, value_len=1, min_queries=2)

@@ -7,6 +7,7 @@ from dsarl.kernels.indexer_scores.reference import indexer_scores_reference
 from dsarl.kernels.indexer_scores.triton import indexer_scores_fwd, indexer_scores_triton
 
 from kernel_utils import DEVICE, needs_cuda, rel_err
+from fresh_seeds import fresh_seed
 
 
 def _inputs(gen, B, T, S, H, D, dtype=torch.float32):
@@ -92,8 +93,6 @@ def test_fp8_topk_overlap(gen):
 @pytest.mark.parametrize("tiles", [None, (4, 8), (5, 3)])  # None: the default tiles, larger than these shapes
 @pytest.mark.parametrize("shape", [(2, 7, 3, 16, 11), (1, 33, 5, 8, 40)])
 def test_matmul_cpu_path_matches_reference(shape, tiles, monkeypatch):
-    import random
-
     from dsarl.kernels.indexer_scores import matmul
     from dsarl.kernels.indexer_scores.matmul import indexer_scores_matmul
 
@@ -102,7 +101,7 @@ def test_matmul_cpu_path_matches_reference(shape, tiles, monkeypatch):
         monkeypatch.setattr(matmul, "KEY_TILE", tiles[1])
 
     B, T, H, D, S = shape
-    g = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
+    g = torch.Generator().manual_seed(fresh_seed())
     q, w, k = torch.randn(B, T, H, D, generator=g), torch.randn(B, T, H, generator=g), torch.randn(B, S, D, generator=g)
     q_pos = torch.randint(-1, S, (B, T), generator=g)
     k_pos = torch.randint(-1, S, (B, S), generator=g)

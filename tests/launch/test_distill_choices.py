@@ -26,6 +26,7 @@ from dsarl.learner.metrics import MetricsLogger
 from dsarl.learner.pretrain import PretrainConfig
 from dsarl.models import DSAConfig, build_model, from_pretrained, save_pretrained
 from dsarl.rewards.config import RewardConfig
+from fresh_seeds import fresh_seed
 
 TINY = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=24,
             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=2,
@@ -85,7 +86,7 @@ def test_validation_split_fails_clearly_when_the_task_has_too_few_prompts():
 
 # ---- the choice functions ----------------------------------------------------------------------------
 def test_choose_teachers_against_a_plain_reference():
-    rng = random.Random(random.SystemRandom().randrange(2**31))
+    rng = random.Random(fresh_seed())
     for _ in range(50):
         ds = ["math", "code", "retrieval"][: rng.randint(1, 3)]
         acc = {s: {d: rng.choice([0.2, 0.5, 0.52, 0.8]) for d in ds} for s in ds}
@@ -257,7 +258,7 @@ def test_deterministic_pipeline_runs_are_bit_identical(ray_local, tmp_path, rest
 
 # ---- seeds ------------------------------------------------------------------------------------------------
 def test_spread_over_seeds_and_the_seed_report(tmp_path):
-    rng = random.Random(random.SystemRandom().randrange(2**31))
+    rng = random.Random(fresh_seed())
     ds = ["math", "code"]
     models = ["base", "specialist:math", "specialist:code", "student"]
     accs = {s: {m: {d: rng.random() for d in ds} for m in models} for s in (0, 1, 2)}

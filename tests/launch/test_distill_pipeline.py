@@ -25,6 +25,7 @@ from dsarl.models import ByteTokenizer, DSAConfig, build_model, from_pretrained,
 from dsarl.rewards.combiner import RewardCombiner
 from dsarl.rewards.config import RewardConfig
 from dsarl.rewards.types import RewardSample
+from fresh_seeds import fresh_seed
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -202,7 +203,7 @@ def test_mixed_pretraining_reads_each_domains_document_with_its_kwargs():
     assert kw["parts"]["math"] == {"document": "arithmetic", "weight": 3.0,
                                    "kwargs": {**DOMAINS["math"].task_kwargs, "ops": "+"}}
     assert kw["parts"]["retrieval"]["document"] == "passkey_multi_query"
-    rng = random.Random(random.SystemRandom().randrange(2**31))
+    rng = random.Random(fresh_seed())
     docs = ["".join(t for t, _ in document_segments("mixture", rng, kw)) for _ in range(400)]
     math_docs = [d for d in docs if "=" in d]
     assert 250 < len(math_docs) < 350  # 3:1 of 400

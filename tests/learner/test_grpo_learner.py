@@ -11,6 +11,7 @@ from dsarl.learner.logprobs import token_logprobs
 from dsarl.models import build_model
 
 from tiny_groups import random_groups, small_cfg
+from fresh_seeds import fresh_seed
 
 
 def per_sample_logp(model, groups, attention, temperature):
@@ -29,7 +30,7 @@ def per_sample_logp(model, groups, attention, temperature):
                                                         # takes the per-head form, over per-sequence keys
                                                         ("dense", (18, 22)), ("sparse", (18, 22))])
 def test_shared_prefix_loss_and_gradients_equal_per_sample(attention, completion_lens):
-    seed = random.SystemRandom().randrange(2**31)
+    seed = fresh_seed()
     rng = random.Random(seed)
     # 2 index heads: ReLU scores often tie at exactly 0; the top-k's recency tie-break must make the
     # selection independent of the padded shared-prefix layout.
@@ -61,7 +62,7 @@ def test_shared_prefix_loss_and_gradients_equal_per_sample(attention, completion
 @pytest.mark.parametrize("attention", ["dense", "sparse"])
 def test_one_token_completions_take_every_logprob_from_the_prompt_forward(attention):
     # The completion forward feeds tokens 0..Lc-2 (the last predicts nothing): with Lc = 1 it feeds none
-    seed = random.SystemRandom().randrange(2**31)
+    seed = fresh_seed()
     model = build_model(small_cfg(), seed=seed)
     groups = random_groups(random.Random(seed), P=3, G=2, completion_lens=(1, 1))
     batch = pad_groups(groups, model.config.vocab_size)

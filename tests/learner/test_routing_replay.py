@@ -14,6 +14,7 @@ from dsarl.learner.grpo_learner import GRPOLearner, LearnerConfig, group_forward
 from dsarl.learner.grpo_loss import GRPOLossConfig, grpo_loss
 from dsarl.learner.logprobs import token_logprobs
 from dsarl.models import ByteTokenizer, DSAConfig, build_model
+from fresh_seeds import fresh_seed
 
 E, K = 8, 2  # routed experts, experts per token
 MOE_LAYERS = [1, 3]  # of 4: dense, MoE, dense, MoE
@@ -27,10 +28,6 @@ def moe_cfg(**kw) -> DSAConfig:
                 initializer_range=0.1)
     base.update(kw)
     return DSAConfig(**base)
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
 
 
 def random_experts(g: torch.Generator, S: int) -> torch.Tensor:

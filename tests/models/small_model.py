@@ -1,6 +1,4 @@
-"""The small DSA config the model tests build on, and a fresh seed per test (printed on failure)."""
-import random
-
+"""The small DSA config the model tests build on."""
 from dsarl.models import DSAConfig
 
 
@@ -10,7 +8,3 @@ def small_cfg(**kw) -> DSAConfig:
                 index_n_heads=3, index_head_dim=16, index_topk=5, index_chunk=7)
     base.update(kw)
     return DSAConfig(**base)
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)

@@ -7,6 +7,7 @@ import torch
 
 from dsarl.models import DSAConfig, build_model
 from dsarl.models.doc_mask import document_causal_mask, document_ids, document_positions
+from fresh_seeds import fresh_seed
 
 BOS = 1
 
@@ -15,10 +16,6 @@ def small_cfg() -> DSAConfig:
     return DSAConfig(vocab_size=264, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                      q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                      index_n_heads=2, index_head_dim=8, index_topk=4)
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
 
 
 def test_helpers_on_a_hand_worked_row():

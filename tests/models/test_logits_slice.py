@@ -5,7 +5,8 @@ import torch
 
 from dsarl.models import StaticKVCache, build_model
 from dsarl.models.kv_cache import PrefixKV
-from small_model import fresh_seed, small_cfg
+from fresh_seeds import fresh_seed
+from small_model import small_cfg
 
 CONFIGS = {
     "dense_mlp": dict(),

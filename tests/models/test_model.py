@@ -9,7 +9,8 @@ from dsarl import kernels
 from dsarl.models import DSAConfig, StaticKVCache, build_model, from_pretrained, save_pretrained
 from dsarl.models.config import ConfigError
 from dsarl.models.rope import rope_angles
-from small_model import fresh_seed, small_cfg
+from fresh_seeds import fresh_seed
+from small_model import small_cfg
 
 
 @pytest.mark.parametrize("fp8, dense_when_all_fit", [(False, False), (True, False), (False, True)])

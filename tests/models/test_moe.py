@@ -1,7 +1,6 @@
 """The MoE block against plain references: grouped expert compute = a loop over tokens (outputs and
 gradients), group-limited routing = brute force per token (exact expert sets), routing replay, the frozen bias."""
 import itertools
-import random
 
 import pytest
 import torch
@@ -9,10 +8,7 @@ import torch
 from dsarl.models import DSAConfig, build_model
 from dsarl.models.layers import SwiGLU
 from dsarl.models.moe import MoE, TopkRouter, grouped_expert_forward
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
+from fresh_seeds import fresh_seed
 
 
 def test_grouped_experts_equal_a_loop_over_tokens():
